@@ -1,0 +1,225 @@
+"""The general merge API: any registered method, optional base, streamed from disk to disk.
+
+``merge`` reads every ingredient lazily, merges one tensor (key) at a time and, with ``out``, streams the result
+into a safetensors checkpoint built in a temporary folder that is renamed into place only when complete. Memory
+therefore grows with the largest tensor, not with the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, overload
+
+import torch
+
+from . import __version__
+from .card import model_card
+from .checkpoint import StreamingWriter, TensorInfo, atomic_dir, check_destination, copy_support_files, parse_size
+from .errors import UsageError
+from .merging import check_compatible, get_method, layer_depths, merge_tensor, validate_weights
+from .recipe import COCKTAIL_FILE, Recipe, cocktail_document
+from .sources import ModelLike, TensorSource, open_source
+
+__all__ = ["merge"]
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@overload
+def merge(models: Sequence[ModelLike], weights: Sequence[float] | None = ..., *, out: None = ..., **kw: Any) -> dict[str, torch.Tensor]: ...
+@overload
+def merge(models: Sequence[ModelLike], weights: Sequence[float] | None = ..., *, out: str | os.PathLike, **kw: Any) -> Path: ...
+
+
+def merge(
+    models: Sequence[ModelLike],
+    weights: Sequence[float] | None = None,
+    *,
+    method: str = "linear",
+    base: ModelLike | None = None,
+    out: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = None,
+    normalize: bool = False,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    seed: int = 0,
+    progress: bool = False,
+    options: Mapping[str, float] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, str | bytes] | None = None,
+    recipe: Recipe | None = None,
+    **method_options: float,
+) -> dict[str, torch.Tensor] | Path:
+    """Merge checkpoints (or state dicts, or modules) with a registered method.
+
+    Args:
+        models: The ingredients to merge: checkpoint folders/files (read lazily, one tensor at a time), state
+            dicts or modules. Keys and shapes must match.
+        weights: One weight per model. ``linear`` needs weights summing to 1 (or ``normalize=True``);
+            task-vector methods take per-task scales. ``None`` gives equal weights ``1/len(models)``.
+        method: A registered method name (``resilient_tune.merging.method_names()``).
+        base: The pre-trained model task vectors are taken against (required by task-vector methods,
+            refused by ``linear``).
+        out: Output folder. ``None`` returns the merged state dict instead of writing.
+        dtype: Output dtype (``float32``/``float16``/``bfloat16``); ``None`` keeps each tensor's input dtype.
+            Accumulation is always float32.
+        normalize: Divide the weights by their sum.
+        max_shard_size: Shard the output above this size (``"5GB"``, ``"500MB"`` or bytes).
+        overwrite: Replace ``out`` if it exists (atomically).
+        allow_pickle: Allow ``.bin`` pickle checkpoints (``torch.load(weights_only=True)``). Only for trusted files.
+        seed: Seed of the random methods (DARE).
+        progress: Show a progress bar over tensors.
+        options: Method options, e.g. ``{"density": 0.5, "lambda": 1.0}``; keyword arguments ``density=``,
+            ``gamma=``, ``lambda_=``, ``lines_alpha=``, ``lines_beta=`` are merged into it.
+        metadata: Extra JSON-able entries for ``cocktail.json`` (e.g. the auto-weight losses).
+        extra_files: ``relative path -> content`` written into the output folder before it is committed.
+        recipe: A complete :class:`Recipe` instead of ``method``/``weights``/``options``/``normalize``/``dtype``/``seed``.
+
+    Returns:
+        The merged state dict (``out=None``) or the path of the written folder.
+
+    Raises:
+        UsageError: bad arguments (weights, method, options, destination exists, ...), before any work starts.
+        CheckpointFormatError: a missing, malformed or unsupported checkpoint.
+        IncompatibleModelsError: keys or shapes differ between ingredients.
+        NonFiniteError: NaN/Inf in an input or the result; nothing is written.
+    """
+    if recipe is None:
+        opts = dict(options or {})
+        for name, value in method_options.items():
+            opts["lambda" if name == "lambda_" else name] = value
+        recipe = Recipe(
+            method=method,
+            weights=None if weights is None else tuple(weights),
+            options=opts,
+            normalize=normalize,
+            dtype=None if dtype is None else str(dtype),
+            seed=seed,
+        )
+    elif weights is not None or options or method_options:
+        raise UsageError("pass either recipe= or method/weights/options, not both")
+    models = list(models) if not isinstance(models, (str, os.PathLike)) else [models]
+    if not models:
+        raise UsageError("no models to merge; pass at least one checkpoint path, state dict or module")
+    spec = get_method(recipe.method)
+    if spec.needs_base and base is None:
+        raise UsageError(f"method {spec.name!r} merges task vectors and needs a base model; pass base=PATH (--base)")
+    if not spec.needs_base and base is not None:
+        raise UsageError(f"method {spec.name!r} takes no base model; drop base= or use a task-vector method")
+    shard_bytes = parse_size(max_shard_size)
+    dest = check_destination(out, overwrite=overwrite) if out is not None else None
+
+    with _open_all(models, base, allow_pickle) as (sources, base_src):
+        specs = [s.specs() for s in sources] + ([base_src.specs()] if base_src else [])
+        check_compatible(specs, [s.name for s in sources] + ([base_src.name] if base_src else []))
+        raw = recipe.weights if recipe.weights is not None else tuple(1.0 / len(sources) for _ in sources)
+        final_weights = validate_weights(raw, len(sources), method=spec, normalize=recipe.normalize)
+        plan = _plan(sources[0].specs(), recipe.dtype)
+        tensors = _merged_tensors(spec, recipe, sources, base_src, final_weights, plan, progress)
+        if dest is None:
+            return dict(tensors)
+        ingredients = [_identity(s, "model", w) for s, w in zip(sources, final_weights)]
+        if base_src is not None:
+            ingredients.append(_identity(base_src, "base", None))
+        recipe_used = Recipe(**{**_fields(recipe), "weights": tuple(final_weights)})
+        doc = cocktail_document(recipe_used, ingredients, version=__version__, extra=metadata)
+        with atomic_dir(dest, overwrite=overwrite) as tmp:
+            with StreamingWriter(tmp, plan, max_shard_size=shard_bytes, metadata={"resilient_tune": __version__}) as writer:
+                for key, tensor in tensors:
+                    writer.write(key, tensor)
+            if sources[0].folder is not None:
+                copy_support_files(sources[0].folder, tmp)
+            (tmp / COCKTAIL_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+            (tmp / "README.md").write_text(model_card(doc))
+            for rel, content in (extra_files or {}).items():
+                _write_extra(tmp, rel, content)
+        return dest
+
+
+def _fields(recipe: Recipe) -> dict[str, Any]:
+    return {name: getattr(recipe, name) for name in ("method", "weights", "options", "normalize", "dtype", "seed")}
+
+
+@contextlib.contextmanager
+def _open_all(
+    models: Sequence[ModelLike], base: ModelLike | None, allow_pickle: bool
+) -> Iterator[tuple[list[TensorSource], TensorSource | None]]:
+    opened: list[TensorSource] = []
+    try:
+        for i, model in enumerate(models):
+            opened.append(open_source(model, name=f"models[{i}]", allow_pickle=allow_pickle))
+        base_src = open_source(base, name="base", allow_pickle=allow_pickle) if base is not None else None
+        if base_src is not None:
+            opened.append(base_src)
+        yield opened[: len(models)], base_src
+    finally:
+        for source in opened:
+            source.close()
+
+
+def _plan(specs: Mapping[str, TensorInfo], dtype_name: str | None) -> dict[str, TensorInfo]:
+    """Output key -> (dtype, shape): model 0's layout, floating tensors cast to the requested dtype."""
+    target = _TORCH_DTYPES.get(dtype_name) if dtype_name else None
+    return {
+        key: TensorInfo(target if target is not None and info.dtype.is_floating_point else info.dtype, info.shape)
+        for key, info in specs.items()
+    }
+
+
+def _merged_tensors(
+    spec: Any,
+    recipe: Recipe,
+    sources: Sequence[TensorSource],
+    base_src: TensorSource | None,
+    weights: Sequence[float],
+    plan: Mapping[str, TensorInfo],
+    progress: bool,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(key, merged tensor)`` one key at a time; inputs are loaded lazily inside ``merge_tensor``."""
+    options = recipe.resolved_options()
+    depths = layer_depths(plan) if spec.depth_scaling else {}
+    keys: Any = plan
+    if progress:
+        from tqdm.auto import tqdm
+
+        keys = tqdm(plan, desc=f"merging ({spec.name})", unit="tensor", total=len(plan))
+    for key in keys:
+        inputs = [_loader(source, key) for source in sources]
+        yield key, merge_tensor(
+            spec,
+            inputs,
+            weights,
+            base=_loader(base_src, key) if base_src is not None else None,
+            options=options,
+            key=key,
+            depth=depths.get(key, 0.0),
+            seed=recipe.seed,
+            out_dtype=plan[key].dtype,
+        )
+
+
+def _loader(source: TensorSource, key: str) -> Any:
+    return lambda: source.get(key)
+
+
+def _identity(source: TensorSource, role: str, weight: float | None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"role": role, "name": source.name, "fingerprint": source.fingerprint()}
+    if weight is not None:
+        entry["weight"] = weight
+    return entry
+
+
+def _write_extra(folder: Path, rel: str, content: str | bytes) -> None:
+    path = (folder / rel).resolve()
+    if folder.resolve() not in path.parents:
+        raise UsageError(f"extra file {rel!r} would be written outside the output folder; use a relative path inside it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
