@@ -1,0 +1,307 @@
+"""Merge one tensor (the same key from every model) with any registered method.
+
+Semantics (θᵢ = input i, wᵢ = its weight, θ_b = base; all arithmetic in float32):
+
+- ``linear``: ``Σᵢ wᵢ θᵢ``. Takes no base.
+- task-vector methods ("generalized task arithmetic"): ``τᵢ = θᵢ − θ_b``, ``τᵢ' = sparsify(τᵢ)``
+  (per tensor, see :mod:`resilient_tune.merging._sparsify`), then
+
+  - without consensus: ``merged = Σᵢ wᵢ τᵢ'``;
+  - with ``consensus="sign"`` (TIES): elect per entry the sign of the weighted mass ``Σᵢ wᵢ τᵢ'``
+    (``>= 0`` elects +), keep the entries of each input whose weighted value ``wᵢ τᵢ'`` has the
+    elected sign (zeros never agree), and ``merged = Σ_agree wᵢ τᵢ' / Σ_agree wᵢ`` (a divisor of 0
+    becomes 1). This is mergekit's normalisation (sum of the agreeing weights) applied to every
+    consensus method (mergekit's own ``dare_ties``/``breadcrumbs_ties`` default to no division);
+    peft divides by the *count* of agreeing inputs and elects the sign on unweighted deltas, which
+    is the same when every weight is 1.
+
+  and ``result = θ_b + lambda · s · merged`` with ``s = lines_alpha + lines_beta · depth`` for
+  depth-scaled methods (LiNeS) and ``s = 1`` otherwise.
+
+Memory: ``linear`` and the methods without consensus load their inputs one at a time (a thunk is
+called only when its turn comes, and the tensor is dropped before the next one is loaded): peak
+memory is the float32 accumulator, a float32 scratch delta, the base and one input. Sign consensus
+needs every sparsified task vector at once (N float32 copies of this one tensor).
+
+Non-floating tensors (integer ids, bool masks) are never averaged: they are returned as a copy when
+identical in every input (and the base), else :class:`IncompatibleModelsError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Union
+
+import torch
+
+from resilient_tune.errors import IncompatibleModelsError, NonFiniteError, UsageError
+from resilient_tune.merging._registry import MergeMethod, as_method, resolve_options
+from resilient_tune.merging._sparsify import sparsify_, tensor_generator
+from resilient_tune.merging._validate import as_floats
+
+__all__ = ["TensorSource", "merge_tensor"]
+
+TensorSource = Union[torch.Tensor, Callable[[], torch.Tensor]]  # noqa: UP007 (a runtime alias)
+"""A tensor, or a zero-argument callable (thunk) that loads it when called."""
+
+
+@torch.no_grad()
+def merge_tensor(
+    method: MergeMethod | str,
+    inputs: Sequence[TensorSource],
+    weights: Sequence[float],
+    *,
+    base: TensorSource | None = None,
+    options: Mapping[str, float] | None = None,
+    key: str = "",
+    depth: float = 0.0,
+    seed: int = 0,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Merge the same tensor from several models.
+
+    Args:
+        method: a :class:`MergeMethod` or a registered name.
+        inputs: one tensor (or thunk) per model, all of the same shape.
+        weights: one weight per input (mixing proportions for ``linear``, task scales otherwise);
+            used as given (see :func:`validate_weights` for the sum rules).
+        base: the base tensor (or thunk); required by task-vector methods, refused by ``linear``.
+        options: method options, resolved or not (see :func:`resolve_options`).
+        key: the tensor's name, used in messages and to seed DARE masks.
+        depth: LiNeS depth in ``[0, 1]`` (see :func:`layer_depths`); used by depth-scaled methods.
+        seed: merge seed; DARE masks depend only on ``(seed, key, input index)``.
+        out_dtype: dtype of the result (default: the dtype of ``inputs[0]``); ignored for
+            non-floating tensors.
+
+    Returns:
+        A new tensor of the inputs' shape, on the device of ``inputs[0]``. Inputs are never mutated.
+
+    Raises:
+        UsageError: bad arguments (counts, base use, options, out_dtype).
+        IncompatibleModelsError: shape or dtype-kind mismatch, or differing non-floating tensors.
+        NonFiniteError: the result holds NaN/Inf; the message names the inputs holding NaN/Inf.
+    """
+    spec = as_method(method)
+    opts = resolve_options(spec, options)
+    w = _check_call(spec, inputs, weights, base, depth, out_dtype, key)
+    stream = _Inputs(inputs, base, key)
+    if not stream.is_float:
+        return _copy_identical(stream, base, key)
+    dtype = out_dtype or stream.dtype
+    if spec.needs_base:
+        base32 = _load_base(base, stream, key)
+        merged = _task_vectors(spec, stream, w, base32, opts, seed)
+        scale = opts["lambda"] * (
+            (opts["lines_alpha"] + opts["lines_beta"] * depth) if spec.depth_scaling else 1.0
+        )
+        if scale != 1.0:
+            merged.mul_(scale)
+        merged.add_(base32)
+        del base32
+    else:
+        merged = _weighted_sum(stream, w)
+    result = merged.to(dtype)
+    del merged
+    if not bool(torch.isfinite(result).all()):
+        raise _non_finite(key, inputs, base, dtype)
+    return result
+
+
+def _check_call(
+    spec: MergeMethod,
+    inputs: Sequence[TensorSource],
+    weights: Sequence[float],
+    base: TensorSource | None,
+    depth: float,
+    out_dtype: torch.dtype | None,
+    key: str,
+) -> list[float]:
+    if len(inputs) == 0:
+        raise UsageError(f"no inputs to merge for tensor {key!r}; pass at least one tensor")
+    w = as_floats(weights)
+    if len(w) != len(inputs):
+        raise UsageError(
+            f"got {len(w)} weights for {len(inputs)} inputs of tensor {key!r}; pass one weight per input"
+        )
+    if spec.needs_base and base is None:
+        raise UsageError(f"merge method {spec.name!r} needs a base model; pass base=")
+    if not spec.needs_base and base is not None:
+        raise UsageError(
+            f"merge method {spec.name!r} takes no base; drop base= or use a task-vector method such as 'task_arithmetic'"
+        )
+    if not math.isfinite(depth):
+        raise UsageError(f"depth={depth} for tensor {key!r} must be a finite number in [0, 1]")
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise UsageError(f"out_dtype={out_dtype!r} must be a floating torch.dtype such as torch.float16")
+    return w
+
+
+def _load(source: TensorSource, key: str, what: str) -> torch.Tensor:
+    tensor = source if isinstance(source, torch.Tensor) else source()
+    if not isinstance(tensor, torch.Tensor):
+        raise UsageError(
+            f"the loader of {what} for tensor {key!r} returned {type(tensor).__name__}, not a torch.Tensor"
+        )
+    return tensor
+
+
+class _Inputs:
+    """Loads the inputs one at a time and checks each against input 0 (loaded eagerly to learn the shape)."""
+
+    def __init__(self, sources: Sequence[TensorSource], base: TensorSource | None, key: str) -> None:
+        self.sources, self.base, self.key = sources, base, key
+        self._first: torch.Tensor | None = _load(sources[0], key, "input 0")
+        self.shape, self.dtype, self.device = self._first.shape, self._first.dtype, self._first.device
+        self.is_float = self._first.is_floating_point()
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def load(self, i: int) -> torch.Tensor:
+        """Return input ``i`` on the device of input 0; the caller should drop it before loading the next."""
+        if i == 0 and self._first is not None:
+            tensor, self._first = self._first, None
+            return tensor
+        return self.check(_load(self.sources[i], self.key, f"input {i}"), f"input {i}").to(self.device)
+
+    def check(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
+        if tensor.shape != self.shape:
+            raise IncompatibleModelsError(
+                f"tensor {self.key!r} has shape {tuple(self.shape)} in input 0 but {tuple(tensor.shape)} in {what}; "
+                "merge models of the same architecture and size"
+            )
+        same_kind = tensor.is_floating_point() if self.is_float else tensor.dtype == self.dtype
+        if not same_kind:
+            raise IncompatibleModelsError(
+                f"tensor {self.key!r} is {self.dtype} in input 0 but {tensor.dtype} in {what}; "
+                "only floating-point dtypes may differ between models"
+            )
+        return tensor
+
+
+def _load_base(base: TensorSource | None, stream: _Inputs, key: str) -> torch.Tensor:
+    assert base is not None  # checked by _check_call
+    tensor = stream.check(_load(base, key, "the base"), "the base")
+    return tensor.to(device=stream.device, dtype=torch.float32)  # may be the caller's tensor: read only
+
+
+def _weighted_sum(stream: _Inputs, weights: list[float]) -> torch.Tensor:
+    acc: torch.Tensor | None = None
+    for i, w in enumerate(weights):
+        tensor = stream.load(i)
+        if acc is None:
+            acc = tensor.to(dtype=torch.float32, copy=True)
+            if w != 1.0:
+                acc.mul_(w)
+        else:
+            acc.add_(tensor, alpha=w)  # promotes a half-precision input to float32 element by element
+        del tensor
+    assert acc is not None
+    return acc
+
+
+def _deltas(
+    spec: MergeMethod,
+    stream: _Inputs,
+    base32: torch.Tensor,
+    opts: dict[str, float],
+    seed: int,
+    *,
+    reuse: bool,
+):
+    """Yield ``(i, sparsified τᵢ)`` in float32; with ``reuse`` every τᵢ is written into one scratch tensor."""
+    scratch = torch.empty(stream.shape, dtype=torch.float32, device=stream.device) if reuse else None
+    for i in range(len(stream)):
+        tensor = stream.load(i)
+        delta = torch.sub(tensor, base32, out=scratch) if reuse else torch.sub(tensor, base32)  # float32
+        del tensor
+        if spec.sparsify is not None:
+            if not bool(torch.isfinite(delta).all()):
+                raise _non_finite(
+                    stream.key, stream.sources, stream.base, torch.float32, before_sparsify=True
+                )
+            generator = tensor_generator(seed, stream.key, i) if spec.sparsify == "random" else None
+            sparsify_(spec.sparsify, delta, opts, generator)
+        yield i, delta
+        del delta
+
+
+def _task_vectors(
+    spec: MergeMethod,
+    stream: _Inputs,
+    weights: list[float],
+    base32: torch.Tensor,
+    opts: dict[str, float],
+    seed: int,
+) -> torch.Tensor:
+    acc = torch.zeros(stream.shape, dtype=torch.float32, device=stream.device)
+    if spec.consensus is None:
+        for i, delta in _deltas(spec, stream, base32, opts, seed, reuse=True):
+            acc.add_(delta, alpha=weights[i])
+        return acc
+    kept: list[torch.Tensor | None] = []
+    for i, delta in _deltas(spec, stream, base32, opts, seed, reuse=False):
+        acc.add_(delta, alpha=weights[i])
+        kept.append(delta)
+    return _sign_consensus(acc, kept, weights)
+
+
+def _sign_consensus(
+    total: torch.Tensor, deltas: list[torch.Tensor | None], weights: list[float]
+) -> torch.Tensor:
+    """TIES elect + disjoint mean. Consumes ``total`` (Σ wᵢτᵢ') and the ``deltas`` (freed one by one)."""
+    positive = total >= 0  # elected sign per entry
+    numerator = total.zero_()
+    divisor = torch.zeros_like(numerator)
+    for i, w in enumerate(weights):
+        delta, deltas[i] = deltas[i], None
+        assert delta is not None
+        if w == 0.0:
+            continue  # w·τ = 0 has no sign: never agrees
+        up, down = delta > 0, delta < 0
+        agree = torch.where(positive, up, down) if w > 0 else torch.where(positive, down, up)
+        del up, down
+        numerator.add_(delta.mul_(agree), alpha=w)
+        divisor.add_(agree, alpha=w)
+        del delta, agree
+    divisor.masked_fill_(divisor == 0, 1.0)
+    return numerator.div_(divisor)
+
+
+def _copy_identical(stream: _Inputs, base: TensorSource | None, key: str) -> torch.Tensor:
+    ref = stream.load(0)
+    others = [(f"input {i}", (lambda i=i: stream.load(i))) for i in range(1, len(stream))]
+    if base is not None:
+        others.append(("the base", lambda: stream.check(_load(base, key, "the base"), "the base")))
+    for what, load in others:
+        if not torch.equal(ref, load().to(ref.device)):
+            raise IncompatibleModelsError(
+                f"non-floating tensor {key!r} ({ref.dtype}) differs between input 0 and {what}; such tensors "
+                "are copied, not averaged, so they must be identical: merge checkpoints of the same architecture"
+            )
+    return ref.clone()
+
+
+def _non_finite(
+    key: str,
+    inputs: Sequence[TensorSource],
+    base: TensorSource | None,
+    dtype: torch.dtype,
+    *,
+    before_sparsify: bool = False,
+) -> NonFiniteError:
+    """Build the error, reloading the sources (thunks are called again) to say which hold NaN/Inf."""
+    sources = [(f"input {i}", src) for i, src in enumerate(inputs)]
+    if base is not None:
+        sources.append(("the base", base))
+    culprits = [what for what, src in sources if not bool(torch.isfinite(_load(src, key, what)).all())]
+    if culprits:
+        return NonFiniteError(
+            f"tensor {key!r}: {', '.join(culprits)} hold(s) NaN or Inf; repair or drop that checkpoint"
+        )
+    where = "a task vector" if before_sparsify else f"the merged result ({dtype})"
+    return NonFiniteError(
+        f"tensor {key!r}: {where} overflows to NaN/Inf although every input is finite; "
+        "use smaller weights or lambda, or out_dtype=torch.float32"
+    )

@@ -1,0 +1,131 @@
+"""Entry checks shared by every merge: weights, and key/shape/dtype compatibility of the models."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from resilient_tune.errors import IncompatibleModelsError, UsageError
+from resilient_tune.merging._registry import MergeMethod, as_method
+
+__all__ = ["as_floats", "check_compatible", "validate_weights"]
+
+_SUM_TOLERANCE = 1e-3
+_ZERO_SUM = 1e-8
+
+TensorSpec = tuple[tuple[int, ...], torch.dtype]
+
+
+def validate_weights(
+    weights: Sequence[float],
+    n_models: int,
+    *,
+    method: MergeMethod | str = "linear",
+    normalize: bool = False,
+) -> list[float]:
+    """Check merge weights and return them as floats (divided by their sum when ``normalize``).
+
+    For ``linear`` the weights are mixing proportions: they must sum to 1 within ``1e-3`` (on both
+    sides) unless ``normalize=True``. For task-vector methods they are per-task scales and may sum to
+    anything; ``normalize=True`` still divides them by their sum. Negative weights are allowed.
+
+    Args:
+        weights: one weight per model (base excluded for task-vector methods).
+        n_models: number of models being merged.
+        method: a :class:`MergeMethod` or a registered name.
+        normalize: divide the weights by their sum.
+
+    Returns:
+        The (possibly normalised) weights as a new list of floats.
+
+    Raises:
+        UsageError: wrong count, a non-number, NaN/Inf, a linear sum that is not 1 without
+            ``normalize``, or a sum of ~0 with ``normalize``.
+    """
+    spec = as_method(method)
+    if n_models < 1:
+        raise UsageError(f"n_models={n_models}: a merge needs at least one model")
+    values = as_floats(weights)
+    if len(values) != n_models:
+        raise UsageError(
+            f"got {len(values)} weights for {n_models} models; pass exactly one weight per model"
+        )
+    total = math.fsum(values)
+    if normalize:
+        if abs(total) < _ZERO_SUM:
+            raise UsageError(
+                f"weights {values} sum to {total:g}, which cannot be normalised; pass weights with a nonzero sum"
+            )
+        return [v / total for v in values]
+    if not spec.needs_base and abs(total - 1.0) > _SUM_TOLERANCE:
+        raise UsageError(
+            f"weights {values} sum to {total:g}; pass weights that sum to 1 or set normalize=True"
+        )
+    return values
+
+
+def as_floats(weights: Sequence[float]) -> list[float]:
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence | torch.Tensor):
+        raise UsageError(f"weights={weights!r} must be a sequence of numbers, one per model")
+    values = []
+    for i, w in enumerate(weights):
+        if isinstance(w, torch.Tensor) and w.numel() == 1:
+            w = w.item()
+        if isinstance(w, bool) or not isinstance(w, numbers.Real):
+            raise UsageError(f"weight {i} is {w!r}; pass a real number")
+        if not math.isfinite(w):
+            raise UsageError(f"weight {i} is {w}; pass a finite number")
+        values.append(float(w))
+    return values
+
+
+def check_compatible(specs: Sequence[Mapping[str, TensorSpec]], names: Sequence[str]) -> None:
+    """Check that every model has the same keys, shapes and dtype kinds as model 0.
+
+    Float dtypes may differ between models (merges accumulate in float32). Float vs non-float, or two
+    different non-float dtypes, are incompatible: integer and bool buffers are copied, not averaged.
+
+    Args:
+        specs: for each model, key -> ``(shape, dtype)``.
+        names: a path or label per model, used in messages.
+
+    Raises:
+        UsageError: ``specs`` and ``names`` differ in length, or are empty.
+        IncompatibleModelsError: the first key one model lacks or has in excess (naming the model),
+            or the first shape or dtype mismatch (naming the key and both values).
+    """
+    if len(specs) != len(names):
+        raise UsageError(f"got {len(specs)} specs and {len(names)} names; pass one name per model")
+    if not specs:
+        raise UsageError("no models to check; pass at least one model")
+    ref, ref_name = specs[0], names[0]
+    for spec, name in zip(specs[1:], names[1:]):
+        for key in ref:
+            if key not in spec:
+                raise IncompatibleModelsError(
+                    f"{name} lacks tensor {key!r}, which {ref_name} has; merge models of the same architecture"
+                )
+        for key in spec:
+            if key not in ref:
+                raise IncompatibleModelsError(
+                    f"{name} has tensor {key!r}, which {ref_name} lacks; merge models of the same architecture"
+                )
+        for key, (shape, dtype) in ref.items():
+            other_shape, other_dtype = spec[key]
+            if tuple(shape) != tuple(other_shape):
+                raise IncompatibleModelsError(
+                    f"tensor {key!r} has shape {tuple(shape)} in {ref_name} but {tuple(other_shape)} in {name}; "
+                    "merge models of the same architecture and size"
+                )
+            if not _dtypes_compatible(dtype, other_dtype):
+                raise IncompatibleModelsError(
+                    f"tensor {key!r} is {dtype} in {ref_name} but {other_dtype} in {name}; "
+                    "only floating-point dtypes may differ between models"
+                )
+
+
+def _dtypes_compatible(a: torch.dtype, b: torch.dtype) -> bool:
+    return a == b or (a.is_floating_point and b.is_floating_point)
