@@ -1,0 +1,267 @@
+"""Policies: how α (the weight of the fine-tuned model) is chosen at each evaluation.
+
+A policy is a small object with one method, ``choose(evaluate) -> Decision``. ``evaluate(alpha)`` returns the
+general-probe loss of the merged model ``θ₀ + α·(θₜ − θ₀)`` (one probe pass, which the caller may cache, e.g.
+the base's loss at ``α = 0`` never changes during a run). Policies that need no measurement accept
+``evaluate=None``.
+
+- :class:`FixedPolicy` (``"fixed"``, the zero-config default): α as given.
+- :class:`BudgetPolicy` (``"budget"``): the largest α in ``[0, 1]`` whose general-probe loss stays within
+  ``(1 + drift_budget)`` × the base's, found in a few probe passes.
+- ``"cocktail"`` (the paper's auto weights over base and peers) comes in a later increment.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from .engine import check_alpha
+from .errors import NonFiniteError, UsageError
+
+__all__ = ["POLICY_NAMES", "BudgetPolicy", "Decision", "FixedPolicy", "Policy", "get_policy"]
+
+POLICY_NAMES = ("fixed", "cocktail", "budget")
+
+Evaluate = Callable[[float], float]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a policy chose, and what it cost.
+
+    Attributes:
+        alpha: The chosen weight of the fine-tuned model, in ``[0, 1]``.
+        passes: Calls the policy made to ``evaluate`` (probe passes, before any caching by the caller).
+        policy: The policy's name.
+        loss: General-probe loss at ``alpha`` when it was measured, else ``None``.
+        base_loss: General-probe loss of the base (``α = 0``) when measured.
+        threshold: The loss bound the policy enforced (``budget``), else ``None``.
+        evaluated: ``(alpha, loss)`` pairs in the order measured.
+        reason: One line on why this α.
+    """
+
+    alpha: float
+    passes: int
+    policy: str
+    loss: float | None = None
+    base_loss: float | None = None
+    threshold: float | None = None
+    evaluated: tuple[tuple[float, float], ...] = field(default_factory=tuple)
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "alpha": self.alpha,
+            "passes": self.passes,
+            "policy": self.policy,
+            "loss": self.loss,
+            "base_loss": self.base_loss,
+            "threshold": self.threshold,
+            "evaluated": [list(pair) for pair in self.evaluated],
+            "reason": self.reason,
+        }
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """The interface every policy implements."""
+
+    name: str
+    needs_general_data: bool
+
+    def choose(self, evaluate: Evaluate | None) -> Decision: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class FixedPolicy:
+    """α as given, every time (no probe pass).
+
+    Args:
+        alpha: Weight of the fine-tuned model in ``[0, 1]`` (0.5 by default, as the paper's examples).
+    """
+
+    name = "fixed"
+    needs_general_data = False
+
+    def __init__(self, alpha: float = 0.5) -> None:
+        self.alpha = check_alpha(alpha)
+
+    def choose(self, evaluate: Evaluate | None = None) -> Decision:
+        return Decision(self.alpha, 0, self.name, reason="fixed alpha")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "alpha": self.alpha}
+
+    def __repr__(self) -> str:
+        return f"FixedPolicy(alpha={self.alpha})"
+
+
+class BudgetPolicy:
+    """The largest α whose general-probe loss is at most ``base_loss + drift_budget · |base_loss|``.
+
+    For a positive base loss the bound is ``(1 + drift_budget) × base_loss``. Search, counting every pass:
+
+    1. ``α = 0`` (the base's loss; the caller may cache it, it never changes) and ``α = 1`` (the fine-tuned
+       model). If ``α = 1`` is within budget it is chosen.
+    2. Otherwise the bracket ``[lo, hi]`` (``lo`` within budget, ``hi`` over it) is narrowed by solving a power
+       law ``L(α) = L(0) + c·α^p`` fitted through the two nearest measured points (``p = 2`` from the first one:
+       the general loss of ``θ₀ + α·Δ`` grows roughly quadratically in α near the base), aiming just inside the
+       bound, every guess kept at least 10% of the bracket away from its ends; when the same end of the bracket
+       moves twice in a row the curve is not a power law there and the next guess bisects. It stops
+       when a measured α is within budget and uses at least ``1 − slack`` of the allowed increase, when the
+       bracket is narrower than ``tolerance``, or after ``max_passes`` passes in all.
+
+    The chosen α is always one that was *measured* within budget (or 0, the base itself), so the written model
+    honours the budget on the probe data.
+
+    Args:
+        drift_budget: Allowed relative increase of the general-probe loss, ``>= 0`` (``0.05`` = 5%).
+        tolerance: Bracket width in α at which the search stops, in ``(0, 1)``.
+        slack: Accept a measured α whose loss increase is within this fraction below the bound, in ``(0, 1)``.
+        max_passes: Cap on probe passes per decision (base and ``α = 1`` included), ``>= 2``.
+    """
+
+    name = "budget"
+    needs_general_data = True
+
+    def __init__(
+        self, drift_budget: float = 0.05, *, tolerance: float = 0.05, slack: float = 0.1, max_passes: int = 6
+    ) -> None:
+        if (
+            isinstance(drift_budget, bool)
+            or not isinstance(drift_budget, (int, float))
+            or not drift_budget >= 0
+        ):
+            raise UsageError(
+                f"drift_budget={drift_budget!r} must be a number >= 0: the allowed relative increase of the "
+                "general-probe loss over the base's (e.g. 0.05 for 5%)"
+            )
+        if not math.isfinite(drift_budget):
+            raise UsageError(f"drift_budget={drift_budget!r} must be finite, e.g. 0.05")
+        for label, value in (("tolerance", tolerance), ("slack", slack)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise UsageError(f"{label}={value!r} must be a number in (0, 1)")
+        if isinstance(max_passes, bool) or not isinstance(max_passes, int) or max_passes < 2:
+            raise UsageError(f"max_passes={max_passes!r} must be an int >= 2 (the base and alpha=1 take two)")
+        self.drift_budget = float(drift_budget)
+        self.tolerance = float(tolerance)
+        self.slack = float(slack)
+        self.max_passes = max_passes
+
+    def choose(self, evaluate: Evaluate | None) -> Decision:
+        if evaluate is None:
+            raise UsageError(
+                "the budget policy measures general-probe losses; pass an evaluate(alpha) function"
+            )
+        measured: list[tuple[float, float]] = []
+
+        def measure(alpha: float) -> float:
+            loss = float(evaluate(alpha))
+            if not math.isfinite(loss):
+                raise NonFiniteError(
+                    f"the general-probe loss at alpha={alpha:.4g} is {loss}; check the probe data and the model"
+                )
+            measured.append((alpha, loss))
+            return loss
+
+        base = measure(0.0)
+        threshold = base + self.drift_budget * abs(base)
+        aim = threshold - 0.5 * self.slack * (threshold - base)
+        accept = threshold - self.slack * (threshold - base)
+        top = measure(1.0)
+
+        def decide(alpha: float, loss: float, reason: str) -> Decision:
+            return Decision(alpha, len(measured), self.name, loss, base, threshold, tuple(measured), reason)
+
+        if top <= threshold:
+            return decide(1.0, top, "the fine-tuned model is within the budget")
+        (lo, f_lo), hi = (0.0, base), 1.0
+        last_side = ""
+        while len(measured) < self.max_passes and hi - lo > self.tolerance:
+            alpha = _next_guess(measured, lo, hi, base, aim, bisect=last_side == "repeat")
+            loss = measure(alpha)
+            side = "lo" if loss <= threshold else "hi"
+            # the same end moved twice in a row: the curve is not what regula falsi assumes, so bisect next
+            last_side = "repeat" if side == last_side else side
+            if side == "lo":
+                lo, f_lo = alpha, loss
+                if loss >= accept:
+                    return decide(lo, f_lo, "within budget and close to the bound")
+            else:
+                hi = alpha
+        why = "bracket narrower than the tolerance" if hi - lo <= self.tolerance else "pass cap reached"
+        return decide(lo, f_lo, f"largest alpha measured within budget ({why})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "drift_budget": self.drift_budget,
+            "tolerance": self.tolerance,
+            "slack": self.slack,
+            "max_passes": self.max_passes,
+        }
+
+    def __repr__(self) -> str:
+        return f"BudgetPolicy(drift_budget={self.drift_budget}, tolerance={self.tolerance})"
+
+
+def _next_guess(
+    measured: list[tuple[float, float]],
+    lo: float,
+    hi: float,
+    base: float,
+    aim: float,
+    *,
+    bisect: bool = False,
+) -> float:
+    """Next α to measure: a power law ``L(α) = base + c·α^p`` through the two measured points with a loss above
+    the base's that are nearest the bracket (``p = 2`` when there is only one), solved for ``L = aim``; kept 10%
+    of the bracket away from its ends. The midpoint when ``bisect`` or when no power law fits."""
+    width = hi - lo
+    guess = lo + 0.5 * width
+    above = sorted((a, f - base) for a, f in measured if a > 0 and f > base)
+    if not bisect and above:
+        near = sorted(above, key=lambda point: min(abs(point[0] - lo), abs(point[0] - hi)))[:2]
+        (a1, d1), (a2, d2) = (near[0], near[0]) if len(near) == 1 else sorted(near)
+        power = 2.0 if a1 == a2 or d1 == d2 else math.log(d2 / d1) / math.log(a2 / a1)
+        if power > 0 and aim > base:
+            guess = a2 * ((aim - base) / d2) ** (1.0 / power)
+    return min(max(guess, lo + 0.1 * width), hi - 0.1 * width)
+
+
+def get_policy(name: str | Policy, **options: Any) -> Policy:
+    """A policy by name (``fixed`` | ``cocktail`` | ``budget``), or ``name`` itself if it is a policy object.
+
+    Args:
+        name: The policy name, or a ready policy (returned as is; ``options`` must then be empty).
+        **options: Constructor arguments: ``alpha`` (fixed), ``drift_budget``, ``tolerance``, ``slack``,
+            ``max_passes`` (budget).
+
+    Raises:
+        UsageError: Unknown name (the message lists the valid ones) or bad options.
+        NotImplementedError: ``cocktail``, which comes in a later increment.
+    """
+    if not isinstance(name, str):
+        if isinstance(name, Policy):
+            if options:
+                raise UsageError(
+                    f"options {sorted(options)} cannot be applied to a ready policy object {name!r}"
+                )
+            return name
+        raise UsageError(f"policy={name!r} must be a name ({' | '.join(POLICY_NAMES)}) or a policy object")
+    factories: dict[str, Callable[..., Policy]] = {"fixed": FixedPolicy, "budget": BudgetPolicy}
+    if name == "cocktail":
+        raise NotImplementedError(
+            "policy 'cocktail' (auto weights for base and peers from target examples) is not implemented yet; "
+            "use 'fixed' or 'budget'"
+        )
+    if name not in factories:
+        raise UsageError(f"policy {name!r} is unknown; use one of: {', '.join(POLICY_NAMES)}")
+    try:
+        return factories[name](**options)
+    except TypeError as exc:
+        raise UsageError(f"bad options for policy {name!r}: {exc}") from None

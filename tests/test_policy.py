@@ -1,0 +1,113 @@
+"""Policies: fixed alpha, the budget search (few passes, always within budget), the name registry."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from resilient_tune.errors import NonFiniteError, UsageError
+from resilient_tune.policy import BudgetPolicy, Decision, FixedPolicy, get_policy
+
+
+class _Curve:
+    """A general-probe loss curve L(alpha), counting the passes spent on it."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.calls: list[float] = []
+
+    def __call__(self, alpha: float) -> float:
+        self.calls.append(alpha)
+        return self.fn(alpha)
+
+
+def test_fixed_policy_spends_no_pass():
+    decision = FixedPolicy(0.7).choose(None)
+    assert decision == Decision(0.7, 0, "fixed", reason="fixed alpha")
+
+
+def test_budget_takes_the_fine_tuned_model_when_it_is_within_budget():
+    curve = _Curve(lambda a: 2.0 + 0.05 * a)  # +2.5% at alpha = 1
+    decision = BudgetPolicy(0.05).choose(curve)
+    assert decision.alpha == 1.0 and decision.passes == 2 and curve.calls == [0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        lambda a: 2.0 + 1.0 * a * a,  # quadratic: the model the search assumes
+        lambda a: 2.0 + 0.6 * a,  # linear
+        lambda a: 2.0 + 3.0 * a**4,  # sharper than assumed
+        lambda a: 2.0 + 0.3 * math.sqrt(a),  # concave
+    ],
+)
+@pytest.mark.parametrize("budget", [0.02, 0.1])
+def test_budget_search_is_feasible_near_optimal_and_cheap(shape, budget):
+    curve = _Curve(shape)
+    policy = BudgetPolicy(budget)
+    decision = policy.choose(curve)
+    threshold = 2.0 * (1 + budget)
+    assert decision.threshold == pytest.approx(threshold)
+    assert shape(decision.alpha) <= threshold + 1e-12  # the chosen alpha was measured within budget
+    assert decision.loss == pytest.approx(shape(decision.alpha))
+    assert decision.passes == len(curve.calls) <= policy.max_passes
+    # the true largest feasible alpha, by a fine scan (the test's oracle, not the policy's method)
+    best = max(i / 10000 for i in range(10001) if shape(i / 10000) <= threshold)
+    # near-optimal: within the stopping rules (bracket tolerance, or using >= 90% of the allowed increase)
+    assert decision.alpha >= best - policy.tolerance or shape(decision.alpha) >= threshold - 0.1 * (
+        threshold - 2.0
+    )
+
+
+def test_budget_on_a_cliff_still_halves_the_bracket_within_the_cap():
+    def shape(a: float) -> float:  # flat, then a cliff: no power law fits, the search falls back to bisection
+        return 2.0 + (0.0 if a < 0.6 else 5.0 * (a - 0.6))
+
+    curve = _Curve(shape)
+    decision = BudgetPolicy(0.1, max_passes=6).choose(curve)
+    assert shape(decision.alpha) <= 2.2 and decision.passes == len(curve.calls) <= 6
+    assert 0.5 <= decision.alpha <= 0.64
+
+
+def test_budget_on_the_assumed_shape_needs_three_passes():
+    curve = _Curve(lambda a: 1.0 + 0.5 * a * a)
+    decision = BudgetPolicy(0.1).choose(curve)
+    assert decision.passes == 3
+    assert decision.alpha == pytest.approx(math.sqrt(0.095 / 0.5), rel=1e-6)
+
+
+def test_budget_zero_keeps_the_base_when_every_step_hurts():
+    curve = _Curve(lambda a: 1.0 + a)
+    decision = BudgetPolicy(0.0).choose(curve)
+    assert decision.alpha == 0.0 and decision.loss == 1.0 and decision.passes <= 6
+
+
+def test_budget_refuses_non_finite_losses_and_missing_evaluate():
+    with pytest.raises(NonFiniteError, match="alpha=1"):
+        BudgetPolicy(0.1).choose(lambda a: float("nan") if a == 1.0 else 1.0)
+    with pytest.raises(UsageError, match="evaluate"):
+        BudgetPolicy(0.1).choose(None)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"drift_budget": -0.1}, {"drift_budget": float("inf")}, {"tolerance": 0}, {"max_passes": 1}]
+)
+def test_budget_options_are_validated(kwargs):
+    with pytest.raises(UsageError):
+        BudgetPolicy(**{"drift_budget": 0.1, **kwargs})
+
+
+def test_get_policy_by_name_and_errors():
+    assert isinstance(get_policy("fixed", alpha=0.2), FixedPolicy)
+    budget = get_policy("budget", drift_budget=0.03)
+    assert isinstance(budget, BudgetPolicy) and budget.drift_budget == 0.03
+    assert get_policy(budget) is budget
+    with pytest.raises(UsageError, match="fixed, cocktail, budget"):
+        get_policy("greedy")
+    with pytest.raises(NotImplementedError, match="cocktail"):
+        get_policy("cocktail")
+    with pytest.raises(UsageError, match="alpha"):
+        get_policy("fixed", alpha=2)
+    with pytest.raises(UsageError, match="bad options"):
+        get_policy("fixed", drift_budget=0.1)
