@@ -19,7 +19,7 @@ __all__ = [
     "ResilientTuneError",
     "UsageError",
     "__version__",
-    "auto_weights",
+    "compute_auto_weights",
     "merge",
     "method_names",
     "mix_models",
@@ -36,18 +36,24 @@ _LAZY = {
     "Recipe": ".recipe",
     "merge": ".api",
     "method_names": ".merging",
-    "auto_weights": ".weights",
+    "compute_auto_weights": ".weights",
     "mix_models": ".lm_cocktail",
     "mix_models_with_data": ".lm_cocktail",
 }
 
 if TYPE_CHECKING:
     from .api import merge
-    from .errors import CheckpointFormatError, IncompatibleModelsError, NonFiniteError, ResilientTuneError, UsageError
+    from .errors import (
+        CheckpointFormatError,
+        IncompatibleModelsError,
+        NonFiniteError,
+        ResilientTuneError,
+        UsageError,
+    )
     from .lm_cocktail import mix_models, mix_models_with_data
     from .merging import method_names
     from .recipe import Recipe
-    from .weights import auto_weights
+    from .weights import compute_auto_weights
 
 
 def __getattr__(name: str) -> Any:

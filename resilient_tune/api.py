@@ -18,7 +18,14 @@ import torch
 
 from . import __version__
 from .card import model_card
-from .checkpoint import StreamingWriter, TensorInfo, atomic_dir, check_destination, copy_support_files, parse_size
+from .checkpoint import (
+    StreamingWriter,
+    TensorInfo,
+    atomic_dir,
+    check_destination,
+    copy_support_files,
+    parse_size,
+)
 from .errors import UsageError
 from .merging import check_compatible, get_method, layer_depths, merge_tensor, validate_weights
 from .recipe import COCKTAIL_FILE, Recipe, cocktail_document
@@ -30,9 +37,13 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 
 
 @overload
-def merge(models: Sequence[ModelLike], weights: Sequence[float] | None = ..., *, out: None = ..., **kw: Any) -> dict[str, torch.Tensor]: ...
+def merge(
+    models: Sequence[ModelLike], weights: Sequence[float] | None = ..., *, out: None = ..., **kw: Any
+) -> dict[str, torch.Tensor]: ...
 @overload
-def merge(models: Sequence[ModelLike], weights: Sequence[float] | None = ..., *, out: str | os.PathLike, **kw: Any) -> Path: ...
+def merge(
+    models: Sequence[ModelLike], weights: Sequence[float] | None = ..., *, out: str | os.PathLike, **kw: Any
+) -> Path: ...
 
 
 def merge(
@@ -108,15 +119,20 @@ def merge(
         raise UsageError("no models to merge; pass at least one checkpoint path, state dict or module")
     spec = get_method(recipe.method)
     if spec.needs_base and base is None:
-        raise UsageError(f"method {spec.name!r} merges task vectors and needs a base model; pass base=PATH (--base)")
+        raise UsageError(
+            f"method {spec.name!r} merges task vectors and needs a base model; pass base=PATH (--base)"
+        )
     if not spec.needs_base and base is not None:
         raise UsageError(f"method {spec.name!r} takes no base model; drop base= or use a task-vector method")
     shard_bytes = parse_size(max_shard_size)
     dest = check_destination(out, overwrite=overwrite) if out is not None else None
 
     with _open_all(models, base, allow_pickle) as (sources, base_src):
-        specs = [s.specs() for s in sources] + ([base_src.specs()] if base_src else [])
-        check_compatible(specs, [s.name for s in sources] + ([base_src.name] if base_src else []))
+        everyone = [*sources, base_src] if base_src is not None else list(sources)
+        check_compatible(
+            [{key: (info.shape, info.dtype) for key, info in s.specs().items()} for s in everyone],
+            [s.name for s in everyone],
+        )
         raw = recipe.weights if recipe.weights is not None else tuple(1.0 / len(sources) for _ in sources)
         final_weights = validate_weights(raw, len(sources), method=spec, normalize=recipe.normalize)
         plan = _plan(sources[0].specs(), recipe.dtype)
@@ -129,7 +145,9 @@ def merge(
         recipe_used = Recipe(**{**_fields(recipe), "weights": tuple(final_weights)})
         doc = cocktail_document(recipe_used, ingredients, version=__version__, extra=metadata)
         with atomic_dir(dest, overwrite=overwrite) as tmp:
-            with StreamingWriter(tmp, plan, max_shard_size=shard_bytes, metadata={"resilient_tune": __version__}) as writer:
+            with StreamingWriter(
+                tmp, plan, max_shard_size=shard_bytes, metadata={"resilient_tune": __version__}
+            ) as writer:
                 for key, tensor in tensors:
                     writer.write(key, tensor)
             if sources[0].folder is not None:
@@ -142,7 +160,9 @@ def merge(
 
 
 def _fields(recipe: Recipe) -> dict[str, Any]:
-    return {name: getattr(recipe, name) for name in ("method", "weights", "options", "normalize", "dtype", "seed")}
+    return {
+        name: getattr(recipe, name) for name in ("method", "weights", "options", "normalize", "dtype", "seed")
+    }
 
 
 @contextlib.contextmanager
@@ -166,7 +186,9 @@ def _plan(specs: Mapping[str, TensorInfo], dtype_name: str | None) -> dict[str, 
     """Output key -> (dtype, shape): model 0's layout, floating tensors cast to the requested dtype."""
     target = _TORCH_DTYPES.get(dtype_name) if dtype_name else None
     return {
-        key: TensorInfo(target if target is not None and info.dtype.is_floating_point else info.dtype, info.shape)
+        key: TensorInfo(
+            target if target is not None and info.dtype.is_floating_point else info.dtype, info.shape
+        )
         for key, info in specs.items()
     }
 
@@ -190,16 +212,19 @@ def _merged_tensors(
         keys = tqdm(plan, desc=f"merging ({spec.name})", unit="tensor", total=len(plan))
     for key in keys:
         inputs = [_loader(source, key) for source in sources]
-        yield key, merge_tensor(
-            spec,
-            inputs,
-            weights,
-            base=_loader(base_src, key) if base_src is not None else None,
-            options=options,
-            key=key,
-            depth=depths.get(key, 0.0),
-            seed=recipe.seed,
-            out_dtype=plan[key].dtype,
+        yield (
+            key,
+            merge_tensor(
+                spec,
+                inputs,
+                weights,
+                base=_loader(base_src, key) if base_src is not None else None,
+                options=options,
+                key=key,
+                depth=depths.get(key, 0.0),
+                seed=recipe.seed,
+                out_dtype=plan[key].dtype if plan[key].dtype.is_floating_point else None,
+            ),
         )
 
 
@@ -217,7 +242,9 @@ def _identity(source: TensorSource, role: str, weight: float | None) -> dict[str
 def _write_extra(folder: Path, rel: str, content: str | bytes) -> None:
     path = (folder / rel).resolve()
     if folder.resolve() not in path.parents:
-        raise UsageError(f"extra file {rel!r} would be written outside the output folder; use a relative path inside it")
+        raise UsageError(
+            f"extra file {rel!r} would be written outside the output folder; use a relative path inside it"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(content, bytes):
         path.write_bytes(content)

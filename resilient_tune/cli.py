@@ -24,32 +24,48 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Merge fine-tuned models with their base and peers (LM-Cocktail).")
+    parser = _Parser(
+        prog=PROG, description="Merge fine-tuned models with their base and peers (LM-Cocktail)."
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     m = sub.add_parser("merge", help="merge checkpoints into a new checkpoint folder")
     m.add_argument("models", nargs="+", metavar="MODEL", help="checkpoint folders or .safetensors files")
-    m.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per model (default: equal)")
-    m.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (written atomically)")
-    m.add_argument("--method", default="linear", help="merge method (see `resilient-tune methods`); default linear")
+    m.add_argument(
+        "--weights", nargs="+", type=float, metavar="W", help="one weight per model (default: equal)"
+    )
+    m.add_argument(
+        "--out", required=True, type=Path, metavar="DIR", help="output folder (written atomically)"
+    )
+    m.add_argument(
+        "--method", default="linear", help="merge method (see `resilient-tune methods`); default linear"
+    )
     m.add_argument("--base", metavar="PATH", help="base model for task-vector methods (ties, dare_*, ...)")
     m.add_argument("--density", type=float, help="fraction of task-vector entries kept, in (0, 1]")
-    m.add_argument("--lambda", dest="lambda_", type=float, metavar="L", help="scale of the merged task vector")
+    m.add_argument(
+        "--lambda", dest="lambda_", type=float, metavar="L", help="scale of the merged task vector"
+    )
     m.add_argument("--gamma", type=float, help="breadcrumbs: fraction of largest magnitudes dropped")
     m.add_argument("--lines-alpha", type=float, help="LiNeS: scale of the shallowest layer")
     m.add_argument("--lines-beta", type=float, help="LiNeS: extra scale of the deepest layer")
-    m.add_argument("--dtype", default="auto", help="output dtype: auto (as inputs), float32, float16, bfloat16")
+    m.add_argument(
+        "--dtype", default="auto", help="output dtype: auto (as inputs), float32, float16, bfloat16"
+    )
     m.add_argument("--max-shard-size", default="5GB", help="shard the output above this size (default 5GB)")
     m.add_argument("--normalize", action="store_true", help="divide the weights by their sum")
     m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     m.add_argument("--seed", type=int, default=0, help="seed of random methods (DARE); default 0")
-    m.add_argument("--allow-pickle", action="store_true", help="allow .bin pickle checkpoints (trusted files only)")
+    m.add_argument(
+        "--allow-pickle", action="store_true", help="allow .bin pickle checkpoints (trusted files only)"
+    )
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     w = sub.add_parser("weights", help="auto weights from a few examples (LM-Cocktail: softmax(-loss/T))")
     w.add_argument("models", nargs="+", metavar="MODEL", help="checkpoint folders (transformers layout)")
-    w.add_argument("--examples", required=True, type=Path, metavar="FILE.jsonl", help="one JSON example per line")
+    w.add_argument(
+        "--examples", required=True, type=Path, metavar="FILE.jsonl", help="one JSON example per line"
+    )
     w.add_argument("--model-type", required=True, choices=["decoder", "encoder", "reranker"])
     w.add_argument("--temperature", type=float, default=5.0, help="softmax temperature (default 5.0)")
     w.add_argument("--batch-size", type=int, default=2)
@@ -114,14 +130,16 @@ def _read_examples(path: Path) -> list[dict]:
         try:
             examples.append(json.loads(line))
         except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}:{number}: not valid JSON ({exc.msg}); write one JSON object per line") from None
+            raise UsageError(
+                f"{path}:{number}: not valid JSON ({exc.msg}); write one JSON object per line"
+            ) from None
     return examples
 
 
 def _cmd_weights(args: argparse.Namespace) -> int:
-    from .weights import auto_weights
+    from .weights import compute_auto_weights
 
-    result = auto_weights(
+    result = compute_auto_weights(
         args.models,
         args.model_type,
         _read_examples(args.examples),
@@ -132,7 +150,11 @@ def _cmd_weights(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     if args.json:
-        print(json.dumps({"models": args.models, "weights": list(result.weights), "losses": list(result.losses)}))
+        print(
+            json.dumps(
+                {"models": args.models, "weights": list(result.weights), "losses": list(result.losses)}
+            )
+        )
     else:
         width = max(len(m) for m in args.models)
         print(f"{'model':<{width}}  {'loss':>10}  {'weight':>8}")

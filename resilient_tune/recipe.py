@@ -22,7 +22,13 @@ FORMAT_VERSION = 1
 
 #: Output dtypes accepted by name (``None`` / ``"auto"`` keeps each tensor's input dtype).
 DTYPES = ("float32", "float16", "bfloat16")
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "fp16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+    "float": "float32",
+}
 
 
 def normalize_dtype_name(dtype: object) -> str | None:
@@ -70,7 +76,9 @@ class Recipe:
             weights = tuple(float(w) for w in self.weights)
             bad = [w for w in weights if not math.isfinite(w)]
             if bad:
-                raise UsageError(f"weights must be finite numbers, got {list(weights)}; remove the NaN/Inf values")
+                raise UsageError(
+                    f"weights must be finite numbers, got {list(weights)}; remove the NaN/Inf values"
+                )
             object.__setattr__(self, "weights", weights)
         resolve_options(self.method, self.options)  # validates names and ranges
         object.__setattr__(self, "options", dict(self.options))
@@ -101,7 +109,9 @@ class Recipe:
         data = data.get("recipe", data)
         unknown = set(data) - {"method", "weights", "options", "normalize", "dtype", "seed"}
         if unknown:
-            raise UsageError(f"unknown recipe fields {sorted(unknown)}; valid: method, weights, options, normalize, dtype, seed")
+            raise UsageError(
+                f"unknown recipe fields {sorted(unknown)}; valid: method, weights, options, normalize, dtype, seed"
+            )
         weights = data.get("weights")
         return cls(
             method=data.get("method", "linear"),

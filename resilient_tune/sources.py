@@ -10,7 +10,7 @@ import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol, Union
+from typing import Protocol
 
 import torch
 
@@ -19,7 +19,7 @@ from .errors import UsageError
 
 __all__ = ["ModelLike", "TensorSource", "open_source"]
 
-ModelLike = Union[str, os.PathLike, Mapping[str, torch.Tensor], torch.nn.Module]
+ModelLike = str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module
 
 
 class TensorSource(Protocol):

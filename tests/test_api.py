@@ -146,7 +146,9 @@ def test_bad_input_is_refused_and_nothing_is_written(three, tmp_path, kwargs, er
 def test_normalize_rescales_weights(three, tmp_path):
     states, paths = three
     out = rt.merge(paths, [1, 1, 2], normalize=True)
-    torch.testing.assert_close(out["head.bias"], (states[0]["head.bias"] + states[1]["head.bias"] + 2 * states[2]["head.bias"]) / 4)
+    torch.testing.assert_close(
+        out["head.bias"], (states[0]["head.bias"] + states[1]["head.bias"] + 2 * states[2]["head.bias"]) / 4
+    )
 
 
 def test_missing_path(tmp_path, three):
@@ -159,7 +161,7 @@ def test_missing_path(tmp_path, three):
 def test_mismatched_keys_and_shapes_name_the_key(tmp_path):
     a, b = _state(0), _state(1)
     b.pop("head.bias")
-    with pytest.raises(IncompatibleModelsError, match="head.bias"):
+    with pytest.raises(IncompatibleModelsError, match=r"head\.bias"):
         rt.merge([a, b], [0.5, 0.5])
     c = _state(2)
     c["layers.0.w"] = torch.zeros(4, 5)
@@ -218,7 +220,9 @@ def test_recipe_round_trip_and_validation():
     recipe = rt.Recipe(method="ties", weights=(1, 1), options={"density": 0.3}, dtype="fp16", seed=3)
     assert recipe.dtype == "float16"
     again = rt.Recipe.from_json(recipe.to_json())
-    assert again == rt.Recipe(method="ties", weights=(1.0, 1.0), options=recipe.resolved_options(), dtype="float16", seed=3)
+    assert again == rt.Recipe(
+        method="ties", weights=(1.0, 1.0), options=recipe.resolved_options(), dtype="float16", seed=3
+    )
     with pytest.raises(UsageError, match="unknown recipe fields"):
         rt.Recipe.from_dict({"method": "linear", "wieghts": [1]})
     with pytest.raises(UsageError):

@@ -32,7 +32,9 @@ def models(tmp_path):
 
 def test_merge_writes_expected_weights(models, tmp_path, capsys):
     paths = [str(p) for p, _ in models]
-    code = main(["merge", *paths, "--weights", "0.5", "0.3", "0.2", "--out", str(tmp_path / "out"), "--quiet"])
+    code = main(
+        ["merge", *paths, "--weights", "0.5", "0.3", "0.2", "--out", str(tmp_path / "out"), "--quiet"]
+    )
     assert code == 0
     merged = load_file(str(tmp_path / "out" / "model.safetensors"))
     for key, value in merged.items():
@@ -44,8 +46,26 @@ def test_merge_writes_expected_weights(models, tmp_path, capsys):
 def test_ties_with_options(models, tmp_path):
     paths = [str(p) for p, _ in models]
     out = tmp_path / "ties"
-    code = main(["merge", *paths[:2], "--base", paths[2], "--method", "ties", "--density", "0.5", "--lambda", "0.8",
-                 "--weights", "1", "1", "--out", str(out), "-q"])
+    code = main(
+        [
+            "merge",
+            *paths[:2],
+            "--base",
+            paths[2],
+            "--method",
+            "ties",
+            "--density",
+            "0.5",
+            "--lambda",
+            "0.8",
+            "--weights",
+            "1",
+            "1",
+            "--out",
+            str(out),
+            "-q",
+        ]
+    )
     assert code == 0
     recipe = json.loads((out / "cocktail.json").read_text())["recipe"]
     assert recipe["method"] == "ties"
@@ -60,7 +80,8 @@ def test_ties_with_options(models, tmp_path):
         (["--weights", "0.5", "0.6", "0.2"], 2, "normalize"),
         (["--weights", "nan", "0.5", "0.5"], 2, "nan"),
         (["--weights", "0.5", "0.3", "0.2", "--method", "bogus"], 2, "ties"),
-        (["--weights", "0.5", "0.3", "0.2", "--method", "ties", "--density", "0"], 2, "base"),
+        (["--weights", "0.5", "0.3", "0.2", "--method", "ties"], 2, "base"),
+        (["--weights", "1", "1", "1", "--method", "ties", "--density", "0"], 2, "(0, 1]"),
         (["--weights", "0.5", "0.3", "0.2", "--dtype", "int4"], 2, "float16"),
         (["--weights", "0.5", "0.3", "0.2", "--max-shard-size", "lots"], 2, "lots"),
     ],
