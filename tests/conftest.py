@@ -24,6 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine thread hand-offs make every small
+# matmul ~50x slower. Tests that need threads can set them back locally.
+torch.set_num_threads(1)
+
 _SENTENCES = [
     "the quick brown fox jumps over the lazy dog",
     "a merge of models keeps what the base model knew",
