@@ -437,3 +437,13 @@ def test_importing_does_not_import_transformers():
     code = "import resilient_tune, resilient_tune.weights, resilient_tune.lm_cocktail, sys; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.peers
+def test_reference_crashes_without_pad_token_where_we_do_not(tiny_gpt2_dirs):
+    utils = pytest.importorskip("LM_Cocktail.utils")
+    folder = tiny_gpt2_dirs(1, pad_token=False)[0]
+    model, tokenizer = _load(folder, "decoder")
+    with pytest.raises(TypeError):
+        utils.preprocess_data_for_llm(DECODER_EXAMPLES, tokenizer, "cpu", batch_size=2, max_input_length=64)
+    assert math.isfinite(example_losses(model, tokenizer, [None], "decoder", DECODER_EXAMPLES)[0])
