@@ -25,6 +25,7 @@ from typing import BinaryIO, NamedTuple
 
 import torch
 
+from resilient_tune.checkpoint._os_hints import advise_huge_pages
 from resilient_tune.errors import CheckpointFormatError
 
 #: The safetensors crate refuses headers larger than this (bytes); so do we, before reading them.
@@ -147,6 +148,7 @@ def read_tensor(file: BinaryIO, entry: HeaderEntry, path: Path) -> torch.Tensor:
     info = entry.info
     raw = torch.empty(info.nbytes, dtype=torch.uint8)
     if info.nbytes:
+        advise_huge_pages(raw)
         read_exact(file, entry.offset, byte_view(raw), path)
     return raw.view(info.dtype).reshape(info.shape)
 

@@ -6,7 +6,7 @@ import difflib
 import hashlib
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -132,6 +132,9 @@ class CheckpointReader:
     ) -> None:
         self.close()
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
     def __contains__(self, key: object) -> bool:
         return self._source.has(key)
 
@@ -162,8 +165,8 @@ def _sample_spans(start: int, end: int) -> list[tuple[int, int]]:
     span = end - start
     if span <= _SAMPLES * _SAMPLE_BYTES:
         return [(start, span)] if span else []
-    step = (span - _SAMPLE_BYTES) // (_SAMPLES - 1)
-    return [(start + i * step, _SAMPLE_BYTES) for i in range(_SAMPLES)]
+    last = span - _SAMPLE_BYTES  # the first block starts the data, the last one ends it
+    return [(start + i * last // (_SAMPLES - 1), _SAMPLE_BYTES) for i in range(_SAMPLES)]
 
 
 class _SafetensorsSource:
