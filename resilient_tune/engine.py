@@ -340,6 +340,8 @@ class CocktailEngine:
     def _extra(self, metadata: Mapping[str, Any] | None, alpha: float, params: list[Any]) -> dict[str, Any]:
         extra: dict[str, Any] = {"alpha": alpha, "merged_parameters": len(params)}
         for key, value in (metadata or {}).items():
+            if key in extra:
+                raise UsageError(f"metadata key {key!r} is set by the engine in cocktail.json; rename it")
             extra[key] = value
         return extra
 

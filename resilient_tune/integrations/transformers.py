@@ -1,0 +1,657 @@
+"""``CocktailCallback``: resilient checkpoints from a Hugging Face ``Trainer``, with zero configuration.
+
+``Trainer(..., callbacks=[CocktailCallback()])`` snapshots the trainable weights θ₀ before the first optimizer
+step and, next to every ``checkpoint-N/``, writes ``checkpoint-N/resilient/``: the model
+``θ₀ + α·(θ_N − θ₀)`` (``α = 0.5`` by default), ``from_pretrained``-loadable, with the config/tokenizer copied
+from the checkpoint, ``cocktail.json`` (step, α, recipe, probe metrics) and a model card. It rotates with its
+checkpoint (``save_total_limit``) and is written by the world process zero only, atomically. At the end of
+training it writes ``output_dir/resilient/`` and ``output_dir/cocktail_report.json`` (α and drift over steps).
+
+With ``general_data`` (a few dozen examples the model must not forget, tokenized like the eval data) each
+evaluation also runs probes: the general loss of candidate mixes (swapped into the live model in place and
+restored bit-exactly), ``KL(base ‖ fine-tuned)`` on the general tokens, and the weight-space drift; the policy
+(``fixed`` or ``budget``) chooses α.
+
+How the callback reaches the Trainer
+------------------------------------
+Transformers hands callbacks the model, the optimizer, the dataloaders and the processing class, but no
+reference to the Trainer. ``CocktailCallback`` needs it for three things: the data collator and column
+filtering that turn ``general_data`` into batches, the Trainer's ``compute_loss`` when the training objective is
+custom, and ``Trainer.log`` so that the ``cocktail/*`` metrics reach ``report_to`` (TensorBoard, W&B, ...).
+At ``on_train_begin`` it finds the ``Trainer`` instance that is running it by walking up the call stack (the
+``self`` of the Trainer method that fired the event). If that ever fails (an unusual wrapper around the
+training loop), call ``callback.bind(trainer)`` before ``trainer.train()``.
+
+Metrics are logged once per evaluation, after the last eval dataset has reported (with a dict of eval datasets
+``on_evaluate`` fires once per dataset), with ``trainer.log`` as ``cocktail/alpha``, ``cocktail/drift_norm``,
+``cocktail/general_loss``, ... and are also added to the evaluation's metrics as ``eval_cocktail_alpha``,
+``eval_cocktail_general_loss``, ... so that ``metric_for_best_model="cocktail_general_loss"`` works.
+
+Resume
+------
+The callback's state (the snapshot's location and fingerprint, the α history, the base's probe loss) is saved
+in every checkpoint's ``trainer_state.json`` (``stateful_callbacks``). θ₀ is persisted once per run in
+``output_dir/resilient_base/`` (written at train begin when the run saves checkpoints). A resumed run reloads
+that snapshot instead of treating the resumed weights as the base, and continues the α history; this works
+with or without ``restore_callback_states_from_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+import uuid
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from resilient_tune.engine import CocktailEngine, check_alpha
+from resilient_tune.errors import UsageError
+from resilient_tune.policy import Decision, Policy, get_policy
+from resilient_tune.probes import BaseLogits, ProbeResult, base_log_probs, probe
+from resilient_tune.snapshot import Snapshot
+
+try:
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+
+    _BASES: tuple[type, ...] = (TrainerCallback, ExportableState)
+    _IMPORT_ERROR: ImportError | None = None
+except ImportError as _exc:  # pragma: no cover - exercised only without transformers
+    _BASES = (object,)
+    _IMPORT_ERROR = _exc
+
+__all__ = ["CocktailCallback"]
+
+logger = logging.getLogger(__name__)
+
+BASE_FOLDER = "resilient_base"
+RESILIENT_FOLDER = "resilient"
+REPORT_FILE = "cocktail_report.json"
+_STATE_VERSION = 1
+_LIVE: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+_CONFIG_FIELDS = ("_engine", "_policy", "_general", "_target", "_score_fn", "save_resilient", "kl_top_k")
+_CONFIG_FIELDS += ("snapshot_on_disk", "max_shard_size")
+
+ScoreFn = Callable[[torch.nn.Module, Mapping[str, Any]], Any]
+
+
+class CocktailCallback(*_BASES):  # type: ignore[misc]
+    """Hugging Face ``Trainer`` callback writing resilient (LM-Cocktail) checkpoints; see the module docs.
+
+    Args:
+        alpha: Weight of the fine-tuned model in ``[0, 1]`` for the ``fixed`` policy (0.5 by default).
+        policy: ``"fixed"`` (default), ``"budget"`` (needs ``general_data``), or a policy object with
+            ``choose(evaluate) -> Decision``. (``"cocktail"`` comes in a later increment.)
+        drift_budget: For ``budget``: allowed relative increase of the general-probe loss over the base's
+            (default 0.05 = 5%).
+        general_data: General probes: a dataset (``datasets.Dataset``, a torch dataset or a list of example
+            dicts) tokenized like the Trainer's eval data, or a dict ``name -> dataset``. Batched with the Trainer's
+            collator and eval batch size, once, at train begin.
+        target_data: Target probes (the new skill), same format; logged as ``cocktail/target_loss``.
+        peers: Checkpoints of peer models (a later increment; passing them raises ``NotImplementedError``).
+        method: Merge method (any registered name; ``linear`` by default).
+        method_options: Options of the merge method (``density``, ``lambda``, ...).
+        score_fn: ``score_fn(model, batch) -> scalar loss`` for the probes; by default the model's own loss, or
+            the Trainer's ``compute_loss`` when the Trainer overrides it (custom objectives, label smoothing).
+        snapshot_device: Where the in-memory snapshot θ₀ lives (``"cpu"``).
+        snapshot_dtype: Storage dtype of θ₀: ``None`` (same as the parameters), ``"bf16"`` or ``"fp16"``.
+        snapshot_on_disk: Keep θ₀ on disk in ``output_dir/resilient_base/`` (about zero resident memory).
+        save_resilient: Write ``checkpoint-N/resilient/`` and ``output_dir/resilient/``.
+        kl_top_k: Keep the base's ``k`` most likely tokens per position for the KL probe (``None``: all).
+        max_shard_size: Shard size of the written weights.
+        seed: Seed of random merge methods (DARE).
+
+    Raises:
+        ImportError: transformers is not installed (``pip install 'resilient-tune[hf]'``).
+        UsageError: Bad arguments: α outside ``[0, 1]``, an unknown policy or method, ``budget`` without
+            ``general_data``, empty or malformed probe data, ...
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        *,
+        policy: str | Policy = "fixed",
+        drift_budget: float | None = None,
+        general_data: Any = None,
+        target_data: Any = None,
+        peers: Sequence[str | os.PathLike[str]] | None = None,
+        method: str = "linear",
+        method_options: Mapping[str, float] | None = None,
+        score_fn: ScoreFn | None = None,
+        snapshot_device: str | torch.device = "cpu",
+        snapshot_dtype: str | torch.dtype | None = None,
+        snapshot_on_disk: bool = False,
+        save_resilient: bool = True,
+        kl_top_k: int | None = 32,
+        max_shard_size: int | str = "5GB",
+        seed: int = 0,
+    ) -> None:
+        if _IMPORT_ERROR is not None:
+            raise ImportError(
+                "CocktailCallback needs transformers; install it with: pip install 'resilient-tune[hf]'"
+            ) from _IMPORT_ERROR
+        alpha = check_alpha(alpha)
+        if peers:
+            raise NotImplementedError(
+                "peers are not supported yet by CocktailCallback (a later increment of the callback); merge with "
+                "peers offline with resilient_tune.merge(...) after training"
+            )
+        self._policy = _make_policy(policy, alpha, drift_budget)
+        self._general = _probe_sets(general_data, "general_data")
+        self._target = _probe_sets(target_data, "target_data")
+        if self._policy.needs_general_data and not self._general:
+            raise UsageError(
+                f"policy {self._policy.name!r} measures the general-probe loss and needs general_data: pass a few "
+                "dozen tokenized examples the model must not forget (general_data=dataset), or use policy='fixed'"
+            )
+        if score_fn is not None and not callable(score_fn):
+            raise UsageError(f"score_fn={score_fn!r} must be callable as score_fn(model, batch) -> loss")
+        if kl_top_k is not None and (
+            isinstance(kl_top_k, bool) or not isinstance(kl_top_k, int) or kl_top_k < 1
+        ):
+            raise UsageError(f"kl_top_k={kl_top_k!r} must be a positive int or None (keep every token)")
+        self._engine = CocktailEngine(
+            alpha,
+            method,
+            method_options,
+            seed=seed,
+            snapshot_device=snapshot_device,
+            snapshot_dtype=snapshot_dtype,
+        )
+        self._score_fn = score_fn
+        self.snapshot_on_disk = bool(snapshot_on_disk)
+        self.save_resilient = bool(save_resilient)
+        self.kl_top_k = kl_top_k
+        self.max_shard_size = max_shard_size
+        self._token = uuid.uuid4().hex
+        _LIVE[self._token] = self
+        self._reset_run()
+
+    # ------------------------------------------------------------------ public helpers
+    def bind(self, trainer: Any) -> CocktailCallback:
+        """Give the callback its Trainer explicitly (only needed when the call-stack lookup fails)."""
+        self._trainer = trainer
+        return self
+
+    @property
+    def engine(self) -> CocktailEngine:
+        """The framework-agnostic engine (snapshot, swap, drift, write)."""
+        return self._engine
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One entry per decision: step, α, drift, probe losses, passes (JSON-able)."""
+        return list(self._history)
+
+    @property
+    def alpha(self) -> float:
+        """The current α (the last decision's, or the policy's before any decision)."""
+        return self._history[-1]["alpha"] if self._history else self._engine.alpha
+
+    # ------------------------------------------------------------------ ExportableState
+    def state(self) -> dict[str, Any]:
+        """JSON-able state saved in ``trainer_state.json``: the snapshot's location and the α history.
+
+        ``args`` is empty on purpose: when the Trainer rebuilds callbacks from checkpoints
+        (``restore_callback_states_from_checkpoint=True``) it calls ``CocktailCallback()`` and then sets the
+        attributes; setting ``_origin`` copies the configuration (probe data, policy, ...) from the callback
+        being replaced, which cannot be stored as JSON.
+        """
+        return {
+            "args": {},
+            "attributes": {
+                "_origin": self._token,
+                "_resume_state": {
+                    "version": _STATE_VERSION,
+                    "snapshot": self._snapshot_state,
+                    "history": self._history,
+                    "base_general_loss": None if self._base_result is None else self._base_result.loss,
+                },
+            },
+        }
+
+    @property
+    def _origin(self) -> str:
+        return self._token
+
+    @_origin.setter
+    def _origin(self, token: str) -> None:
+        source = _LIVE.get(token)
+        if source is None or source is self:
+            others = [cb for key, cb in list(_LIVE.items()) if cb is not self and key != self._token]
+            source = others[-1] if others else None
+            if len(others) > 1:
+                logger.warning(
+                    "several CocktailCallbacks alive; restoring the configuration of the latest one"
+                )
+        if source is not None:
+            for name in _CONFIG_FIELDS:
+                setattr(self, name, getattr(source, name))
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self._reset_run()
+        self._trainer = self._trainer or _find_trainer()
+        if model is None:
+            raise UsageError("the Trainer passed no model to CocktailCallback.on_train_begin")
+        stored = _stored_state(state)
+        if state.global_step > 0:
+            self._resume(args, state, model, stored)
+        else:
+            self._begin(args, state, model)
+        self._build_probes(args, model)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self._decide_before_save(args, state, control, model)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self._decide_before_save(args, state, control, model)
+
+    def on_evaluate(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        metrics: dict[str, float] | None = None,
+        model: Any = None,
+        **kw: Any,
+    ) -> None:
+        if model is None or not self._engine.has_snapshot:
+            return
+        prefix = self._root_prefix(metrics or {})
+        if prefix is None:
+            return  # not the last of several eval datasets
+        entry = self._decide(state, model)
+        if metrics is not None:
+            metrics.update({f"{prefix}_cocktail_{k}": v for k, v in _scalars(entry).items()})
+
+    def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if not self.save_resilient or model is None or not self._engine.has_snapshot:
+            return
+        if self._last_step != state.global_step:
+            self._decide(state, model, log=False)  # a save without an evaluation (state lands one save late)
+        if not state.is_world_process_zero:
+            return
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not checkpoint.is_dir():
+            logger.warning(
+                "CocktailCallback: %s not found; resilient weights not written for this save", checkpoint
+            )
+            return
+        self._write(model, checkpoint / RESILIENT_FOLDER, state, support_from=checkpoint, **kwargs)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if model is None or not self._engine.has_snapshot:
+            return
+        entry = self._final_entry(args, state, model)
+        if state.is_world_process_zero:
+            output = Path(args.output_dir)
+            if self.save_resilient:
+                self._write(model, output / RESILIENT_FOLDER, state, entry=entry, **kwargs)
+            self._write_report(output / REPORT_FILE, entry)
+
+    # ------------------------------------------------------------------ run lifecycle
+    def _reset_run(self) -> None:
+        self._trainer: Any = getattr(self, "_trainer", None)
+        self._history: list[dict[str, Any]] = []
+        self._last_step: int | None = None
+        self._snapshot_state: dict[str, Any] | None = None
+        self._base_result: ProbeResult | None = None
+        self._batches: dict[str, list[Mapping[str, Any]]] = {}
+        self._target_batches: dict[str, list[Mapping[str, Any]]] = {}
+        self._base_refs: dict[str, list[BaseLogits]] = {}
+        self._passes = 0
+
+    def _begin(self, args: Any, state: Any, model: torch.nn.Module) -> None:
+        base_dir = Path(args.output_dir) / BASE_FOLDER
+        strategy = getattr(args, "save_strategy", "steps")
+        saves = getattr(strategy, "value", strategy) != "no"
+        if self.snapshot_on_disk:
+            if getattr(args, "world_size", 1) > 1:
+                raise NotImplementedError(
+                    "snapshot_on_disk with several processes needs a rank-0 write and a barrier (a later "
+                    "increment); keep the snapshot in memory (snapshot_dtype='bf16' halves it)"
+                )
+            self._engine.snapshot_dir = base_dir
+            self._engine.begin(model, overwrite=True)
+        else:
+            self._engine.snapshot_dir = None
+            self._engine.begin(model)
+            if saves and state.is_world_process_zero:
+                self._engine.snapshot.persist(base_dir, overwrite=True)
+        if self._engine.snapshot.folder is not None:
+            self._snapshot_state = self._engine.snapshot.state()
+
+    def _resume(
+        self, args: Any, state: Any, model: torch.nn.Module, stored: Mapping[str, Any] | None
+    ) -> None:
+        snap_state = (stored or {}).get("snapshot")
+        if not snap_state:
+            raise UsageError(
+                f"resuming at step {state.global_step}, but the checkpoint holds no CocktailCallback base snapshot; "
+                "the resumed weights are not the base. Resume a run that used CocktailCallback from its start, or "
+                "start a new run"
+            )
+        snap_state = dict(snap_state)
+        moved = Path(args.output_dir) / BASE_FOLDER
+        if snap_state.get("folder") and not Path(snap_state["folder"]).exists() and moved.is_dir():
+            snap_state["folder"] = str(
+                moved.resolve()
+            )  # the run folder was moved; the fingerprint still checks it
+        device = None if self.snapshot_on_disk else self._engine.snapshot_device
+        snapshot = Snapshot.load(snap_state, device=device)
+        self._engine.attach(snapshot, model)
+        self._snapshot_state = snap_state
+        self._history = [dict(e) for e in stored.get("history", []) if e.get("step", 0) <= state.global_step]
+        base_loss = stored.get("base_general_loss")
+        if base_loss is not None:
+            self._base_result = ProbeResult(float(base_loss), None, 0)
+
+    def _build_probes(self, args: Any, model: torch.nn.Module) -> None:
+        if (self._general or self._target) and self._trainer is None:
+            raise UsageError(
+                "CocktailCallback could not find the Trainer running it (needed to batch general_data/target_data); "
+                "call callback.bind(trainer) before trainer.train()"
+            )
+        self._batches = {
+            name: _batches(self._trainer, args, data, name) for name, data in self._general.items()
+        }
+        self._target_batches = {n: _batches(self._trainer, args, d, n) for n, d in self._target.items()}
+        self._score = self._score_fn or _trainer_score_fn(self._trainer)
+        if self._batches and self._score is None:
+            with self._engine.swapped(model, 0.0):  # the base's own predictions: the KL reference
+                self._base_refs = {
+                    name: base_log_probs(model, batches, top_k=self.kl_top_k)
+                    for name, batches in self._batches.items()
+                }
+
+    # ------------------------------------------------------------------ decisions
+    def _decide_before_save(self, args: Any, state: Any, control: Any, model: Any) -> None:
+        """A save coming without an evaluation: decide now, so that the saved state already holds this α."""
+        if (
+            model is None
+            or not self._engine.has_snapshot
+            or not control.should_save
+            or control.should_evaluate
+        ):
+            return
+        if self._last_step != state.global_step:
+            self._decide(state, model)
+
+    def _decide(self, state: Any, model: torch.nn.Module, *, log: bool = True) -> dict[str, Any]:
+        results: dict[float, ProbeResult] = {}
+        passes_before = self._passes
+
+        def measure(alpha: float) -> ProbeResult:
+            if alpha == 0.0 and self._base_result is not None:
+                return self._base_result
+            if alpha not in results:
+                results[alpha] = self._probe_general(model, alpha)
+                if alpha == 0.0:
+                    self._base_result = results[alpha]
+            return results[alpha]
+
+        evaluate = (lambda a: _loss(measure(a))) if self._batches else None
+        decision: Decision = self._policy.choose(evaluate)
+        entry: dict[str, Any] = {"step": int(state.global_step), "alpha": decision.alpha}
+        drift = self._engine.drift(model)
+        entry.update(drift_norm=drift.total, drift_relative=drift.relative)
+        if self._batches:
+            chosen, tuned = measure(decision.alpha), measure(1.0)
+            base = measure(0.0)
+            entry.update(
+                general_loss=chosen.loss, general_loss_base=base.loss, general_loss_finetuned=tuned.loss
+            )
+            if tuned.kl is not None:
+                entry.update(general_kl=tuned.kl, general_kl_merged=chosen.kl)
+        if self._target_batches:
+            entry["target_loss"] = self._probe_target(model, decision.alpha)
+            entry["target_loss_finetuned"] = self._probe_target(model, 1.0)
+        entry["probe_passes"] = self._passes - passes_before
+        entry["snapshot_bytes"] = self._engine.snapshot.nbytes
+        entry["decision"] = decision.to_dict()
+        entry["drift_per_layer"] = drift.per_layer
+        self._history.append(entry)
+        self._last_step = int(state.global_step)
+        self._engine.alpha = decision.alpha
+        if log:
+            self._log(entry)
+        return entry
+
+    def _probe_general(self, model: torch.nn.Module, alpha: float) -> ProbeResult:
+        losses, kls = [], []
+        with self._engine.swapped(model, alpha):
+            for name, batches in self._batches.items():
+                self._passes += 1
+                result = probe(model, batches, score_fn=self._score, base=self._base_refs.get(name))
+                losses.append(result.loss)
+                kls.append(result.kl)
+        kl = None if any(k is None for k in kls) else sum(kls) / len(kls)
+        return ProbeResult(sum(losses) / len(losses), kl, sum(len(b) for b in self._batches.values()))
+
+    def _probe_target(self, model: torch.nn.Module, alpha: float) -> float:
+        losses = []
+        with self._engine.swapped(model, alpha):
+            for batches in self._target_batches.values():
+                self._passes += 1
+                losses.append(_loss(probe(model, batches, score_fn=self._score)))
+        return sum(losses) / len(losses)
+
+    def _final_entry(self, args: Any, state: Any, model: torch.nn.Module) -> dict[str, Any]:
+        best = getattr(state, "best_global_step", None)
+        if getattr(args, "load_best_model_at_end", False) and best:
+            # the Trainer reloaded the best checkpoint: use the α decided for those weights
+            for entry in reversed(self._history):
+                if entry["step"] == best:
+                    self._engine.alpha = entry["alpha"]
+                    return entry
+        if self._last_step == state.global_step and self._history:
+            return self._history[-1]
+        return self._decide(state, model)
+
+    def _root_prefix(self, metrics: Mapping[str, Any]) -> str | None:
+        """The metric prefix to add keys under, or ``None`` when this is not the last of several eval datasets."""
+        runtime = next((k for k in metrics if k.endswith("_runtime")), None)
+        prefix = runtime[: -len("_runtime")] if runtime else "eval"
+        datasets = getattr(self._trainer, "eval_dataset", None)
+        if isinstance(datasets, Mapping) and datasets:
+            last = str(list(datasets)[-1])
+            if not prefix.endswith(f"_{last}"):
+                return None
+            prefix = prefix[: -len(last) - 1] or "eval"
+        return prefix
+
+    # ------------------------------------------------------------------ output
+    def _log(self, entry: Mapping[str, Any]) -> None:
+        logs = {f"cocktail/{k}": v for k, v in _scalars(entry).items()}
+        if self._trainer is not None and hasattr(self._trainer, "log"):
+            self._trainer.log(logs)
+        else:
+            logger.info("cocktail metrics: %s", logs)
+
+    def _write(
+        self,
+        model: torch.nn.Module,
+        folder: Path,
+        state: Any,
+        *,
+        entry: Mapping[str, Any] | None = None,
+        support_from: Path | None = None,
+        processing_class: Any = None,
+        **_: Any,
+    ) -> None:
+        entry = entry or (self._history[-1] if self._history else {"alpha": self._engine.alpha})
+        metadata = {
+            "step": int(state.global_step),
+            "policy": self._policy.to_dict(),
+            "probes": {k: v for k, v in entry.items() if k not in ("alpha", "step")},
+        }
+        self._engine.write(
+            model,
+            folder,
+            entry["alpha"],
+            metadata=metadata,
+            support_from=support_from,
+            tokenizer=processing_class,
+            overwrite=True,
+            max_shard_size=self.max_shard_size,
+        )
+
+    def _write_report(self, path: Path, final: Mapping[str, Any]) -> None:
+        snap = self._engine.snapshot
+        report = {
+            "format": "resilient-tune/cocktail-report",
+            "policy": self._policy.to_dict(),
+            "recipe": self._engine.recipe_for(final["alpha"]).to_dict(),
+            "final": dict(final),
+            "snapshot": {
+                "storage": snap.storage,
+                "resident_bytes": snap.nbytes,
+                "stored_bytes": snap.stored_bytes,
+            },
+            "history": self._history,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _make_policy(policy: str | Policy, alpha: float, drift_budget: float | None) -> Policy:
+    if isinstance(policy, str):
+        if policy == "budget":
+            return get_policy("budget", drift_budget=0.05 if drift_budget is None else drift_budget)
+        if drift_budget is not None:
+            raise UsageError(f"drift_budget applies to policy='budget' only; got policy={policy!r}")
+        return get_policy(policy, **({"alpha": alpha} if policy == "fixed" else {}))
+    if drift_budget is not None:
+        raise UsageError(
+            "drift_budget cannot be applied to a ready policy object; configure the object instead"
+        )
+    return get_policy(policy)
+
+
+def _probe_sets(data: Any, label: str) -> dict[str, Any]:
+    """Validate probe data at construction: a non-empty dataset of example mappings, or a dict of them."""
+    if data is None:
+        return {}
+    sets = dict(data) if isinstance(data, Mapping) else {label: data}  # a mapping is name -> dataset
+    if not sets:
+        raise UsageError(f"{label} is an empty dict; pass a dataset or a dict name -> dataset")
+    for name, dataset in sets.items():
+        where = label if name == label else f"{label}[{name!r}]"
+        if (
+            isinstance(dataset, (str, bytes))
+            or not hasattr(dataset, "__len__")
+            or not hasattr(dataset, "__getitem__")
+        ):
+            raise UsageError(
+                f"{where} is a {type(dataset).__name__}; pass a dataset (datasets.Dataset, a torch Dataset or a list "
+                "of tokenized example dicts such as {'input_ids': [...], 'labels': [...]})"
+            )
+        if len(dataset) == 0:
+            raise UsageError(f"{where} is empty; pass a few dozen examples")
+        first = dataset[0]
+        if not _is_example(first):
+            raise UsageError(
+                f"{where}[0] is a {type(first).__name__}; each example must be a dict of tokenized fields, e.g. "
+                "{'input_ids': [...], 'attention_mask': [...], 'labels': [...]}"
+            )
+    return sets
+
+
+def _is_example(value: Any) -> bool:
+    return isinstance(value, Mapping) and bool(value) and all(isinstance(k, str) for k in value)
+
+
+def _find_trainer() -> Any | None:
+    """The ``transformers.Trainer`` whose method is on the call stack (the one firing the current event)."""
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    try:
+        depth = 0
+        while frame is not None and depth < 50:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Trainer):
+                return candidate
+            frame = frame.f_back
+            depth += 1
+    finally:
+        del frame
+    logger.warning(
+        "CocktailCallback could not find its Trainer on the call stack: metrics are added to the eval metrics "
+        "but not logged to report_to; call callback.bind(trainer) to fix it"
+    )
+    return None
+
+
+def _stored_state(state: Any) -> dict[str, Any] | None:
+    stored = (getattr(state, "stateful_callbacks", None) or {}).get(CocktailCallback.__name__)
+    if isinstance(stored, list):
+        stored = stored[0] if stored else None
+    if not isinstance(stored, Mapping):
+        return None
+    resume = (stored.get("attributes") or {}).get("_resume_state")
+    return dict(resume) if isinstance(resume, Mapping) else None
+
+
+def _batches(trainer: Any, args: Any, dataset: Any, name: str) -> list[Mapping[str, Any]]:
+    """Batch a probe dataset once, as the Trainer batches eval data (collator, unused columns removed)."""
+    collator = trainer.data_collator
+    description = f"cocktail probes {name!r}"
+    if hasattr(dataset, "column_names") and hasattr(trainer, "_remove_unused_columns"):
+        dataset = trainer._remove_unused_columns(dataset, description=description)
+    elif hasattr(trainer, "_get_collator_with_removed_columns"):
+        collator = trainer._get_collator_with_removed_columns(collator, description=description)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collator, shuffle=False
+    )
+    try:
+        batches = list(loader)
+    except Exception as exc:
+        raise UsageError(
+            f"cannot batch the probe data {name!r} with the Trainer's data collator: {exc}; tokenize it like the "
+            "eval data (same fields, lengths the collator can pad or stack)"
+        ) from exc
+    return batches
+
+
+def _trainer_score_fn(trainer: Any) -> ScoreFn | None:
+    """The Trainer's ``compute_loss`` when it differs from the model's own loss, else ``None``."""
+    if trainer is None:
+        return None
+    from transformers import Trainer
+
+    custom = (
+        type(trainer).compute_loss is not Trainer.compute_loss
+        or getattr(trainer, "compute_loss_func", None) is not None
+        or getattr(trainer, "label_smoother", None) is not None
+    )
+    if not custom:
+        return None
+    return lambda model, batch: trainer.compute_loss(model, dict(batch))
+
+
+def _loss(result: ProbeResult) -> float:
+    if result.loss is None:
+        raise UsageError("the probe produced no loss")
+    return result.loss
+
+
+def _scalars(entry: Mapping[str, Any]) -> dict[str, float]:
+    """The loggable numbers of a history entry (no nested dicts, no step)."""
+    return {
+        k: float(v)
+        for k, v in entry.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    }

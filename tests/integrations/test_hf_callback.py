@@ -1,0 +1,218 @@
+"""CocktailCallback inside real transformers.Trainer runs on a tiny GPT-2 built from a config."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+transformers = pytest.importorskip("transformers")
+
+from resilient_tune.errors import UsageError  # noqa: E402
+from resilient_tune.integrations.transformers import CocktailCallback  # noqa: E402
+from resilient_tune.probes import probe_loss  # noqa: E402
+
+VOCAB, LENGTH = 64, 8
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=LENGTH,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _examples(n: int, seed: int, narrow: bool) -> list[dict[str, list[int]]]:
+    """``narrow``: one repeated pattern (the fine-tuning task); else uniform random tokens (general data)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        if narrow:
+            start = int(torch.randint(0, 4, (1,), generator=g))
+            ids = [(start + 3 * i) % 12 for i in range(LENGTH)]
+        else:
+            ids = torch.randint(0, VOCAB, (LENGTH,), generator=g).tolist()
+        out.append({"input_ids": ids, "attention_mask": [1] * LENGTH, "labels": list(ids)})
+    return out
+
+
+TRAIN, EVAL, GENERAL = _examples(32, 0, True), _examples(8, 1, True), _examples(16, 2, False)
+
+
+def _args(out: Path, **kw) -> transformers.TrainingArguments:
+    base = dict(
+        output_dir=str(out),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        learning_rate=3e-2,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_steps=2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        save_only_model=False,
+    )
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+def _run(out: Path, callback=None, *, eval_dataset=None, model=None, resume=None, **kw):
+    model = model or _model()
+    trainer = transformers.Trainer(
+        model=model,
+        args=_args(out, **kw),
+        train_dataset=TRAIN,
+        eval_dataset=EVAL if eval_dataset is None else eval_dataset,
+        callbacks=[callback] if callback is not None else None,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_mix(folder: Path, base: dict, tuned: dict) -> float:
+    """The weights in ``folder`` are θ₀ + α(θ − θ₀) with α from its cocktail.json; returns α."""
+    alpha = json.loads((folder / "cocktail.json").read_text())["alpha"]
+    written = load_file(str(folder / "model.safetensors"))
+    assert written, folder
+    for key, value in written.items():
+        torch.testing.assert_close(value, base[key] + alpha * (tuned[key] - base[key]), rtol=0, atol=1e-6)
+    return alpha
+
+
+@pytest.fixture(scope="module")
+def zero_config(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero")
+    base = _state(_model())
+    callback = CocktailCallback()
+    trainer = _run(out, callback)
+    return out, base, trainer, callback
+
+
+def test_zero_config_writes_resilient_checkpoints(zero_config):
+    out, base, trainer, _ = zero_config
+    final = _state(trainer.model)
+    assert _assert_mix(out / "resilient", base, final) == 0.5
+    step4 = load_file(str(out / "checkpoint-4" / "model.safetensors"))
+    assert _assert_mix(out / "checkpoint-4" / "resilient", base, {**final, **step4}) == 0.5
+    step2 = load_file(str(out / "checkpoint-2" / "model.safetensors"))
+    step2["lm_head.weight"] = step2["transformer.wte.weight"]  # tied, saved once
+    _assert_mix(out / "checkpoint-2" / "resilient", base, step2)
+    doc = json.loads((out / "checkpoint-2" / "resilient" / "cocktail.json").read_text())
+    assert doc["step"] == 2 and doc["recipe"]["weights"] == [0.5, 0.5]
+    assert doc["probes"]["drift_norm"] > 0
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out / "resilient")
+    mixed = {k: base[k] + 0.5 * (final[k] - base[k]) for k in base}
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, mixed[key], rtol=0, atol=1e-6)
+
+
+def test_zero_config_logs_once_per_evaluation_and_reports(zero_config):
+    out, _, trainer, _ = zero_config
+    logged = [e for e in trainer.state.log_history if "cocktail/alpha" in e]
+    assert [e["step"] for e in logged] == [2, 4]
+    assert all(e["cocktail/alpha"] == 0.5 and e["cocktail/drift_norm"] > 0 for e in logged)
+    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+    assert len(evals) == 2
+    report = json.loads((out / "cocktail_report.json").read_text())
+    assert [h["step"] for h in report["history"]] == [2, 4]
+    assert report["final"]["alpha"] == 0.5
+    assert report["snapshot"]["resident_bytes"] == sum(p.numel() * 4 for p in trainer.model.parameters())
+    saved = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    stored = saved["stateful_callbacks"]["CocktailCallback"]["attributes"]["_resume_state"]
+    assert [h["step"] for h in stored["history"]] == [2, 4]  # the state already holds this save's decision
+    assert Path(stored["snapshot"]["folder"]) == (out / "resilient_base").resolve()
+
+
+def test_probing_leaves_training_bit_exact(tmp_path):
+    plain = _run(tmp_path / "plain", None)
+    callback = CocktailCallback(policy="budget", drift_budget=0.02, general_data=GENERAL, target_data=EVAL)
+    probed = _run(tmp_path / "probed", callback)
+    assert sum(e["probe_passes"] for e in callback.history) > 2  # candidates were swapped in
+    for key, value in _state(plain.model).items():
+        assert torch.equal(value, probed.model.state_dict()[key]), key
+
+
+def test_budget_keeps_the_written_model_within_budget(tmp_path):
+    base_model = _model()
+    batches = [transformers.default_data_collator(GENERAL[i : i + 8]) for i in range(0, len(GENERAL), 8)]
+    base_loss = probe_loss(base_model, batches)
+    callback = CocktailCallback(policy="budget", drift_budget=0.02, general_data=GENERAL)
+    trainer = _run(tmp_path, callback, metric_for_best_model="cocktail_general_loss", greater_is_better=False)
+    final = callback.history[-1]
+    assert final["general_loss_base"] == pytest.approx(base_loss, rel=1e-5)
+    assert final["general_loss_finetuned"] > 1.02 * base_loss  # fine-tuning hurt the general data...
+    assert 0 < final["alpha"] < 1  # ...so the budget bound bites
+    assert final["probe_passes"] <= 6 and final["general_kl"] > 0
+    written = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "resilient")
+    assert probe_loss(written, batches) <= 1.02 * base_loss * (1 + 1e-6)
+    alpha = json.loads((tmp_path / "resilient" / "cocktail.json").read_text())["alpha"]
+    assert alpha == final["alpha"]
+    # the metrics were offered to metric_for_best_model
+    assert trainer.state.best_metric == pytest.approx(min(h["general_loss"] for h in callback.history))
+
+
+def test_several_eval_datasets_decide_once_per_evaluation(tmp_path):
+    callback = CocktailCallback(policy="budget", general_data={"random": GENERAL})
+    trainer = _run(tmp_path, callback, eval_dataset={"a": EVAL, "b": EVAL[:4]}, save_strategy="no")
+    assert [h["step"] for h in callback.history] == [2, 4]
+    logged = [e for e in trainer.state.log_history if "cocktail/alpha" in e]
+    assert len(logged) == 2
+    assert not (tmp_path / "resilient_base").exists()  # no checkpoints: nothing to resume from
+
+
+def test_resume_reloads_the_base_and_continues_the_history(tmp_path):
+    full = CocktailCallback(policy="budget", drift_budget=0.02, general_data=GENERAL)
+    _run(tmp_path / "full", full)
+    run = tmp_path / "resumed"
+    (run).mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", run / "checkpoint-2")
+    shutil.copytree(tmp_path / "full" / "resilient_base", run / "resilient_base")
+    shutil.rmtree(tmp_path / "full" / "resilient_base")  # the state's path is gone: the moved copy is used
+    resumed = CocktailCallback(policy="budget", drift_budget=0.02, general_data=GENERAL)
+    trainer = _run(run, resumed, resume=str(run / "checkpoint-2"))
+    assert [h["step"] for h in resumed.history] == [2, 4]
+    for a, b in zip(resumed.history, full.history):
+        assert a["alpha"] == pytest.approx(b["alpha"], abs=1e-6)
+        assert a["general_loss_base"] == pytest.approx(b["general_loss_base"], rel=1e-6)
+    base = _state(_model())
+    _assert_mix(run / "resilient", base, _state(trainer.model))
+
+
+def test_resume_without_callback_state_is_refused(tmp_path):
+    _run(tmp_path, None)
+    with pytest.raises(UsageError, match="not the base"):
+        _run(tmp_path, CocktailCallback(), resume=str(tmp_path / "checkpoint-2"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"alpha": 1.5}, UsageError, "outside"),
+        ({"policy": "greedy"}, UsageError, "fixed, cocktail, budget"),
+        ({"policy": "budget"}, UsageError, "needs general_data"),
+        ({"policy": "fixed", "drift_budget": 0.1}, UsageError, "budget"),
+        ({"general_data": [1, 2, 3]}, UsageError, "dict of tokenized fields"),
+        ({"general_data": []}, UsageError, "empty"),
+        ({"general_data": "text"}, UsageError, "pass a dataset"),
+        ({"method": "soup"}, UsageError, "linear"),
+        ({"peers": ["/some/model"]}, NotImplementedError, "peers"),
+    ],
+)
+def test_bad_input_fails_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        CocktailCallback(**kwargs)
