@@ -109,7 +109,7 @@ def _commit(temp: Path, dest: Path, *, overwrite: bool) -> None:
         os.rename(aside, dest)
         raise
     _fsync_dir(dest.parent)  # the new folder is durable in place before the old one goes
-    shutil.rmtree(aside, ignore_errors=True)
+    _remove(aside)
 
 
 def _sibling(dest: Path, kind: str) -> Path:
@@ -128,7 +128,15 @@ def _recover_stale(dest: Path) -> None:
         if match[1] == _ASIDE and not os.path.lexists(dest):
             os.rename(entry, dest)
         else:
-            shutil.rmtree(entry, ignore_errors=True)
+            _remove(entry)
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder tree, or just the link if ``path`` is a symlink (the old ``dest`` may have been one)."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

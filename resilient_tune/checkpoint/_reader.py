@@ -250,9 +250,10 @@ class _PickleSource:
         self._weight_map = layout.weight_map
         self._loaded: tuple[int, dict[str, torch.Tensor]] | None = None
         self._keys: list[str] | None = None
-        if layout.weight_map is not None:
+        weight_map = layout.weight_map
+        if weight_map is not None:  # keys in shard order without loading the shards
             order = {path: i for i, path in enumerate(self._files)}
-            self._keys = sorted(layout.weight_map, key=lambda key: order[layout.weight_map[key]])  # type: ignore[index]
+            self._keys = sorted(weight_map, key=lambda key: order[weight_map[key]])
 
     def keys(self) -> list[str]:
         if self._keys is None:

@@ -116,15 +116,14 @@ class StreamingWriter:
         _prepare_folder(self.folder, stem, filename)
         self._headers: list[bytes] = []
         self._offsets: dict[str, tuple[int, int]] = {}  # name -> (shard, absolute offset)
-        self._remaining: list[set[str]] = []
+        self._remaining: list[set[str]] = []  # per shard: planned tensors not yet written
         for shard, group in enumerate(groups):
             header, offsets = build_header(((key, self._plan[key]) for key in group), header_metadata)
             self._headers.append(header)
             self._offsets.update((key, (shard, offset)) for key, offset in offsets.items())
             self._remaining.append(set(group))
         self._handles: list[BinaryIO | None] = [None] * len(groups)
-        self._started: set[int] = set()
-        self._written: set[str] = set()
+        self._started: set[int] = set()  # shards whose file was created
         self._closed = False
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
@@ -144,9 +143,10 @@ class StreamingWriter:
             raise UsageError(
                 f"tensor {key!r} is not in the plan of {self.folder} ({len(self._plan)} tensors)"
             )
-        if key in self._written:
+        shard, offset = self._offsets[key]
+        if key not in self._remaining[shard]:
             raise UsageError(f"tensor {key!r} was already written to {self.folder}; write each tensor once")
-        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided or tensor.is_meta:
             raise UsageError(f"tensor {key!r}: expected a dense torch.Tensor, got {_describe(tensor)}")
         planned = self._plan[key]
         if tensor.dtype != planned.dtype or tuple(tensor.shape) != planned.shape:
@@ -155,12 +155,10 @@ class StreamingWriter:
                 f"{list(tensor.shape)}; convert it or fix the plan"
             )
         data = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
-        shard, offset = self._offsets[key]
         handle = self._handle(shard)
         if planned.nbytes:
             handle.seek(offset)
             write_all(handle, byte_view(data))
-        self._written.add(key)
         self._remaining[shard].discard(key)
         if not self._remaining[shard]:
             self._finish(shard)
@@ -177,7 +175,7 @@ class StreamingWriter:
         """
         if self._closed:
             return list(self.files)
-        missing = [key for key in self._plan if key not in self._written]
+        missing = [key for key in self._plan if key in self._remaining[self._offsets[key][0]]]
         if missing:
             self._abort()
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -318,5 +316,5 @@ def _prepare_folder(folder: Path, stem: str, filename: str) -> None:
 
 def _describe(value: object) -> str:
     if isinstance(value, torch.Tensor):
-        return f"a {value.layout} tensor"
+        return f"a {'meta' if value.is_meta else value.layout} tensor"
     return type(value).__name__

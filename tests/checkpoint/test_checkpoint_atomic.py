@@ -65,6 +65,18 @@ def test_overwrite_replaces(tmp_path: Path) -> None:
     assert sorted(p.name for p in dest.iterdir()) == ["new.txt"] and _siblings(dest) == []
 
 
+def test_overwrite_a_symlinked_destination_replaces_the_link(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    dest = tmp_path / "out"
+    dest.symlink_to(target)
+    with atomic_dir(dest, overwrite=True) as temp:
+        (temp / "new.txt").write_text("new")
+    assert not dest.is_symlink() and sorted(p.name for p in dest.iterdir()) == ["new.txt"]
+    assert (target / "old.txt").read_text() == "old" and _siblings(dest) == []
+
+
 def test_overwrite_then_exception_keeps_old(tmp_path: Path) -> None:
     dest = tmp_path / "out"
     dest.mkdir()

@@ -113,6 +113,8 @@ def test_write_errors_name_the_key(tmp_path: Path) -> None:
         writer.write("b", torch.zeros(3))
     with pytest.raises(UsageError, match=r"'w': expected a dense torch\.Tensor"):
         writer.write("w", [[0.0] * 3] * 2)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="got a meta tensor"):
+        writer.write("w", torch.zeros(2, 3, device="meta"))
     writer.write("w", torch.zeros(2, 3))
     with pytest.raises(UsageError, match="'w' was already written"):
         writer.write("w", torch.zeros(2, 3))
