@@ -1,0 +1,144 @@
+"""The benchmark scripts must keep running: helpers of benchmarks/_common.py, and merge_speed.py end to end on
+a tiny model (resilient-tune only), so a change in the CLI or the output layout cannot rot them unseen."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import _common  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+_REPORT = """\
+\tCommand being timed: "python -c pass"
+\tUser time (seconds): 1.50
+\tSystem time (seconds): 0.25
+\tPercent of CPU this job got: 95%
+\tElapsed (wall clock) time (h:mm:ss or m:ss): 1:02.50
+\tMaximum resident set size (kbytes): 2097152
+\tExit status: 0
+"""
+
+
+def test_parse_time_v_reads_wall_rss_and_fields() -> None:
+    wall, rss, fields = _common.parse_time_v(_REPORT)
+    assert wall == pytest.approx(62.5)
+    assert rss == pytest.approx(2048.0)
+    assert fields["User time (seconds)"] == "1.50"
+    hours = _REPORT.replace("1:02.50", "1:00:01.25")
+    assert _common.parse_time_v(hours)[0] == pytest.approx(3601.25)
+
+
+def test_parse_time_v_rejects_other_text() -> None:
+    with pytest.raises(ValueError, match="not a GNU"):
+        _common.parse_time_v("real 0m1.0s\nuser 0m0.5s\n")
+
+
+def test_rotated_orders_put_each_tool_first_once() -> None:
+    orders = _common.rotated_orders(["a", "b", "c"], 4)
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert _common.rotated_orders(["a", "b"], 2) == [["a", "b"], ["b", "a"]]
+
+
+def test_median_and_paired_ratios() -> None:
+    assert _common.median([3.0, 1.0, 2.0]) == 2.0
+    assert _common.median([4.0, 1.0]) == 2.5
+    assert _common.paired_ratios([2.0, 3.0], [4.0, 6.0]) == [0.5, 0.5]
+    with pytest.raises(ValueError, match="no values"):
+        _common.median([])
+    with pytest.raises(ValueError, match="as many runs"):
+        _common.paired_ratios([1.0], [1.0, 2.0])
+
+
+def test_markdown_table_shapes_rows() -> None:
+    table = _common.markdown_table(["tool", "wall"], [["x", "1.0 s"]])
+    assert table.splitlines() == ["| tool | wall |", "| --- | ---: |", "| x | 1.0 s |"]
+    with pytest.raises(ValueError, match="cells"):
+        _common.markdown_table(["tool", "wall"], [["x"]])
+
+
+@pytest.mark.skipif(not os.path.exists(_common.GNU_TIME), reason="GNU time missing (apt-get install time)")
+def test_run_timed_measures_memory_and_exit_status() -> None:
+    touch = "b = bytearray(150 * 2**20); b[::4096] = b'x' * len(b[::4096])"  # 150 MiB, every page touched
+    m = _common.run_timed([sys.executable, "-c", touch])
+    assert m.returncode == 0
+    assert 150 <= m.max_rss_mib < 400
+    assert 0 < m.wall_s < 60
+    failed = _common.run_timed([sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"])
+    assert failed.returncode == 3
+    assert "boom" in failed.stderr_tail
+
+
+def _tiny_gpt2_params(vocab: int, positions: int, width: int, layers: int) -> int:
+    """GPT-2 parameter count (lm_head tied to wte): embeddings + per block (attn, mlp, 2 layer norms) + ln_f."""
+    return vocab * width + positions * width + layers * (12 * width * width + 13 * width) + 2 * width
+
+
+@pytest.mark.skipif(not os.path.exists(_common.GNU_TIME), reason="GNU time missing (apt-get install time)")
+@pytest.mark.skipif(
+    shutil.which("resilient-tune", path=str(Path(sys.executable).parent)) is None,
+    reason="resilient-tune console script not installed next to this interpreter",
+)
+def test_merge_speed_runs_on_tiny(tmp_path: Path) -> None:
+    cmd = [
+        sys.executable, str(BENCH / "merge_speed.py"), "--size", "tiny", "--repeats", "1",
+        "--tools", "resilient-tune", "--cache-dir", str(tmp_path), "--max-wait", "0", "--retries", "0", "--json",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["inputs"]["params"] == _tiny_gpt2_params(vocab=1000, positions=128, width=64, layers=2)
+    (run,) = result["runs"]["resilient-tune"]
+    assert run["wall_s"] > 0
+    assert run["max_rss_mib"] > 50  # at least a Python interpreter with torch
+    check = result["agreement"]["resilient-tune"]
+    assert check["ok"], check
+    assert check["missing_keys"] == []
+    assert check["max_abs_diff_vs_exact"] < 1e-5
+    assert [t["target"] for t in result["targets"]] == ["wall <= 0.45x mergekit", "peak RSS <= 640 MiB"]
+    assert not any(p.name.startswith("run-") for p in tmp_path.iterdir()), "output folders left behind"
+
+
+def test_check_outputs_flags_a_wrong_or_incomplete_merge(tmp_path: Path) -> None:
+    np = pytest.importorskip("numpy")
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    import merge_speed
+
+    rng = np.random.default_rng(0)
+    inputs = []
+    for i in range(3):
+        folder = tmp_path / f"in{i}"
+        folder.mkdir()
+        state = {
+            "a": rng.standard_normal((4, 3)).astype(np.float32),
+            "b": rng.standard_normal(5).astype(np.float32),
+        }
+        safetensors_numpy.save_file(state, str(folder / "model.safetensors"))
+        inputs.append(state)
+    weights = [0.5, 0.3, 0.2]
+    exact = {k: sum(w * s[k] for w, s in zip(weights, inputs)).astype(np.float32) for k in ("a", "b")}
+    outputs = {}
+    for name, state in {
+        "right": exact,
+        "wrong": {"a": exact["a"] + 1e-3, "b": exact["b"]},
+        "partial": {"a": exact["a"], "extra": exact["b"]},
+    }.items():
+        (tmp_path / name).mkdir()
+        safetensors_numpy.save_file(state, str(tmp_path / name / "model.safetensors"))
+        outputs[name] = str(tmp_path / name)
+    report = merge_speed.check_outputs(
+        [str(tmp_path / f"in{i}") for i in range(3)], weights, outputs, "right"
+    )
+    assert report["right"]["ok"] and report["right"]["max_abs_diff_vs_exact"] < 1e-6
+    assert not report["wrong"]["ok"]
+    assert report["wrong"]["max_abs_diff_vs_reference"] == pytest.approx(1e-3, rel=1e-3)
+    assert not report["partial"]["ok"]
+    assert report["partial"]["missing_keys"] == ["b"] and report["partial"]["extra_keys"] == ["extra"]
