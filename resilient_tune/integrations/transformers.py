@@ -224,17 +224,24 @@ class CocktailCallback(*_BASES):  # type: ignore[misc]
 
     @_origin.setter
     def _origin(self, token: str) -> None:
-        source = _LIVE.get(token)
+        """Copy the configuration from the callback this one replaces (see :meth:`state`).
+
+        The source is the ``CocktailCallback`` still registered in the Trainer that is restoring callbacks (found
+        on the call stack, as in ``on_train_begin``), else the live callback that saved the state, else the most
+        recently created live one.
+        """
+        source = _replaced_callback(self) or _LIVE.get(token)
         if source is None or source is self:
-            others = [cb for key, cb in list(_LIVE.items()) if cb is not self and key != self._token]
+            others = [cb for cb in list(_LIVE.values()) if cb is not self]
             source = others[-1] if others else None
-            if len(others) > 1:
-                logger.warning(
-                    "several CocktailCallbacks alive; restoring the configuration of the latest one"
-                )
-        if source is not None:
-            for name in _CONFIG_FIELDS:
-                setattr(self, name, getattr(source, name))
+        if source is None:
+            logger.warning(
+                "CocktailCallback restored from a checkpoint without a live original: default options"
+            )
+            return
+        source._config_taken = True
+        for name in _CONFIG_FIELDS:
+            setattr(self, name, getattr(source, name))
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -573,7 +580,7 @@ def _is_example(value: Any) -> bool:
     return isinstance(value, Mapping) and bool(value) and all(isinstance(k, str) for k in value)
 
 
-def _find_trainer() -> Any | None:
+def _find_trainer(*, quiet: bool = False) -> Any | None:
     """The ``transformers.Trainer`` whose method is on the call stack (the one firing the current event)."""
     from transformers import Trainer
 
@@ -588,10 +595,23 @@ def _find_trainer() -> Any | None:
             depth += 1
     finally:
         del frame
+    if quiet:
+        return None
     logger.warning(
         "CocktailCallback could not find its Trainer on the call stack: metrics are added to the eval metrics "
         "but not logged to report_to; call callback.bind(trainer) to fix it"
     )
+    return None
+
+
+def _replaced_callback(restored: Any) -> Any | None:
+    """The first ``CocktailCallback`` of the Trainer on the call stack not yet used as a configuration source."""
+    trainer = _find_trainer(quiet=True)
+    handler = getattr(trainer, "callback_handler", None)
+    for callback in getattr(handler, "callbacks", []):
+        taken = getattr(callback, "_config_taken", False)
+        if isinstance(callback, CocktailCallback) and callback is not restored and not taken:
+            return callback
     return None
 
 

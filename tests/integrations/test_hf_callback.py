@@ -23,7 +23,7 @@ def _model() -> torch.nn.Module:
     torch.manual_seed(0)
     config = transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=LENGTH,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
     return transformers.GPT2LMHeadModel(config)
 
@@ -216,3 +216,68 @@ def test_resume_without_callback_state_is_refused(tmp_path):
 def test_bad_input_fails_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         CocktailCallback(**kwargs)
+
+
+def test_restored_callback_objects_keep_their_configuration(tmp_path):
+    full = CocktailCallback(policy="budget", drift_budget=0.02, general_data=GENERAL)
+    _run(tmp_path, full)
+    user = CocktailCallback(policy="budget", drift_budget=0.02, general_data=GENERAL)
+    trainer = _run(
+        tmp_path, user, resume=str(tmp_path / "checkpoint-2"), restore_callback_states_from_checkpoint=True
+    )
+    (restored,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CocktailCallback)]
+    assert restored is not user  # the Trainer rebuilt it from the checkpoint's state...
+    assert restored._policy is user._policy and restored._general is user._general  # ...with our config
+    assert [h["alpha"] for h in restored.history] == pytest.approx(
+        [h["alpha"] for h in full.history], abs=1e-6
+    )
+
+
+def test_custom_compute_loss_scores_the_probes(tmp_path):
+    calls = []
+
+    class ScaledLossTrainer(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            calls.append(model.training)
+            outputs = model(**inputs)
+            loss = outputs.loss * 10.0
+            return (loss, outputs) if return_outputs else loss
+
+    callback = CocktailCallback(general_data=GENERAL)
+    trainer = ScaledLossTrainer(
+        model=_model(), args=_args(tmp_path, save_strategy="no"), train_dataset=TRAIN, eval_dataset=EVAL,
+        callbacks=[callback],
+    )  # fmt: skip
+    trainer.train()
+    batches = [transformers.default_data_collator(GENERAL[i : i + 8]) for i in range(0, len(GENERAL), 8)]
+    base_loss = probe_loss(_model(), batches)
+    assert callback.history[0]["general_loss_base"] == pytest.approx(10.0 * base_loss, rel=1e-5)
+    assert False in calls  # probes ran in eval mode through the Trainer's own compute_loss
+    assert "general_kl" not in callback.history[0]  # a custom objective has no logits to compare
+
+
+def test_resilient_folders_rotate_with_their_checkpoints(tmp_path):
+    _run(tmp_path, CocktailCallback(), max_steps=6, save_total_limit=1, eval_strategy="no")
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-6"]
+    assert (tmp_path / "checkpoint-6" / "resilient" / "model.safetensors").is_file()
+    doc = json.loads((tmp_path / "checkpoint-6" / "resilient" / "cocktail.json").read_text())
+    assert doc["step"] == 6  # decided at the save itself (no evaluation in this run)
+
+
+def test_snapshot_on_disk_and_half_precision(tmp_path):
+    disk = CocktailCallback(snapshot_on_disk=True)
+    trainer = _run(tmp_path / "disk", disk, save_strategy="no")
+    assert disk.engine.snapshot.storage == "disk" and disk.engine.snapshot.nbytes == 0
+    base = _state(_model())
+    _assert_mix(tmp_path / "disk" / "resilient", base, _state(trainer.model))
+    half = CocktailCallback(snapshot_dtype="bf16")
+    _run(tmp_path / "half", half, save_strategy="no")
+    assert half.history[-1]["snapshot_bytes"] * 2 == disk.engine.snapshot.stored_bytes
+
+
+def test_missing_transformers_names_the_extra(monkeypatch):
+    import resilient_tune.integrations.transformers as module
+
+    monkeypatch.setattr(module, "_IMPORT_ERROR", ImportError("No module named 'transformers'"))
+    with pytest.raises(ImportError, match=r"pip install 'resilient-tune\[hf\]'"):
+        CocktailCallback()
