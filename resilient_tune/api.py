@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, overload
@@ -26,10 +27,10 @@ from .checkpoint import (
     copy_support_files,
     parse_size,
 )
-from .errors import UsageError
+from .errors import IncompatibleModelsError, UsageError
 from .merging import check_compatible, get_method, layer_depths, merge_tensor, validate_weights
 from .recipe import COCKTAIL_FILE, Recipe, cocktail_document
-from .sources import ModelLike, TensorSource, open_source
+from .sources import ModelLike, TensorSource, check_same_architecture, open_source
 
 __all__ = ["merge"]
 
@@ -129,14 +130,16 @@ def merge(
 
     with _open_all(models, base, allow_pickle) as (sources, base_src):
         everyone = [*sources, base_src] if base_src is not None else list(sources)
+        check_same_architecture(everyone)
+        partial = _partial_buffers(everyone)
         check_compatible(
-            [{key: (info.shape, info.dtype) for key, info in s.specs().items()} for s in everyone],
+            [{k: (i.shape, i.dtype) for k, i in s.specs().items() if k not in partial} for s in everyone],
             [s.name for s in everyone],
         )
         raw = recipe.weights if recipe.weights is not None else tuple(1.0 / len(sources) for _ in sources)
         final_weights = validate_weights(raw, len(sources), method=spec, normalize=recipe.normalize)
         plan = _plan(sources[0].specs(), recipe.dtype)
-        tensors = _merged_tensors(spec, recipe, sources, base_src, final_weights, plan, progress)
+        tensors = _merged_tensors(spec, recipe, sources, base_src, final_weights, plan, partial, progress)
         if dest is None:
             return dict(tensors)
         ingredients = [_identity(s, "model", w) for s, w in zip(sources, final_weights)]
@@ -152,6 +155,8 @@ def merge(
                     writer.write(key, tensor)
             if sources[0].folder is not None:
                 copy_support_files(sources[0].folder, tmp)
+                if recipe.dtype is not None:
+                    _set_config_dtype(tmp / "config.json", recipe.dtype)
             (tmp / COCKTAIL_FILE).write_text(json.dumps(doc, indent=2) + "\n")
             (tmp / "README.md").write_text(model_card(doc))
             for rel, content in (extra_files or {}).items():
@@ -200,6 +205,7 @@ def _merged_tensors(
     base_src: TensorSource | None,
     weights: Sequence[float],
     plan: Mapping[str, TensorInfo],
+    partial: Mapping[str, Sequence[TensorSource]],
     progress: bool,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, merged tensor)`` one key at a time; inputs are loaded lazily inside ``merge_tensor``."""
@@ -211,6 +217,9 @@ def _merged_tensors(
 
         keys = tqdm(plan, desc=f"merging ({spec.name})", unit="tensor", total=len(plan))
     for key in keys:
+        if key in partial:
+            yield key, _copy_buffer(key, partial[key])
+            continue
         inputs = [_loader(source, key) for source in sources]
         yield (
             key,
@@ -228,6 +237,43 @@ def _merged_tensors(
         )
 
 
+def _partial_buffers(sources: Sequence[TensorSource]) -> dict[str, list[TensorSource]]:
+    """Non-floating buffers that only some ingredients have: key -> the sources that have it.
+
+    Checkpoints saved by different transformers versions differ in legacy buffers such as
+    ``embeddings.position_ids`` (int64). Such tensors are copied, never merged, so their absence from some
+    ingredients is harmless: the output keeps them when ``models[0]`` has them (identical in every holder) and
+    leaves them out, with a warning, when it does not. A floating tensor missing anywhere is still an error.
+    """
+    specs = [s.specs() for s in sources]
+    every_key = {key for spec in specs for key in spec}
+    partial: dict[str, list[TensorSource]] = {}
+    for key in every_key:
+        holders = [(s, spec[key]) for s, spec in zip(sources, specs) if key in spec]
+        if len(holders) < len(sources) and not any(info.dtype.is_floating_point for _, info in holders):
+            partial[key] = [s for s, _ in holders]
+    dropped = sorted(key for key in partial if key not in specs[0])
+    if dropped:
+        warnings.warn(
+            f"{len(dropped)} non-floating buffer(s) present in some ingredients but not in {sources[0].name} are "
+            f"left out of the output, which follows {sources[0].name}'s layout: {', '.join(dropped)}",
+            UserWarning,
+            stacklevel=4,
+        )
+    return partial
+
+
+def _copy_buffer(key: str, holders: Sequence[TensorSource]) -> torch.Tensor:
+    first = holders[0].get(key)
+    for other in holders[1:]:
+        if not torch.equal(first, other.get(key)):
+            raise IncompatibleModelsError(
+                f"non-floating tensor {key!r} differs between {holders[0].name} and {other.name}; such tensors "
+                "are copied, not averaged, so they must be identical: merge checkpoints of the same architecture"
+            )
+    return first
+
+
 def _loader(source: TensorSource, key: str) -> Any:
     return lambda: source.get(key)
 
@@ -237,6 +283,17 @@ def _identity(source: TensorSource, role: str, weight: float | None) -> dict[str
     if weight is not None:
         entry["weight"] = weight
     return entry
+
+
+def _set_config_dtype(config: Path, dtype_name: str) -> None:
+    """Make a copied ``config.json`` state the dtype the weights were written in (``from_pretrained`` reads it)."""
+    if not config.is_file():
+        return
+    data = json.loads(config.read_text())
+    keys = [key for key in ("dtype", "torch_dtype") if key in data] or ["dtype"]
+    for key in keys:
+        data[key] = dtype_name
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _write_extra(folder: Path, rel: str, content: str | bytes) -> None:

@@ -7,6 +7,7 @@ A source answers three questions without loading the model: which keys, which sh
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,9 +16,9 @@ from typing import Protocol
 import torch
 
 from .checkpoint import CheckpointReader, TensorInfo
-from .errors import UsageError
+from .errors import IncompatibleModelsError, UsageError
 
-__all__ = ["ModelLike", "TensorSource", "open_source"]
+__all__ = ["ModelLike", "TensorSource", "check_same_architecture", "open_source"]
 
 ModelLike = str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module
 
@@ -27,6 +28,8 @@ class TensorSource(Protocol):
 
     name: str
     folder: Path | None  # where config/tokenizer files live (None for in-memory ingredients)
+
+    def architecture(self) -> tuple[str, ...] | None: ...
 
     def specs(self) -> dict[str, TensorInfo]: ...
 
@@ -53,6 +56,19 @@ class _CheckpointSource:
     def fingerprint(self) -> str:
         return self._reader.fingerprint()
 
+    def architecture(self) -> tuple[str, ...] | None:
+        """``(model_type, *architectures)`` from ``config.json`` beside the weights, if there is one."""
+        config = self.folder / "config.json" if self.folder is not None else None
+        if config is None or not config.is_file():
+            return None
+        try:
+            data = json.loads(config.read_text())
+        except (OSError, ValueError):
+            return None  # an unreadable config does not stop a merge; keys and shapes are still checked
+        if not isinstance(data, dict):
+            return None
+        return (str(data.get("model_type")), *map(str, data.get("architectures") or ()))
+
     def close(self) -> None:
         self._reader.close()
 
@@ -72,10 +88,16 @@ class _MemorySource:
     def get(self, key: str) -> torch.Tensor:
         return self._state[key].detach()
 
+    def architecture(self) -> tuple[str, ...] | None:
+        return None
+
     def fingerprint(self) -> str:
+        """SHA-256 over every key, dtype, shape and up to 64 leading values (cheap; tells fine-tunes apart)."""
         digest = hashlib.sha256()
         for key, value in self._state.items():
             digest.update(f"{key}:{value.dtype}:{tuple(value.shape)};".encode())
+            head = value.detach().reshape(-1)[:64].to("cpu", copy=True).contiguous()
+            digest.update(bytes(head.view(torch.uint8).tolist()))
         return digest.hexdigest()
 
     def close(self) -> None:
@@ -101,3 +123,26 @@ def open_source(model: ModelLike, *, name: str, allow_pickle: bool = False) -> T
         f"{name} is a {type(model).__name__}; pass a checkpoint path, a state dict (Mapping[str, Tensor]) "
         "or a torch.nn.Module"
     )
+
+
+def check_same_architecture(sources: list[TensorSource]) -> None:
+    """Refuse ingredients whose ``config.json`` names another model type or architecture than the first one's.
+
+    Sources without a config (state dicts, bare files) are not compared; their keys and shapes still are.
+    """
+    known = [(s, s.architecture()) for s in sources]
+    known = [(s, arch) for s, arch in known if arch is not None]
+    if not known:
+        return
+    first, first_arch = known[0]
+    for source, arch in known[1:]:
+        if arch != first_arch:
+            raise IncompatibleModelsError(
+                f"{source.name} is a {_describe(arch)} but {first.name} is a {_describe(first_arch)}; "
+                "merge checkpoints of the same architecture"
+            )
+
+
+def _describe(arch: tuple[str, ...]) -> str:
+    kind = f"{arch[0]!r} model"
+    return f"{kind} ({', '.join(arch[1:])})" if len(arch) > 1 else kind

@@ -608,7 +608,9 @@ def _copy_weights_into(model: torch.nn.Module, source: Any, label: str = "the ch
     ``model`` must be provided — tied parameters (e.g. ``lm_head.weight`` tied to the input embeddings) once,
     under any of their names. Keys may carry or lack the model's ``base_model_prefix`` (as in
     ``from_pretrained``); keys outside the base model of a prefixed checkpoint (task heads) and keys
-    transformers itself ignores on load are skipped; any other unknown key is an error.
+    transformers itself ignores on load are skipped, and so are non-floating tensors the model does not have
+    (legacy buffers such as ``embeddings.position_ids`` that older transformers versions saved); any other
+    unknown key is an error.
 
     Raises:
         IncompatibleModelsError: missing or unknown keys, or a shape mismatch (the message names them).
@@ -616,7 +618,9 @@ def _copy_weights_into(model: torch.nn.Module, source: Any, label: str = "the ch
     targets = model.state_dict(
         keep_vars=True
     )  # name -> the Parameter/buffer object itself (aliases share it)
-    mapping = _match_keys(model, targets, list(source.keys()), label)
+    keys = list(source.keys())
+    legacy = {key for key in keys if key not in targets and not _source_dtype(source, key).is_floating_point}
+    mapping = _match_keys(model, targets, [key for key in keys if key not in legacy], label)
     with torch.no_grad():
         for src_key, dst_key in mapping.items():
             value, dst = source.get(src_key), targets[dst_key]
@@ -626,6 +630,11 @@ def _copy_weights_into(model: torch.nn.Module, source: Any, label: str = "the ch
                     f"{tuple(dst.shape)}; all models must share one architecture and config"
                 )
             dst.copy_(value)
+
+
+def _source_dtype(source: Any, key: str) -> torch.dtype:
+    info = getattr(source, "info", None)  # a lazy checkpoint reader knows dtypes without loading
+    return info(key).dtype if info is not None else source[key].dtype
 
 
 def _match_keys(

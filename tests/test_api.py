@@ -246,3 +246,46 @@ def test_inputs_not_mutated(three):
     for s, b in zip(states, before):
         for key in s:
             assert torch.equal(s[key], b[key])
+
+
+def test_different_architectures_are_named(tmp_path):
+    a = _write(tmp_path / "gpt", _state(0), {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    b = _write(tmp_path / "bert", _state(1), {"model_type": "bert", "architectures": ["BertModel"]})
+    with pytest.raises(IncompatibleModelsError, match="'bert' model") as info:
+        rt.merge([a, b], [0.5, 0.5], out=tmp_path / "out")
+    assert "GPT2LMHeadModel" in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_legacy_int_buffer_missing_from_some_models(tmp_path):
+    """A base saved by an older transformers has `position_ids`; the fine-tuned copy saved by a newer one does not."""
+    with_ids, without = _state(0), _state(1)
+    without.pop("position_ids")
+    out = rt.merge([with_ids, without], [0.5, 0.5])
+    assert torch.equal(out["position_ids"], with_ids["position_ids"])
+    with pytest.warns(UserWarning, match="position_ids"):
+        out = rt.merge([without, with_ids], [0.5, 0.5])
+    assert "position_ids" not in out
+    # a floating tensor missing from one model is still an error
+    without.pop("head.bias")
+    with pytest.raises(IncompatibleModelsError, match=r"head\.bias"):
+        rt.merge([with_ids, without], [0.5, 0.5])
+    # holders that disagree are an error too
+    other = _state(2)
+    other["position_ids"] = torch.arange(5) + 1
+    with pytest.raises(IncompatibleModelsError, match="position_ids"):
+        rt.merge([with_ids, other], [0.5, 0.5])
+
+
+def test_dtype_override_updates_copied_config(tmp_path):
+    a = _write(tmp_path / "a", _state(0), {"model_type": "toy", "dtype": "float32"})
+    b = _write(tmp_path / "b", _state(1), {"model_type": "toy", "dtype": "float32"})
+    dest = rt.merge([a, b], [0.5, 0.5], out=tmp_path / "out", dtype="bf16")
+    assert json.loads((dest / "config.json").read_text())["dtype"] == "bfloat16"
+    assert load_file(str(dest / "model.safetensors"))["head.bias"].dtype == torch.bfloat16
+
+
+def test_in_memory_fingerprints_tell_models_apart(tmp_path):
+    dest_a = rt.merge([_state(0), _state(1)], [0.5, 0.5], out=tmp_path / "a")
+    prints = [i["fingerprint"] for i in json.loads((dest_a / "cocktail.json").read_text())["ingredients"]]
+    assert prints[0] != prints[1]
