@@ -20,8 +20,11 @@ Semantics (θᵢ = input i, wᵢ = its weight, θ_b = base; all arithmetic in fl
 
 Memory: ``linear`` and the methods without consensus load their inputs one at a time (a thunk is
 called only when its turn comes, and the tensor is dropped before the next one is loaded): peak
-memory is the float32 accumulator, a float32 scratch delta, the base and one input. Sign consensus
-needs every sparsified task vector at once (N float32 copies of this one tensor).
+memory is the float32 accumulator, a float32 scratch delta (and a float32 workspace for
+sparsifiers), the base and one input. Sign consensus needs every sparsified task vector at once
+(N float32 copies of this one tensor). Full-size temporaries are allocated once per call and
+reused, and no bool tensors are built on the hot paths (they are slow on CPU). Results are
+contiguous.
 
 Non-floating tensors (integer ids, bool masks) are never averaged: they are returned as a copy when
 identical in every input (and the base), else :class:`IncompatibleModelsError`.
@@ -92,20 +95,25 @@ def merge_tensor(
     if spec.needs_base:
         base32 = _load_base(base, stream, key)
         merged = _task_vectors(spec, stream, w, base32, opts, seed)
-        scale = opts["lambda"] * (
-            (opts["lines_alpha"] + opts["lines_beta"] * depth) if spec.depth_scaling else 1.0
-        )
-        if scale != 1.0:
-            merged.mul_(scale)
-        merged.add_(base32)
+        scale = opts["lambda"]
+        if spec.depth_scaling:
+            scale *= opts["lines_alpha"] + opts["lines_beta"] * depth
+        torch.add(base32, merged, alpha=scale, out=merged)  # base + scale · merged, in place
         del base32
     else:
         merged = _weighted_sum(stream, w)
     result = merged.to(dtype)
     del merged
-    if not bool(torch.isfinite(result).all()):
+    if not _all_finite(result):
         raise _non_finite(key, inputs, base, dtype)
     return result
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """True when no entry is NaN/Inf: one reduction, no allocation (exact check only if the sum overflows)."""
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def _check_call(
@@ -191,9 +199,7 @@ def _weighted_sum(stream: _Inputs, weights: list[float]) -> torch.Tensor:
     for i, w in enumerate(weights):
         tensor = stream.load(i)
         if acc is None:
-            acc = tensor.to(dtype=torch.float32, copy=True)
-            if w != 1.0:
-                acc.mul_(w)
+            acc = _scaled_float32_copy(tensor, w)
         else:
             acc.add_(tensor, alpha=w)  # promotes a half-precision input to float32 element by element
         del tensor
@@ -201,30 +207,11 @@ def _weighted_sum(stream: _Inputs, weights: list[float]) -> torch.Tensor:
     return acc
 
 
-def _deltas(
-    spec: MergeMethod,
-    stream: _Inputs,
-    base32: torch.Tensor,
-    opts: dict[str, float],
-    seed: int,
-    *,
-    reuse: bool,
-):
-    """Yield ``(i, sparsified τᵢ)`` in float32; with ``reuse`` every τᵢ is written into one scratch tensor."""
-    scratch = torch.empty(stream.shape, dtype=torch.float32, device=stream.device) if reuse else None
-    for i in range(len(stream)):
-        tensor = stream.load(i)
-        delta = torch.sub(tensor, base32, out=scratch) if reuse else torch.sub(tensor, base32)  # float32
-        del tensor
-        if spec.sparsify is not None:
-            if not bool(torch.isfinite(delta).all()):
-                raise _non_finite(
-                    stream.key, stream.sources, stream.base, torch.float32, before_sparsify=True
-                )
-            generator = tensor_generator(seed, stream.key, i) if spec.sparsify == "random" else None
-            sparsify_(spec.sparsify, delta, opts, generator)
-        yield i, delta
-        del delta
+def _scaled_float32_copy(tensor: torch.Tensor, w: float) -> torch.Tensor:
+    if tensor.dtype == torch.float32 and tensor.is_contiguous() and w != 1.0:
+        return torch.mul(tensor, w)  # a new contiguous tensor in one pass
+    copy = tensor.to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
+    return copy.mul_(w) if w != 1.0 else copy
 
 
 def _task_vectors(
@@ -235,38 +222,92 @@ def _task_vectors(
     opts: dict[str, float],
     seed: int,
 ) -> torch.Tensor:
-    acc = torch.zeros(stream.shape, dtype=torch.float32, device=stream.device)
+    """Σ wᵢ τᵢ' (no consensus: one input and one scratch delta at a time) or the sign-consensus mean."""
+    workspace = _empty(stream) if spec.sparsify is not None else None
     if spec.consensus is None:
-        for i, delta in _deltas(spec, stream, base32, opts, seed, reuse=True):
-            acc.add_(delta, alpha=weights[i])
+        acc, scratch = _empty(stream), None
+        for i, w in enumerate(weights):
+            if i > 0 and scratch is None:
+                scratch = _empty(stream)
+            delta = _delta(
+                spec, stream, i, base32, opts, seed, out=acc if i == 0 else scratch, workspace=workspace
+            )
+            if i == 0:
+                acc.mul_(w)
+            else:
+                acc.add_(delta, alpha=w)
+            del delta
         return acc
-    kept: list[torch.Tensor | None] = []
-    for i, delta in _deltas(spec, stream, base32, opts, seed, reuse=False):
-        acc.add_(delta, alpha=weights[i])
-        kept.append(delta)
-    return _sign_consensus(acc, kept, weights)
+    deltas: list[torch.Tensor | None] = []
+    total: torch.Tensor | None = None
+    for i, w in enumerate(weights):
+        delta = _delta(spec, stream, i, base32, opts, seed, out=None, workspace=workspace)
+        if total is None:
+            total = torch.mul(delta, w)
+        else:
+            total.add_(delta, alpha=w)
+        deltas.append(delta)
+        del delta
+    assert total is not None
+    return _sign_consensus(total, deltas, weights, workspace)
+
+
+def _empty(stream: _Inputs) -> torch.Tensor:
+    return torch.empty(stream.shape, dtype=torch.float32, device=stream.device)
+
+
+def _delta(
+    spec: MergeMethod,
+    stream: _Inputs,
+    i: int,
+    base32: torch.Tensor,
+    opts: dict[str, float],
+    seed: int,
+    *,
+    out: torch.Tensor | None,
+    workspace: torch.Tensor | None,
+) -> torch.Tensor:
+    """The sparsified task vector τᵢ' of input ``i`` in float32 (written into ``out`` when given)."""
+    tensor = stream.load(i)
+    delta = torch.sub(tensor, base32, out=out if out is not None else _empty(stream))  # contiguous float32
+    del tensor
+    if spec.sparsify is not None:
+        if not _all_finite(delta):  # sparsifiers could drop a NaN silently: check before
+            raise _non_finite(stream.key, stream.sources, stream.base, torch.float32, before_sparsify=True)
+        generator = tensor_generator(seed, stream.key, i) if spec.sparsify == "random" else None
+        sparsify_(spec.sparsify, delta, opts, generator, workspace)
+    return delta
 
 
 def _sign_consensus(
-    total: torch.Tensor, deltas: list[torch.Tensor | None], weights: list[float]
+    total: torch.Tensor,
+    deltas: list[torch.Tensor | None],
+    weights: list[float],
+    workspace: torch.Tensor | None,
 ) -> torch.Tensor:
-    """TIES elect + disjoint mean. Consumes ``total`` (Σ wᵢτᵢ') and the ``deltas`` (freed one by one)."""
-    positive = total >= 0  # elected sign per entry
+    """TIES elect + disjoint mean, in float arithmetic (no bool tensors: they are slow on CPU).
+
+    Consumes ``total`` (Σ wᵢτᵢ', becomes the result) and the ``deltas`` (freed one by one).
+    """
+    elected = torch.sign(total, out=workspace) if workspace is not None else torch.sign(total)
+    elected.add_(0.5).sign_()  # +1 where Σ wᵢτᵢ' >= 0, else -1
     numerator = total.zero_()
     divisor = torch.zeros_like(numerator)
+    agree = torch.empty_like(numerator)
     for i, w in enumerate(weights):
         delta, deltas[i] = deltas[i], None
         assert delta is not None
         if w == 0.0:
             continue  # w·τ = 0 has no sign: never agrees
-        up, down = delta > 0, delta < 0
-        agree = torch.where(positive, up, down) if w > 0 else torch.where(positive, down, up)
-        del up, down
-        numerator.add_(delta.mul_(agree), alpha=w)
+        torch.sign(delta, out=agree).mul_(elected)  # +1 where τ has the elected sign, -1 opposite, 0 if τ = 0
+        if w < 0:
+            agree.neg_()  # the sign of w·τ is what must agree
+        agree.clamp_(min=0.0)
+        numerator.addcmul_(delta, agree, value=w)
         divisor.add_(agree, alpha=w)
-        del delta, agree
-    divisor.masked_fill_(divisor == 0, 1.0)
-    return numerator.div_(divisor)
+        del delta
+    torch.sign(divisor, out=agree).abs_().neg_().add_(1.0)  # 1 exactly where the divisor is 0
+    return numerator.div_(divisor.add_(agree))
 
 
 def _copy_identical(stream: _Inputs, base: TensorSource | None, key: str) -> torch.Tensor:
@@ -280,7 +321,7 @@ def _copy_identical(stream: _Inputs, base: TensorSource | None, key: str) -> tor
                 f"non-floating tensor {key!r} ({ref.dtype}) differs between input 0 and {what}; such tensors "
                 "are copied, not averaged, so they must be identical: merge checkpoints of the same architecture"
             )
-    return ref.clone()
+    return ref.clone(memory_format=torch.contiguous_format)
 
 
 def _non_finite(

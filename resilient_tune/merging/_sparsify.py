@@ -22,6 +22,7 @@ result is deterministic. Ranking uses ``torch.kthvalue`` (linear time) rather th
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import torch
 
@@ -59,7 +60,7 @@ def magnitude_sparsify(delta: torch.Tensor, density: float) -> torch.Tensor:
     Returns:
         A new tensor, same shape and dtype, with the other entries set to zero.
     """
-    return _magnitude_(delta.clone(), density)
+    return _on_float32_copy(delta, lambda work: _magnitude_(work, density))
 
 
 def outlier_sparsify(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -73,7 +74,7 @@ def outlier_sparsify(delta: torch.Tensor, density: float, gamma: float) -> torch
     Returns:
         A new tensor, same shape and dtype, with the dropped entries set to zero.
     """
-    return _outliers_(delta.clone(), density, gamma)
+    return _on_float32_copy(delta, lambda work: _outliers_(work, density, gamma))
 
 
 def dare_sparsify(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -82,7 +83,7 @@ def dare_sparsify(delta: torch.Tensor, density: float, generator: torch.Generato
     Equals ``peft.utils.merge_utils.random_pruning(delta, density, rescale=True)`` run after
     ``torch.manual_seed(s)`` when ``generator`` was seeded with the same ``s`` (for a float32 CPU
     tensor). The mask is drawn on the CPU in float32, so it is the same whatever the tensor's device
-    or dtype, and moved to ``delta``'s device.
+    or dtype; the arithmetic is float32 and the result is cast back to ``delta``'s dtype.
 
     Args:
         delta: a task vector tensor, any shape and floating dtype.
@@ -92,63 +93,108 @@ def dare_sparsify(delta: torch.Tensor, density: float, generator: torch.Generato
     Returns:
         A new tensor, same shape and dtype.
     """
-    return _dare_(delta.clone(), density, generator)
+    return _on_float32_copy(delta, lambda work: _dare_(work, density, generator))
 
 
 def sparsify_(
-    kind: str | None, delta: torch.Tensor, opts: dict[str, float], generator: torch.Generator | None
+    kind: str | None,
+    delta: torch.Tensor,
+    opts: dict[str, float],
+    generator: torch.Generator | None,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Apply the sparsifier named by a :class:`MergeMethod` row to ``delta``, in place; returns ``delta``."""
+    """Apply the sparsifier named by a :class:`MergeMethod` row to ``delta``, in place; returns ``delta``.
+
+    ``delta`` must be a contiguous float32 tensor the caller owns. ``workspace``, when given, is a
+    contiguous float32 tensor of at least ``delta.numel()`` entries on the same device, reused for the
+    magnitudes or the DARE mask so repeated calls do not allocate (and page-fault) a fresh buffer.
+    """
     if kind is None:
         return delta
+    flat = delta.view(-1)
+    buffer = workspace.view(-1)[: flat.numel()] if workspace is not None else None
     if kind == "magnitude":
-        return _magnitude_(delta, opts["density"])
-    if kind == "outliers":
-        return _outliers_(delta, opts["density"], opts["gamma"])
-    if kind == "random" and generator is not None:
-        return _dare_(delta, opts["density"], generator)
-    raise ValueError(f"sparsifier {kind!r} is unknown or lacks its generator")
+        _magnitude_(flat, opts["density"], buffer)
+    elif kind == "outliers":
+        _outliers_(flat, opts["density"], opts["gamma"], buffer)
+    elif kind == "random" and generator is not None:
+        _dare_(flat, opts["density"], generator, buffer)
+    else:
+        raise ValueError(f"sparsifier {kind!r} is unknown or lacks its generator")
+    return delta
 
 
-def _magnitude_(delta: torch.Tensor, density: float) -> torch.Tensor:
-    n = delta.numel()
+def _on_float32_copy(delta: torch.Tensor, apply_: Callable[[torch.Tensor], object]) -> torch.Tensor:
+    work = delta.to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
+    apply_(work.view(-1))
+    return work.to(delta.dtype)
+
+
+def _magnitude_(flat: torch.Tensor, density: float, buffer: torch.Tensor | None = None) -> None:
+    n = flat.numel()
+    if density < 1 and n > 0:
+        _keep_top_(flat, _magnitudes(flat, buffer), max(1, int(density * n)))
+
+
+def _outliers_(flat: torch.Tensor, density: float, gamma: float, buffer: torch.Tensor | None = None) -> None:
+    n = flat.numel()
     if density >= 1 or n == 0:
-        return delta
-    return delta.mul_(_top_mask(delta, max(1, int(density * n))).view_as(delta))
-
-
-def _outliers_(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    n = delta.numel()
-    if density >= 1 or n == 0:
-        return delta
+        return
     keep = int(density * n)
     bottom = max(0, n - keep - int(gamma * n))
     # Ascending ranks [bottom, bottom + keep) = the top (n - bottom) minus the top (n - bottom - keep).
-    mask = _top_mask(delta, n - bottom)
-    mask &= ~_top_mask(delta, n - bottom - keep)
-    return delta.mul_(mask.view_as(delta))
+    mag = _magnitudes(flat, buffer)
+    _keep_top_(flat, mag, n - bottom)
+    _drop_top_(flat, mag, n - bottom - keep)
 
 
-def _dare_(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    if density >= 1 or delta.numel() == 0:
-        return delta
-    mask = torch.bernoulli(torch.full(delta.shape, density, dtype=torch.float32), generator=generator)
-    return delta.mul_(mask.to(device=delta.device, dtype=delta.dtype)).div_(density)
+def _dare_(
+    flat: torch.Tensor, density: float, generator: torch.Generator, buffer: torch.Tensor | None = None
+) -> None:
+    if density >= 1 or flat.numel() == 0:
+        return
+    on_cpu = buffer is not None and buffer.device.type == "cpu"
+    mask = buffer.fill_(density) if on_cpu else torch.full(flat.shape, density, dtype=torch.float32)
+    torch.bernoulli(mask, generator=generator, out=mask)
+    flat.mul_(mask.to(flat.device)).div_(density)  # (τ · mask) / density, as peft computes it
 
 
-def _top_mask(values: torch.Tensor, m: int) -> torch.Tensor:
-    """Flat bool mask of the ``m`` entries of largest ``|values|``; ties go to the lowest flat index."""
-    mag = values.detach().reshape(-1).abs()
-    if mag.dtype != torch.float32 and mag.device.type == "cpu":
-        mag = mag.float()
-    n = mag.numel()
-    if m <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=mag.device)
+def _magnitudes(flat: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
+    return torch.abs(flat, out=buffer) if buffer is not None else flat.abs()
+
+
+def _kth_largest(mag: torch.Tensor, m: int) -> float:
+    return float(torch.kthvalue(mag, mag.numel() - m + 1).values)
+
+
+def _keep_top_(flat: torch.Tensor, mag: torch.Tensor, m: int) -> None:
+    """Zero all but the ``m`` entries of largest ``mag``; ties go to the lowest flat index."""
+    n = flat.numel()
     if m >= n:
-        return torch.ones(n, dtype=torch.bool, device=mag.device)
-    threshold = torch.kthvalue(mag, n - m + 1).values  # the m-th largest magnitude
-    mask = mag > threshold
-    missing = m - int(mask.sum())  # >= 1: the threshold entry itself is not > threshold
-    ties = torch.nonzero(mag == threshold).squeeze(1)[:missing]
-    mask[ties] = True
-    return mask
+        return
+    if m <= 0:
+        flat.zero_()
+        return
+    threshold = _kth_largest(mag, m)
+    if threshold == 0:
+        return  # fewer than m nonzero entries: keeping every nonzero entry is the top m
+    ties = torch.nonzero(mag == threshold).squeeze(1)
+    tie_values = flat[ties]
+    torch.hardshrink(flat, threshold, out=flat)  # keeps |x| > threshold
+    # A unique threshold entry means exactly m - 1 entries are above it; otherwise count them.
+    missing = 1 if ties.numel() == 1 else m - int(torch.count_nonzero(flat))
+    flat[ties[:missing]] = tie_values[:missing]
+
+
+def _drop_top_(flat: torch.Tensor, mag: torch.Tensor, m: int) -> None:
+    """Zero the ``m`` entries of largest ``mag`` (same tie rule as :func:`_keep_top_`)."""
+    if m <= 0:
+        return
+    if m >= flat.numel():
+        flat.zero_()
+        return
+    threshold = _kth_largest(mag, m)
+    above = torch.nonzero(mag > threshold).squeeze(1)
+    flat[above] = 0
+    missing = m - above.numel()
+    flat[torch.nonzero(mag == threshold).squeeze(1)[:missing]] = 0

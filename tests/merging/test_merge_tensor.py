@@ -309,6 +309,25 @@ def test_inputs_and_base_are_not_mutated(method: str) -> None:
     assert all(out.data_ptr() != t.data_ptr() for t in [*inputs, base])
 
 
+@pytest.mark.parametrize("method", method_names())
+def test_non_contiguous_inputs_give_contiguous_results(method: str) -> None:
+    g = torch.Generator().manual_seed(4)
+    inputs = [torch.randn(5, 7, generator=g).t() for _ in range(2)]  # (7, 5) views, not contiguous
+    base = torch.randn(5, 7, generator=g).t()
+    kwargs = {"base": base} if METHODS[method].needs_base else {}
+    out = merge_tensor(method, inputs, [0.5, 0.5], key="w", **kwargs)
+    expected = merge_tensor(
+        method,
+        [t.contiguous() for t in inputs],
+        [0.5, 0.5],
+        key="w",
+        **{k: v.contiguous() for k, v in kwargs.items()},
+    )
+    assert out.is_contiguous() and torch.equal(out, expected)
+    ids = torch.arange(6).reshape(2, 3).t()
+    assert merge_tensor("linear", [ids, ids], [0.5, 0.5]).is_contiguous()
+
+
 # --- laziness -----------------------------------------------------------------------------------
 
 
