@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -150,3 +153,22 @@ def test_option_values_must_be_real_numbers(value: object) -> None:
 
 def test_negative_lambda_is_allowed() -> None:
     assert resolve_options("task_arithmetic", {"lambda": -0.5})["lambda"] == -0.5
+
+
+def test_the_core_imports_only_torch_and_the_standard_library() -> None:
+    allowed = set(sys.stdlib_module_names) | {"torch", "resilient_tune"}
+    package = Path(merging.__file__).parent
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                roots = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                roots = [node.module.split(".")[0]]
+                if roots == ["resilient_tune"]:
+                    assert node.module.startswith(("resilient_tune.merging", "resilient_tune.errors")), (
+                        path,
+                        node.module,
+                    )
+            else:
+                continue
+            assert set(roots) <= allowed, (path.name, roots)
