@@ -13,6 +13,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "CheckpointFormatError",
+    "CocktailCallback",
     "IncompatibleModelsError",
     "NonFiniteError",
     "Recipe",
@@ -28,6 +29,7 @@ __all__ = [
 
 # public name -> module that defines it
 _LAZY = {
+    "CocktailCallback": ".integrations.transformers",
     "CheckpointFormatError": ".errors",
     "IncompatibleModelsError": ".errors",
     "NonFiniteError": ".errors",
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
         ResilientTuneError,
         UsageError,
     )
+    from .integrations.transformers import CocktailCallback
     from .lm_cocktail import mix_models, mix_models_with_data
     from .merging import method_names
     from .recipe import Recipe

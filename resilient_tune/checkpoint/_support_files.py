@@ -1,9 +1,17 @@
-"""Copying the files that make a weights folder a loadable model: config, generation config, tokenizer."""
+"""Copying the files that make a weights folder a loadable model: config, generation config, tokenizer.
+
+Sentence-transformers models also carry ``modules.json`` and one sub-folder per module (``1_Pooling``,
+``2_Normalize``, ...). Those are copied too when every module folder holds configuration only; a module with
+weights of its own (e.g. ``2_Dense``) is not part of the merge, so then the sentence-transformers files are left
+out (with a warning) and the folder loads as a plain transformers model.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 from resilient_tune.errors import UsageError
@@ -27,6 +35,14 @@ SUPPORT_FILE_NAMES = frozenset(
         "video_preprocessor_config.json",
     }
 )
+# sentence-transformers: top-level files, and module folders such as 1_Pooling (copied when weight-free).
+SENTENCE_TRANSFORMERS_FILES = (
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+)
+_MODULE_FOLDER = re.compile(r"^\d+_\w+$")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
 # Copied by suffix: sentencepiece models (tokenizer.model, spiece.model, sentencepiece.bpe.model) and tiktoken.
 SUPPORT_FILE_SUFFIXES = (".model", ".tiktoken")
 
@@ -63,4 +79,31 @@ def copy_support_files(src_folder: str | os.PathLike[str], dst_folder: str | os.
         return names
     for name in names:
         shutil.copyfile(src / name, dst / name)
-    return names
+    return names + _copy_sentence_transformers(src, dst)
+
+
+def _copy_sentence_transformers(src: Path, dst: Path) -> list[str]:
+    if not (src / "modules.json").is_file():
+        return []
+    modules = sorted(p for p in src.iterdir() if p.is_dir() and _MODULE_FOLDER.match(p.name))
+    with_weights = [
+        p.name for p in modules if any(f.name.endswith(_WEIGHT_SUFFIXES) for f in p.rglob("*") if f.is_file())
+    ]
+    if with_weights:
+        warnings.warn(
+            f"sentence-transformers module(s) {with_weights} of {src} hold weights that are not merged; "
+            "modules.json is not copied, so the output loads as a plain transformers model",
+            UserWarning,
+            stacklevel=3,
+        )
+        return []
+    copied = []
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in SENTENCE_TRANSFORMERS_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    for module in modules:
+        shutil.copytree(module, dst / module.name, dirs_exist_ok=True)
+        copied.append(module.name + "/")
+    return copied

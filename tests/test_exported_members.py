@@ -1,0 +1,29 @@
+"""The public surface: an explicit, sorted __all__ whose names all resolve, imported lazily."""
+
+import subprocess
+import sys
+
+import resilient_tune
+
+
+def test_all_is_sorted_and_resolves():
+    assert resilient_tune.__all__ == sorted(resilient_tune.__all__)
+    for name in resilient_tune.__all__:
+        assert getattr(resilient_tune, name) is not None, name
+
+
+def test_unknown_attribute_is_an_attribute_error():
+    try:
+        resilient_tune.nope  # noqa: B018
+    except AttributeError as exc:
+        assert "nope" in str(exc)
+    else:
+        raise AssertionError("expected AttributeError")
+
+
+def test_import_is_light():
+    code = "import sys, resilient_tune; print(sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == "[]"
