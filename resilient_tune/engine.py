@@ -3,16 +3,27 @@
 :class:`CocktailEngine` holds the base snapshot θ₀ of a model's trainable parameters and, given the live
 weights θₜ and a mixing weight α, builds the resilient model ``θ = θ₀ + α·(θₜ − θ₀)`` (``method="linear"``:
 ``α·θₜ + (1 − α)·θ₀``, the LM-Cocktail / WiSE-FT mix of the fine-tuned model with its base) or, with a
-task-vector method, ``θ₀ + λ·sparsify(α·(θₜ − θ₀))`` as the merge core defines it. It can
+task-vector method, ``θ₀ + λ·sparsify(α·(θₜ − θ₀))`` as the merge core defines it.
+
+With peers (checkpoints of the same architecture fine-tuned on other domains) it builds the paper's
+``θ = α·θₜ + (1 − α)·Σᵢ wᵢ·θᵢ`` over the base and the peers (``Σ wᵢ = 1``; :attr:`CocktailEngine.weights`,
+uniform unless set, e.g. by the ``cocktail`` policy). Peers are read lazily, one tensor at a time.
+Task-vector methods take the same mixture in task-vector form: base θ₀, inputs ``[θₜ, peer₁, ...]`` with
+weights ``[α, (1 − α)·w₁, ...]`` (the base's own task vector is zero, so ``w₀`` drops out). For
+``task_arithmetic`` with ``lambda = 1`` this is exactly the linear mixture (``θ₀·(1 − α − (1 − α)Σ_{i≥1} wᵢ) =
+(1 − α)·w₀·θ₀``); TIES / DARE / breadcrumbs then sparsify and elect signs over the fine-tuned and the peer task
+vectors with those weights (TIES divides by the sum of the agreeing weights, so with one input α cancels out:
+use ``linear`` or ``task_arithmetic`` when α should scale the update). The engine can
 
 - swap θ(α) into the live model in place and restore θₜ bit-exactly afterwards (:meth:`swapped`), so that
-  probes can score candidates without a second model instance;
+  probes can score candidates without a second model instance (:meth:`swapped_ingredient` swaps in the base
+  or a peer as stored, e.g. to measure its loss for auto weights);
 - measure the weight-space drift ``‖θₜ − θ₀‖`` per layer (:meth:`drift`);
 - return the merged state dict (:meth:`merged_state_dict`) or write a ``from_pretrained``-loadable folder with
   ``cocktail.json`` and a model card, atomically (:meth:`write`).
 
-Frozen parameters and buffers are never merged: they still hold their base values. This module imports only
-torch and resilient-tune's own modules.
+Frozen parameters and buffers are never merged: they still hold their base values (also with peers: only the
+trainable parameters are mixed). This module imports only torch and resilient-tune's own modules.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +46,10 @@ from .checkpoint import StreamingWriter, TensorInfo, atomic_dir, copy_support_fi
 from .errors import UsageError
 from .merging import get_method, merge_tensor, resolve_options
 from .recipe import COCKTAIL_FILE, Recipe, cocktail_document
-from .snapshot import Snapshot
+from .snapshot import PeerCheckpoints, Snapshot
+from .sources import ModelLike
 
-__all__ = ["CocktailEngine", "Drift", "check_alpha"]
+__all__ = ["CocktailEngine", "Drift", "check_alpha", "check_weights"]
 
 _LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+)\.")
 
@@ -57,6 +69,35 @@ def check_alpha(alpha: float, name: str = "alpha") -> float:
             "(0 = the base model, 1 = the fine-tuned model)"
         )
     return value
+
+
+def check_weights(weights: Sequence[float], *, count: int | None = None) -> tuple[float, ...]:
+    """Return ``weights`` (of the base and the peers) as a tuple after checking them.
+
+    Args:
+        weights: Non-negative finite numbers summing to 1 (within 1e-5: float32 softmax outputs pass).
+        count: The expected number (1 + number of peers), when known.
+
+    Raises:
+        UsageError: Not a sequence of numbers, a negative or non-finite value, a sum other than 1, a wrong count.
+    """
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise UsageError(f"weights={weights!r} must be a list of numbers, one for the base and one per peer")
+    values = []
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise UsageError(f"weights={list(weights)!r}: each weight must be a finite number >= 0")
+        values.append(float(w))
+    if count is not None and len(values) != count:
+        raise UsageError(
+            f"got {len(values)} weights for {count} ingredients; pass one weight for the base and one per peer"
+        )
+    total = sum(values)
+    if not values or abs(total - 1.0) > 1e-5:
+        raise UsageError(
+            f"weights {values} sum to {total:g}; pass weights of the base and the peers that sum to 1"
+        )
+    return tuple(values)
 
 
 @dataclass(frozen=True)
@@ -91,9 +132,16 @@ class CocktailEngine:
         snapshot_device: Where the in-memory snapshot lives (``"cpu"`` default).
         snapshot_dtype: Storage dtype of the snapshot (``None`` = same as the parameters, ``"bf16"``, ``"fp16"``).
         snapshot_dir: Keep the snapshot on disk in this folder instead of in memory.
+        peers: Peer checkpoints (folders or files, read lazily; or state dicts) of the model's architecture.
+            They are opened and checked against the model's trainable parameters by :meth:`begin` /
+            :meth:`attach` (or the first merge).
+        weights: Weights ``wᵢ`` of the base and the peers (base first; non-negative, summing to 1). Default:
+            uniform, ``1 / (1 + len(peers))`` each (``(1.0,)`` without peers).
+        allow_pickle: Allow ``.bin`` pickle peer checkpoints (loaded with ``torch.load(weights_only=True)``).
 
     Raises:
-        UsageError: α out of range, unknown method (the message lists the valid ones), bad options or dtype.
+        UsageError: α out of range, unknown method (the message lists the valid ones), bad options, dtype,
+            peers or weights.
     """
 
     def __init__(
@@ -106,8 +154,16 @@ class CocktailEngine:
         snapshot_device: str | torch.device = "cpu",
         snapshot_dtype: str | torch.dtype | None = None,
         snapshot_dir: str | os.PathLike[str] | None = None,
+        peers: Sequence[ModelLike] | None = None,
+        weights: Sequence[float] | None = None,
+        allow_pickle: bool = False,
     ) -> None:
         self.alpha = check_alpha(alpha)
+        self._peer_specs = _check_peers(peers)
+        count = 1 + len(self._peer_specs)
+        self.weights = (1.0 / count,) * count if weights is None else check_weights(weights, count=count)
+        self._allow_pickle = allow_pickle
+        self._peers: PeerCheckpoints | None = None
         self.recipe = Recipe(method=method, options=dict(options or {}), seed=seed, dtype=None)
         self._spec = get_method(method)
         self._options = resolve_options(self._spec, self.recipe.options)
@@ -145,37 +201,106 @@ class CocktailEngine:
             folder=self.snapshot_dir,
             overwrite=overwrite,
         )
+        self._open_peers(model)
         return self._snapshot
 
     def attach(self, snapshot: Snapshot, model: torch.nn.Module | None = None) -> None:
-        """Use an existing snapshot (e.g. reloaded on resume); checked against ``model`` when given."""
+        """Use an existing snapshot (e.g. reloaded on resume); checked against ``model`` when given (and the
+        peers, if any, are opened and checked against it)."""
         if model is not None:
             snapshot.check(model)
         if self._snapshot is not None and self._snapshot is not snapshot:
             self._snapshot.close()
         self._snapshot = snapshot
+        if model is not None:
+            self._open_peers(model)
+
+    # ---------------------------------------------------------------- peers
+    @property
+    def num_peers(self) -> int:
+        """How many peers the engine mixes (0 without peers)."""
+        return len(self._peer_specs)
+
+    @property
+    def ingredient_names(self) -> list[str]:
+        """``["base", <peer 1>, ...]``: the ingredients :attr:`weights` refers to, in order."""
+        peers = (
+            self._peers.names
+            if self._peers is not None
+            else [_peer_label(p, i) for i, p in enumerate(self._peer_specs, 1)]
+        )
+        return ["base", *peers]
+
+    @property
+    def peers(self) -> PeerCheckpoints | None:
+        """The opened peers (``None`` before :meth:`begin` / :meth:`attach` or without peers)."""
+        return self._peers
+
+    def set_weights(self, weights: Sequence[float]) -> tuple[float, ...]:
+        """Set :attr:`weights` (base first, one per peer; non-negative, summing to 1) and return them."""
+        self.weights = check_weights(weights, count=1 + self.num_peers)
+        return self.weights
+
+    @contextlib.contextmanager
+    def swapped_ingredient(self, model: torch.nn.Module, index: int) -> Iterator[torch.nn.Module]:
+        """Put ingredient ``index`` (0 = the base θ₀, ``i`` = peer ``i``), as stored, into the live trainable
+        parameters for the duration of the block; restored bit-exactly as in :meth:`swapped`. Used to measure
+        each ingredient's loss for auto weights. Frozen parameters keep their (base) values."""
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= self.num_peers:
+            raise UsageError(
+                f"ingredient index {index!r} must be an int in [0, {self.num_peers}] (0 = the base)"
+            )
+        self._open_peers(model)
+
+        def value(name: str, live: torch.Tensor) -> torch.Tensor:
+            if index == 0:
+                return self.snapshot.get(name)
+            assert self._peers is not None
+            return self._peers.get(index - 1, name)
+
+        with self._swap(model, value) as swapped:
+            yield swapped
+
+    def close(self) -> None:
+        """Release the peers' readers and the snapshot. Idempotent."""
+        if self._peers is not None:
+            self._peers.close()
+            self._peers = None
+        if self._snapshot is not None:
+            self._snapshot.close()
 
     # ---------------------------------------------------------------- merge
-    def recipe_for(self, alpha: float) -> Recipe:
-        """The :class:`Recipe` of the merge at ``alpha``: weights ``(α, 1 − α)`` (linear) or ``(α,)``."""
-        alpha = check_alpha(alpha)
-        weights = (alpha,) if self._spec.needs_base else (alpha, 1.0 - alpha)
+    def recipe_for(self, alpha: float, weights: Sequence[float] | None = None) -> Recipe:
+        """The :class:`Recipe` of the merge at ``alpha``: weights ``(α, (1 − α)·w₀, (1 − α)·w₁, ...)`` over
+        fine-tuned, base and peers (linear; ``(α, 1 − α)`` without peers) or ``(α, (1 − α)·w₁, ...)`` over
+        fine-tuned and peers (task-vector methods, base θ₀; ``(α,)`` without peers)."""
+        mix = self._mix_weights(check_alpha(alpha), weights)
         return Recipe(
-            method=self.recipe.method, weights=weights, options=self.recipe.options, seed=self.recipe.seed
+            method=self.recipe.method, weights=mix, options=self.recipe.options, seed=self.recipe.seed
         )
 
-    def merged_tensor(self, name: str, current: torch.Tensor, alpha: float) -> torch.Tensor:
+    def merged_tensor(
+        self, name: str, current: torch.Tensor, alpha: float, weights: Sequence[float] | None = None
+    ) -> torch.Tensor:
         """θ(α) of parameter ``name`` given its live value ``current`` (returned on ``current``'s device and
-        in its dtype; arithmetic in float32 on the CPU-side inputs). ``current`` is not modified."""
+        in its dtype; arithmetic in float32 on the CPU-side inputs). ``current`` is not modified.
+
+        Peers are read one at a time. For ``linear``, ingredients of weight 0 are not read at all (the sum is
+        the same); task-vector methods read every input (DARE masks depend on the input's position)."""
+        mix = self._mix_weights(alpha, weights)
         base = self.snapshot.get(name).to(current.device)
+        peers = [self._peer_loader(i, name) for i in range(self.num_peers)]
+        base_arg: torch.Tensor | None
         if self._spec.needs_base:
-            inputs, weights, base_arg = [current], [alpha], base
+            inputs, base_arg = [current, *peers], base
         else:
-            inputs, weights, base_arg = [current, base], [alpha, 1.0 - alpha], None
+            pairs = [(x, w) for x, w in zip([current, base, *peers], mix) if w != 0.0]
+            inputs, base_arg = [x for x, _ in pairs], None
+            mix = tuple(w for _, w in pairs)
         return merge_tensor(
             self._spec,
             inputs,
-            weights,
+            mix,
             base=base_arg,
             options=self._options,
             key=name,
@@ -184,7 +309,9 @@ class CocktailEngine:
         )
 
     @contextlib.contextmanager
-    def swapped(self, model: torch.nn.Module, alpha: float) -> Iterator[torch.nn.Module]:
+    def swapped(
+        self, model: torch.nn.Module, alpha: float, weights: Sequence[float] | None = None
+    ) -> Iterator[torch.nn.Module]:
         """Put θ(α) into the live trainable parameters of ``model`` for the duration of the block.
 
         Works in place under ``torch.no_grad()``: each live tensor θₜ is copied once to a CPU scratch (one
@@ -192,21 +319,37 @@ class CocktailEngine:
         exit (also on an exception) every parameter is restored from the scratch, bit-exactly. ``alpha == 1``
         is θₜ itself: nothing is swapped.
 
+        Args:
+            model: The live model.
+            alpha: Weight of the fine-tuned model.
+            weights: Weights of the base and the peers (default :attr:`weights`).
+
         Yields:
             ``model`` itself.
         """
         alpha = check_alpha(alpha)
-        params = self.snapshot.check(model)
+        self._mix_weights(alpha, weights)  # validate before touching the model
+        self._open_peers(model)
         if alpha == 1.0 and not self._spec.needs_base:
+            self.snapshot.check(model)
             yield model
             return
+        with self._swap(model, lambda name, live: self.merged_tensor(name, live, alpha, weights)) as swapped:
+            yield swapped
+
+    @contextlib.contextmanager
+    def _swap(
+        self, model: torch.nn.Module, value: Callable[[str, torch.Tensor], torch.Tensor]
+    ) -> Iterator[torch.nn.Module]:
+        """Write ``value(name, live_cpu_copy)`` into each trainable parameter; restore from the scratch on exit."""
+        params = self.snapshot.check(model)
         scratch: dict[str, torch.Tensor] = {}
         try:
             with torch.no_grad():
                 for name, p in params:
                     live = p.detach().to("cpu", copy=True)
                     scratch[name] = live
-                    p.copy_(self.merged_tensor(name, live, alpha))
+                    p.copy_(value(name, live))
             yield model
         finally:
             with torch.no_grad():
@@ -216,14 +359,16 @@ class CocktailEngine:
             scratch.clear()
 
     def merged_state_dict(
-        self, model: torch.nn.Module, alpha: float | None = None
+        self, model: torch.nn.Module, alpha: float | None = None, weights: Sequence[float] | None = None
     ) -> dict[str, torch.Tensor]:
         """The full ``model.state_dict()`` with every trainable parameter replaced by θ(α).
 
         Non-trainable entries (frozen parameters, buffers) are the model's own tensors (detached, not copied);
-        tied parameters appear under every name, merged once. ``model`` is not modified.
+        tied parameters appear under every name, merged once. ``model`` is not modified. ``weights``: of the
+        base and the peers (default :attr:`weights`).
         """
-        return dict(self._iter_state(model, self.alpha if alpha is None else alpha, dedupe=False))
+        alpha = self.alpha if alpha is None else alpha
+        return dict(self._iter_state(model, alpha, dedupe=False, weights=weights))
 
     def drift(self, model: torch.nn.Module) -> Drift:
         """Weight-space drift ``‖θₜ − θ₀‖`` of the trainable parameters, total and per layer."""
@@ -254,6 +399,7 @@ class CocktailEngine:
         tokenizer: Any = None,
         overwrite: bool = False,
         max_shard_size: int | str = "5GB",
+        weights: Sequence[float] | None = None,
     ) -> Path:
         """Write the resilient model θ(α) as a ``from_pretrained``-loadable folder, atomically.
 
@@ -262,7 +408,9 @@ class CocktailEngine:
         config (copied from ``support_from`` when given, else from ``model.config`` /
         ``model.generation_config``), the tokenizer (``support_from`` files, or ``tokenizer.save_pretrained``),
         ``cocktail.json`` (recipe, ingredients, α and ``metadata`` such as step and probe metrics) and a model
-        card ``README.md``. Tensors are merged and written one at a time.
+        card ``README.md``. Tensors are merged and written one at a time (peers read one tensor at a time).
+        ``cocktail.json`` lists the ingredients: the fine-tuned model, the base and each peer (path and content
+        fingerprint) with its weight in the recipe and, with peers, its mixing weight ``wᵢ``.
 
         Args:
             model: The live model (θₜ); not modified.
@@ -273,25 +421,31 @@ class CocktailEngine:
             tokenizer: Anything with ``save_pretrained(folder)`` (used when ``support_from`` has no tokenizer).
             overwrite: Replace ``folder`` if it exists.
             max_shard_size: Shard size limit (bytes or ``"5GB"``-style string).
+            weights: Weights of the base and the peers (default :attr:`weights`).
 
         Returns:
             The written folder.
         """
         alpha = self.alpha if alpha is None else check_alpha(alpha)
+        mix = self._ingredient_weights(weights)
         shard_bytes = parse_size(max_shard_size)
         params = self.snapshot.check(model)
+        self._open_peers(model)
         plan = {
             key: TensorInfo(t.dtype, tuple(t.shape))
             for key, t in self._iter_state(model, alpha, dedupe=True, lazy=True)
         }
-        recipe = self.recipe_for(alpha)
+        recipe = self.recipe_for(alpha, mix)
         doc = cocktail_document(
-            recipe, self._ingredients(alpha), version=__version__, extra=self._extra(metadata, alpha, params)
+            recipe,
+            self._ingredients(alpha, mix),
+            version=__version__,
+            extra=self._extra(metadata, alpha, params, mix),
         )
         with atomic_dir(folder, overwrite=overwrite) as tmp:
             meta = {"resilient_tune": __version__, "alpha": repr(alpha)}
             with StreamingWriter(tmp, plan, max_shard_size=shard_bytes, metadata=meta) as writer:
-                for key, tensor in self._iter_state(model, alpha, dedupe=True):
+                for key, tensor in self._iter_state(model, alpha, dedupe=True, weights=mix):
                     writer.write(key, tensor)
             _write_support(model, tmp, support_from, tokenizer)
             (tmp / COCKTAIL_FILE).write_text(json.dumps(doc, indent=2) + "\n")
@@ -300,11 +454,19 @@ class CocktailEngine:
 
     # ---------------------------------------------------------------- internals
     def _iter_state(
-        self, model: torch.nn.Module, alpha: float, *, dedupe: bool, lazy: bool = False
+        self,
+        model: torch.nn.Module,
+        alpha: float,
+        *,
+        dedupe: bool,
+        lazy: bool = False,
+        weights: Sequence[float] | None = None,
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """``(key, tensor)`` over ``model.state_dict()``, trainable parameters merged (or, ``lazy``, not merged:
         only shapes/dtypes are needed). ``dedupe`` skips keys whose storage another key already holds."""
         alpha = check_alpha(alpha)
+        self._mix_weights(alpha, weights)
+        self._open_peers(model)
         trainable = {id(p): name for name, p in self.snapshot.check(model)}
         seen: set[tuple[int, int, tuple[int, ...], torch.dtype]] = set()
         with torch.no_grad():
@@ -324,26 +486,79 @@ class CocktailEngine:
                 if name is None or lazy:
                     yield key, live
                 else:
-                    yield key, self.merged_tensor(name, live.to("cpu"), alpha)
+                    yield key, self.merged_tensor(name, live.to("cpu"), alpha, weights)
 
-    def _ingredients(self, alpha: float) -> list[dict[str, Any]]:
+    def _ingredient_weights(self, weights: Sequence[float] | None) -> tuple[float, ...]:
+        return self.weights if weights is None else check_weights(weights, count=1 + self.num_peers)
+
+    def _mix_weights(self, alpha: float, weights: Sequence[float] | None) -> tuple[float, ...]:
+        """Recipe weights: ``[α, (1−α)·w₀, (1−α)·w₁, ...]`` (linear) or ``[α, (1−α)·w₁, ...]`` (task vectors)."""
+        w = self._ingredient_weights(weights)
+        rest = 1.0 - alpha
+        others = w[1:] if self._spec.needs_base else w
+        return (alpha, *(rest * x for x in others))
+
+    def _open_peers(self, model: torch.nn.Module) -> None:
+        if self._peer_specs and self._peers is None:
+            self._peers = PeerCheckpoints.open(self._peer_specs, model, allow_pickle=self._allow_pickle)
+
+    def _peer_loader(self, index: int, name: str) -> Callable[[], torch.Tensor]:
+        if self._peers is None:
+            raise UsageError("the peers are not open yet; call begin(model) or attach(snapshot, model) first")
+        return self._peers.loader(index, name)
+
+    def _ingredients(self, alpha: float, weights: Sequence[float]) -> list[dict[str, Any]]:
         snap = self.snapshot
         base_name = str(snap.folder) if snap.folder is not None else "base snapshot (in memory)"
-        fine = {"role": "model", "name": "fine-tuned (live training weights)"}
-        base = {"role": "base", "name": base_name, "storage": snap.storage}
-        if self._spec.needs_base:
-            fine["weight"] = alpha
-        else:
-            fine["weight"], base["weight"] = alpha, 1.0 - alpha
-        return [fine, base]
+        fine: dict[str, Any] = {"role": "model", "name": "fine-tuned (live training weights)"}
+        base: dict[str, Any] = {"role": "base", "name": base_name, "storage": snap.storage}
+        rest = 1.0 - alpha
+        fine["weight"] = alpha
+        if not self._spec.needs_base:
+            base["weight"] = rest * weights[0]
+        out = [fine, base]
+        if self.num_peers:
+            assert self._peers is not None
+            base["mix_weight"] = weights[0]
+            for identity, w in zip(self._peers.identities(), weights[1:]):
+                out.append({"role": "peer", **identity, "weight": rest * w, "mix_weight": w})
+        return out
 
-    def _extra(self, metadata: Mapping[str, Any] | None, alpha: float, params: list[Any]) -> dict[str, Any]:
+    def _extra(
+        self, metadata: Mapping[str, Any] | None, alpha: float, params: list[Any], weights: Sequence[float]
+    ) -> dict[str, Any]:
         extra: dict[str, Any] = {"alpha": alpha, "merged_parameters": len(params)}
+        if self.num_peers:
+            extra["ingredient_weights"] = dict(zip(self.ingredient_names, weights))
         for key, value in (metadata or {}).items():
             if key in extra:
                 raise UsageError(f"metadata key {key!r} is set by the engine in cocktail.json; rename it")
             extra[key] = value
         return extra
+
+
+def _check_peers(peers: Sequence[ModelLike] | None) -> list[ModelLike]:
+    """Validate the peers' types (and that paths exist) early; they are opened later, against the model."""
+    if peers is None:
+        return []
+    if isinstance(peers, (str, bytes, os.PathLike, Mapping)):
+        raise UsageError(f"peers={peers!r} must be a list of checkpoint paths, e.g. peers=['/models/peer-a']")
+    out = list(peers)
+    for i, peer in enumerate(out, start=1):
+        if isinstance(peer, (str, os.PathLike)):
+            if not Path(peer).exists():
+                raise UsageError(
+                    f"peer {i} ({os.fspath(peer)!r}) does not exist; pass checkpoint folders or files"
+                )
+        elif not isinstance(peer, Mapping):
+            raise UsageError(
+                f"peer {i} is a {type(peer).__name__}; pass checkpoint paths (or state dicts Mapping[str, Tensor])"
+            )
+    return out
+
+
+def _peer_label(peer: ModelLike, index: int) -> str:
+    return str(peer) if isinstance(peer, (str, os.PathLike)) else f"peer {index}"
 
 
 def _layer_of(name: str) -> str:

@@ -8,24 +8,40 @@ the base's loss at ``α = 0`` never changes during a run). Policies that need no
 - :class:`FixedPolicy` (``"fixed"``, the zero-config default): α as given.
 - :class:`BudgetPolicy` (``"budget"``): the largest α in ``[0, 1]`` whose general-probe loss stays within
   ``(1 + drift_budget)`` × the base's, found in a few probe passes.
-- ``"cocktail"`` (the paper's auto weights over base and peers) comes in a later increment.
+- :class:`CocktailPolicy` (``"cocktail"``, the paper): α as given, and the weights ``wᵢ`` of the base and the
+  peers in ``θ = α·θₜ + (1 − α)·Σᵢ wᵢ·θᵢ`` from their losses ``Lᵢ`` on target examples, ``wᵢ = softmax(−Lᵢ/τ)``.
+
+Policies that choose ``wᵢ`` return them in :attr:`Decision.weights`; the others leave it ``None`` and the merge
+keeps its current weights (uniform over base and peers unless set). Policies that need ingredient losses say so
+with ``needs_ingredient_losses = True`` and take them as ``choose(evaluate, ingredient_losses=...)``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Union, runtime_checkable
 
-from .engine import check_alpha
+from .engine import check_alpha, check_weights
 from .errors import NonFiniteError, UsageError
+from .weights import softmax_weights
 
-__all__ = ["POLICY_NAMES", "BudgetPolicy", "Decision", "FixedPolicy", "Policy", "get_policy"]
+__all__ = [
+    "POLICY_NAMES",
+    "BudgetPolicy",
+    "CocktailPolicy",
+    "Decision",
+    "FixedPolicy",
+    "Policy",
+    "get_policy",
+]
 
 POLICY_NAMES = ("fixed", "cocktail", "budget")
 
 Evaluate = Callable[[float], float]
+IngredientLosses = Union[Callable[[], Sequence[float]], Sequence[float]]  # noqa: UP007 (a runtime alias)
+"""The losses ``Lᵢ`` of the base and each peer on target examples (base first), or a function computing them."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +57,9 @@ class Decision:
         threshold: The loss bound the policy enforced (``budget``), else ``None``.
         evaluated: ``(alpha, loss)`` pairs in the order measured.
         reason: One line on why this α.
+        weights: Weights ``wᵢ`` of the base and the peers (base first, summing to 1) when the policy chooses them,
+            else ``None`` (the merge keeps its weights).
+        ingredient_losses: The losses ``Lᵢ`` the weights came from (``cocktail``), else ``None``.
     """
 
     alpha: float
@@ -51,6 +70,8 @@ class Decision:
     threshold: float | None = None
     evaluated: tuple[tuple[float, float], ...] = field(default_factory=tuple)
     reason: str = ""
+    weights: tuple[float, ...] | None = None
+    ingredient_losses: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +83,8 @@ class Decision:
             "threshold": self.threshold,
             "evaluated": [list(pair) for pair in self.evaluated],
             "reason": self.reason,
+            "weights": None if self.weights is None else list(self.weights),
+            "ingredient_losses": None if self.ingredient_losses is None else list(self.ingredient_losses),
         }
 
 
@@ -72,29 +95,38 @@ class Policy(Protocol):
     name: str
     needs_general_data: bool
 
-    def choose(self, evaluate: Evaluate | None) -> Decision: ...
+    def choose(self, evaluate: Evaluate | None) -> Decision:
+        """Decide α (and optionally the weights). Policies with ``needs_ingredient_losses = True`` also take
+        ``ingredient_losses=``; every built-in policy accepts (and ignores) keyword arguments it does not use."""
+        ...
 
     def to_dict(self) -> dict[str, Any]: ...
 
 
 class FixedPolicy:
-    """α as given, every time (no probe pass).
+    """α (and, with peers, the weights ``wᵢ``) as given, every time (no probe pass).
 
     Args:
         alpha: Weight of the fine-tuned model in ``[0, 1]`` (0.5 by default, as the paper's examples).
+        weights: Optional weights ``wᵢ`` of the base and the peers (base first): non-negative, summing to 1.
+            ``None`` keeps the merge's weights (uniform over base and peers).
     """
 
     name = "fixed"
     needs_general_data = False
 
-    def __init__(self, alpha: float = 0.5) -> None:
+    def __init__(self, alpha: float = 0.5, *, weights: Sequence[float] | None = None) -> None:
         self.alpha = check_alpha(alpha)
+        self.weights = None if weights is None else check_weights(weights)
 
-    def choose(self, evaluate: Evaluate | None = None) -> Decision:
-        return Decision(self.alpha, 0, self.name, reason="fixed alpha")
+    def choose(self, evaluate: Evaluate | None = None, **_: Any) -> Decision:
+        return Decision(self.alpha, 0, self.name, reason="fixed alpha", weights=self.weights)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "alpha": self.alpha}
+        out: dict[str, Any] = {"name": self.name, "alpha": self.alpha}
+        if self.weights is not None:
+            out["weights"] = list(self.weights)
+        return out
 
     def __repr__(self) -> str:
         return f"FixedPolicy(alpha={self.alpha})"
@@ -152,7 +184,7 @@ class BudgetPolicy:
         self.slack = float(slack)
         self.max_passes = max_passes
 
-    def choose(self, evaluate: Evaluate | None) -> Decision:
+    def choose(self, evaluate: Evaluate | None, **_: Any) -> Decision:
         if evaluate is None:
             raise UsageError(
                 "the budget policy measures general-probe losses; pass an evaluate(alpha) function"
@@ -209,6 +241,57 @@ class BudgetPolicy:
         return f"BudgetPolicy(drift_budget={self.drift_budget}, tolerance={self.tolerance})"
 
 
+class CocktailPolicy:
+    """LM-Cocktail (paper arXiv 2311.13534): α as given, ``wᵢ = softmax(−Lᵢ/τ)`` over the base and the peers.
+
+    ``Lᵢ`` is the loss of ingredient ``i`` (the base, then each peer, as stored — not mixed with the fine-tuned
+    model) on a few target examples. The ingredients never change during a run, so the caller may compute the
+    losses once and pass the same numbers at every decision. Without peers the only weight is the base's (1.0)
+    and the policy is ``fixed``.
+
+    Args:
+        alpha: Weight of the fine-tuned model in ``[0, 1]`` (0.5 by default, as the paper's examples).
+        temperature: Softmax temperature τ > 0 (5.0, the reference default; smaller τ favours the lowest loss).
+    """
+
+    name = "cocktail"
+    needs_general_data = False
+    needs_ingredient_losses = True
+
+    def __init__(self, alpha: float = 0.5, *, temperature: float = 5.0) -> None:
+        self.alpha = check_alpha(alpha)
+        softmax_weights([0.0], temperature)  # validates the temperature with the reference's message
+        self.temperature = float(temperature)
+
+    def choose(
+        self, evaluate: Evaluate | None = None, *, ingredient_losses: IngredientLosses | None = None, **_: Any
+    ) -> Decision:
+        """Weights from ``ingredient_losses`` (base first, or a function returning them); no general pass.
+
+        Raises:
+            UsageError: ``ingredient_losses`` missing or empty.
+            NonFiniteError: A loss is NaN/Inf.
+        """
+        if ingredient_losses is None:
+            raise UsageError(
+                "the cocktail policy weighs the base and the peers by their loss on target examples; pass "
+                "ingredient_losses=[loss of the base, loss of peer 1, ...]"
+            )
+        losses = tuple(
+            float(x) for x in (ingredient_losses() if callable(ingredient_losses) else ingredient_losses)
+        )
+        names = ["the base", *(f"peer {i}" for i in range(1, len(losses)))]
+        weights = tuple(softmax_weights(losses, self.temperature, names=names))
+        reason = f"fixed alpha; weights softmax(-loss/{self.temperature:g}) over base and {len(losses) - 1} peer(s)"
+        return Decision(self.alpha, 0, self.name, reason=reason, weights=weights, ingredient_losses=losses)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "alpha": self.alpha, "temperature": self.temperature}
+
+    def __repr__(self) -> str:
+        return f"CocktailPolicy(alpha={self.alpha}, temperature={self.temperature})"
+
+
 def _next_guess(
     measured: list[tuple[float, float]],
     lo: float,
@@ -238,12 +321,11 @@ def get_policy(name: str | Policy, **options: Any) -> Policy:
 
     Args:
         name: The policy name, or a ready policy (returned as is; ``options`` must then be empty).
-        **options: Constructor arguments: ``alpha`` (fixed), ``drift_budget``, ``tolerance``, ``slack``,
-            ``max_passes`` (budget).
+        **options: Constructor arguments: ``alpha``, ``weights`` (fixed), ``alpha``, ``temperature`` (cocktail),
+            ``drift_budget``, ``tolerance``, ``slack``, ``max_passes`` (budget).
 
     Raises:
         UsageError: Unknown name (the message lists the valid ones) or bad options.
-        NotImplementedError: ``cocktail``, which comes in a later increment.
     """
     if not isinstance(name, str):
         if isinstance(name, Policy):
@@ -253,12 +335,11 @@ def get_policy(name: str | Policy, **options: Any) -> Policy:
                 )
             return name
         raise UsageError(f"policy={name!r} must be a name ({' | '.join(POLICY_NAMES)}) or a policy object")
-    factories: dict[str, Callable[..., Policy]] = {"fixed": FixedPolicy, "budget": BudgetPolicy}
-    if name == "cocktail":
-        raise NotImplementedError(
-            "policy 'cocktail' (auto weights for base and peers from target examples) is not implemented yet; "
-            "use 'fixed' or 'budget'"
-        )
+    factories: dict[str, Callable[..., Policy]] = {
+        "fixed": FixedPolicy,
+        "cocktail": CocktailPolicy,
+        "budget": BudgetPolicy,
+    }
     if name not in factories:
         raise UsageError(f"policy {name!r} is unknown; use one of: {', '.join(POLICY_NAMES)}")
     try:

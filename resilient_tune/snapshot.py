@@ -13,13 +13,17 @@ Storage options:
 
 :meth:`Snapshot.state` is a JSON-able description (where the snapshot lives and what it holds) from which
 :meth:`Snapshot.load` reopens it, e.g. when a training run resumes in a new process.
+
+:class:`PeerCheckpoints` is the other kind of frozen ingredient: checkpoints of the same architecture fine-tuned on
+other domains (LM-Cocktail's peers), paired with the same trainable parameters by name and read lazily, one tensor
+at a time, from disk (never a second model instance).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +33,9 @@ from . import __version__
 from .checkpoint import CheckpointReader, StreamingWriter, TensorInfo, atomic_dir
 from .errors import IncompatibleModelsError, UsageError
 from .recipe import normalize_dtype_name
+from .sources import ModelLike, TensorSource, open_source
 
-__all__ = ["Snapshot", "trainable_parameters"]
+__all__ = ["PeerCheckpoints", "Snapshot", "trainable_parameters"]
 
 FORMAT = "resilient-tune/snapshot"
 _INFO_FILE = "snapshot.json"
@@ -348,3 +353,117 @@ def _write_folder(
                 w.write(name, tensor.detach().to(dtype=specs[name].dtype))
         (tmp / _INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return Path(os.path.abspath(folder))
+
+
+class PeerCheckpoints:
+    """Peer checkpoints paired with a model's trainable parameters, read one tensor at a time.
+
+    Each trainable parameter ``name`` (as in ``model.named_parameters()``) is looked up in every peer under the
+    names ``model.state_dict()`` gives it (tied parameters have several, e.g. GPT-2's ``transformer.wte.weight``
+    and ``lm_head.weight``; ``save_pretrained`` stores one of them), each also with the model's
+    ``base_model_prefix`` added or removed (a ``BertModel`` peer for a ``BertForSequenceClassification``
+    model and vice versa). Extra peer keys are ignored; only trainable parameters are mixed with peers.
+
+    Build with :meth:`open`; close with :meth:`close`.
+
+    Attributes:
+        names: One label per peer (its path, or ``"peer i"`` for an in-memory state dict).
+        fingerprints: One content fingerprint per peer (see :meth:`CheckpointReader.fingerprint`).
+    """
+
+    def __init__(self, sources: list[TensorSource], keys: list[dict[str, str]]) -> None:
+        """Internal: use :meth:`open`."""
+        self._sources = sources
+        self._keys = keys
+        self.names = [source.name for source in sources]
+        self.fingerprints = [source.fingerprint() for source in sources]
+
+    @classmethod
+    def open(
+        cls, peers: Sequence[ModelLike], model: torch.nn.Module, *, allow_pickle: bool = False
+    ) -> PeerCheckpoints:
+        """Open ``peers`` (checkpoint folders/files read lazily, or state dicts) and pair them with ``model``.
+
+        Raises:
+            CheckpointFormatError: A peer path is missing or not a checkpoint.
+            IncompatibleModelsError: A peer lacks a trainable parameter of the model or holds it with another
+                shape; the message names the first mismatching key (peers of another architecture).
+        """
+        params = trainable_parameters(model)
+        aliases = _aliases(model)
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        sources: list[TensorSource] = []
+        try:
+            for i, peer in enumerate(peers, start=1):
+                sources.append(open_source(peer, name=f"peer {i}", allow_pickle=allow_pickle))
+            keys = [_pair(source, params, aliases, prefix) for source in sources]
+            return cls(sources, keys)
+        except BaseException:
+            for source in sources:
+                source.close()
+            raise
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def get(self, index: int, name: str) -> torch.Tensor:
+        """Peer ``index`` (0-based) value of trainable parameter ``name``, as stored (a fresh CPU tensor for a
+        checkpoint; do not modify it)."""
+        return self._sources[index].get(self._keys[index][name])
+
+    def loader(self, index: int, name: str) -> Callable[[], torch.Tensor]:
+        """A zero-argument function reading :meth:`get` when called (for streaming merges)."""
+        return lambda: self.get(index, name)
+
+    def identities(self) -> list[dict[str, str]]:
+        """``{"name", "fingerprint"}`` per peer, for ``cocktail.json``."""
+        return [{"name": n, "fingerprint": f} for n, f in zip(self.names, self.fingerprints)]
+
+    def close(self) -> None:
+        """Release the readers. Idempotent."""
+        for source in self._sources:
+            source.close()
+
+    def __repr__(self) -> str:
+        return f"PeerCheckpoints({self.names})"
+
+
+def _aliases(model: torch.nn.Module) -> dict[int, list[str]]:
+    """``id(parameter) -> every state_dict name holding it`` (tied parameters have several)."""
+    out: dict[int, list[str]] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        out.setdefault(id(value), []).append(key)
+    return out
+
+
+def _pair(
+    source: TensorSource,
+    params: list[tuple[str, torch.nn.Parameter]],
+    aliases: Mapping[int, list[str]],
+    prefix: str,
+) -> dict[str, str]:
+    """Parameter name -> the peer's key, checking presence and shape in model order."""
+    specs = source.specs()
+    keys: dict[str, str] = {}
+    for name, p in params:
+        tried: list[str] = []
+        for alias in dict.fromkeys([name, *aliases.get(id(p), [])]):
+            tried.append(alias)
+            if prefix and alias.startswith(prefix + "."):
+                tried.append(alias[len(prefix) + 1 :])
+            elif prefix:
+                tried.append(f"{prefix}.{alias}")
+        found = next((key for key in tried if key in specs), None)
+        if found is None:
+            raise IncompatibleModelsError(
+                f"{source.name} has no tensor for the trainable parameter {name!r} (looked for {tried}); "
+                "peers must be checkpoints of the model's architecture — drop that peer or fine-tune the same model"
+            )
+        info = specs[found]
+        if info.shape != tuple(p.shape) or info.dtype.is_floating_point != p.is_floating_point():
+            raise IncompatibleModelsError(
+                f"{source.name}: {found!r} is {info.dtype} {info.shape} but the model's trainable parameter {name!r} "
+                f"is {p.dtype} {tuple(p.shape)}; peers must share the model's architecture and size"
+            )
+        keys[name] = found
+    return keys

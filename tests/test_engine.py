@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from resilient_tune.engine import CocktailEngine
-from resilient_tune.errors import UsageError
+from resilient_tune.errors import IncompatibleModelsError, UsageError
 
 transformers = pytest.importorskip("transformers")
 
@@ -163,3 +163,195 @@ def test_unknown_method_lists_the_valid_ones():
 def test_no_snapshot_yet_is_a_clear_error():
     with pytest.raises(UsageError, match="begin"):
         CocktailEngine().drift(_gpt2())
+
+
+# ---------------------------------------------------------------------------- peers
+@pytest.fixture
+def with_peers(tmp_path):
+    """A trained GPT-2 (one frozen parameter), its base state, and two peer checkpoints written by
+    save_pretrained (tied lm_head stored once)."""
+    peers, states = [], []
+    for seed in (11, 12):
+        peer = _gpt2(seed)
+        peer.save_pretrained(tmp_path / f"peer{seed}")
+        peers.append(tmp_path / f"peer{seed}")
+        states.append(_live(peer))
+    model = _gpt2()
+    model.transformer.wpe.weight.requires_grad_(False)
+    base = _live(model)
+    return model, base, peers, states
+
+
+def _paper_mix(alpha, weights, tuned, base, peers, key):
+    """θ = α·θₜ + (1 − α)·Σ wᵢ θᵢ over base and peers (the paper's formula, the test oracle)."""
+    rest = weights[0] * base[key] + sum(w * p[key] for w, p in zip(weights[1:], peers))
+    return alpha * tuned[key] + (1 - alpha) * rest
+
+
+def test_peers_mix_trainable_parameters_as_the_paper(with_peers):
+    model, base, peers, states = with_peers
+    engine = CocktailEngine(alpha=0.4, peers=peers, weights=[0.5, 0.3, 0.2])
+    engine.begin(model)
+    _train_a_bit(model)
+    tuned = _live(model)
+    merged = engine.merged_state_dict(model)
+    for key, value in merged.items():
+        if key == "transformer.wpe.weight":  # frozen: keeps the base value, peers are not mixed in
+            assert torch.equal(value, base[key])
+            continue
+        expected = _paper_mix(0.4, [0.5, 0.3, 0.2], tuned, base, states, key)
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)
+    assert torch.equal(merged["lm_head.weight"], merged["transformer.wte.weight"])
+    assert engine.recipe_for(0.4).weights == pytest.approx((0.4, 0.3, 0.18, 0.12))
+
+
+def test_default_peer_weights_are_uniform_and_task_arithmetic_equals_linear(with_peers):
+    model, base, peers, states = with_peers
+    linear = CocktailEngine(alpha=0.3, peers=peers)
+    assert linear.weights == pytest.approx((1 / 3,) * 3)
+    linear.begin(model)
+    ta = CocktailEngine(alpha=0.3, method="task_arithmetic", peers=peers)
+    ta.attach(linear.snapshot, model)
+    _train_a_bit(model)
+    assert ta.recipe_for(0.3).weights == pytest.approx((0.3, 0.7 / 3, 0.7 / 3))  # base θ₀, inputs [θₜ, peers]
+    a, b = linear.merged_state_dict(model), ta.merged_state_dict(model)
+    tuned = _live(model)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+        if key != "transformer.wpe.weight":
+            torch.testing.assert_close(
+                a[key], _paper_mix(0.3, [1 / 3] * 3, tuned, base, states, key), rtol=0, atol=1e-6
+            )
+
+
+def test_ingredients_swap_in_as_stored_and_restore_bit_exactly(with_peers):
+    model, base, peers, states = with_peers
+    engine = CocktailEngine(peers=peers)
+    engine.begin(model)
+    _train_a_bit(model)
+    live = _live(model)
+    with engine.swapped_ingredient(model, 2):
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, base[key] if key == "transformer.wpe.weight" else states[1][key]), key
+    with engine.swapped_ingredient(model, 0):
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, base[key]), key
+    with engine.swapped(model, 0.0, weights=[0.0, 1.0, 0.0]):
+        torch.testing.assert_close(
+            model.transformer.h[0].mlp.c_fc.weight, states[0]["transformer.h.0.mlp.c_fc.weight"]
+        )
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, live[key]), key
+    with pytest.raises(UsageError, match=r"\[0, 2\]"), engine.swapped_ingredient(model, 3):
+        pass
+
+
+def test_peers_are_streamed_one_tensor_at_a_time(with_peers, monkeypatch, tmp_path):
+    from resilient_tune.snapshot import PeerCheckpoints
+
+    model, _, peers, _ = with_peers
+    engine = CocktailEngine(peers=peers)
+    engine.begin(model)
+    reads: list[tuple[int, str]] = []
+    original = PeerCheckpoints.get
+
+    def spy(self, index, name):
+        reads.append((index, name))
+        return original(self, index, name)
+
+    monkeypatch.setattr(PeerCheckpoints, "get", spy)
+    engine.write(model, tmp_path / "out", 0.5)
+    names = [name for _, name in reads]
+    # every parameter's peer tensors are read together, once each: never a whole peer at once
+    assert len(reads) == 2 * len(set(names))
+    for i in range(0, len(reads), 2):
+        assert reads[i] == (0, names[i]) and reads[i + 1] == (1, names[i])
+
+
+def test_write_with_peers_records_identities_and_weights(with_peers, tmp_path):
+    model, base, peers, states = with_peers
+    engine = CocktailEngine(alpha=0.6, peers=peers)
+    engine.begin(model)
+    _train_a_bit(model)
+    tuned = _live(model)
+    folder = engine.write(model, tmp_path / "res", weights=[0.2, 0.2, 0.6])
+    doc = json.loads((folder / "cocktail.json").read_text())
+    roles = [i["role"] for i in doc["ingredients"]]
+    assert roles == ["model", "base", "peer", "peer"]
+    from resilient_tune.checkpoint import CheckpointReader
+
+    for entry, path, w in zip(doc["ingredients"][2:], peers, (0.2, 0.6)):
+        assert entry["name"] == str(path) and entry["mix_weight"] == pytest.approx(w)
+        assert entry["weight"] == pytest.approx(0.4 * w)
+        with CheckpointReader(path) as reader:
+            assert entry["fingerprint"] == reader.fingerprint()
+    assert doc["ingredients"][1]["mix_weight"] == pytest.approx(0.2)
+    assert doc["recipe"]["weights"] == pytest.approx([0.6, 0.08, 0.08, 0.24])
+    assert list(doc["ingredient_weights"]) == ["base", str(peers[0]), str(peers[1])]
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(folder)
+    for key, value in loaded.state_dict().items():
+        expected = (
+            base[key]
+            if key == "transformer.wpe.weight"
+            else _paper_mix(0.6, [0.2, 0.2, 0.6], tuned, base, states, key)
+        )
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)
+
+
+def test_prefixed_peers_pair_with_the_base_model_names(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    transformers.BertModel(config).save_pretrained(
+        tmp_path / "encoder_peer"
+    )  # keys without the "bert." prefix
+    model = transformers.BertForSequenceClassification(config)
+    engine = CocktailEngine(peers=[tmp_path / "encoder_peer"])
+    with pytest.raises(IncompatibleModelsError, match=r"'classifier\.weight'"):
+        engine.begin(model)  # the trainable head is not in a BertModel checkpoint
+    model.classifier.requires_grad_(False)
+    engine.begin(model)
+    peer = transformers.BertModel.from_pretrained(tmp_path / "encoder_peer")
+    with engine.swapped_ingredient(model, 1):
+        assert torch.equal(
+            model.bert.encoder.layer[0].output.dense.weight, peer.encoder.layer[0].output.dense.weight
+        )
+
+
+def test_peers_of_another_architecture_name_the_first_mismatching_key(tmp_path):
+    config = transformers.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    with pytest.raises(IncompatibleModelsError, match=r"bert has no tensor .* 'transformer\.wte\.weight'"):
+        CocktailEngine(peers=[tmp_path / "bert"]).begin(_gpt2())
+    wide = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=32)
+    )
+    wide.save_pretrained(tmp_path / "wide")
+    with pytest.raises(IncompatibleModelsError, match=r"'transformer.wte.weight'.*\(50, 32\).*\(50, 16\)"):
+        CocktailEngine(peers=[tmp_path / "wide"]).begin(_gpt2())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"peers": ["/no/such/peer"]}, "does not exist"),
+        ({"peers": "/a/path"}, "list of checkpoint paths"),
+        ({"peers": [3]}, "int"),
+        ({"weights": [0.5, 0.5]}, "2 weights for 1 ingredients"),
+        ({"weights": [1.5, -0.5]}, ">= 0"),
+    ],
+)
+def test_bad_peers_and_weights_are_refused(kwargs, match):
+    with pytest.raises(UsageError, match=match):
+        CocktailEngine(**kwargs)
+
+
+def test_weights_must_sum_to_one(with_peers):
+    _, _, peers, _ = with_peers
+    engine = CocktailEngine(peers=peers)
+    with pytest.raises(UsageError, match=r"sum to 0\.9"):
+        engine.set_weights([0.3, 0.3, 0.3])
+    assert engine.set_weights([0.2, 0.3, 0.5]) == (0.2, 0.3, 0.5)

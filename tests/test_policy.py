@@ -7,7 +7,7 @@ import math
 import pytest
 
 from resilient_tune.errors import NonFiniteError, UsageError
-from resilient_tune.policy import BudgetPolicy, Decision, FixedPolicy, get_policy
+from resilient_tune.policy import BudgetPolicy, CocktailPolicy, Decision, FixedPolicy, get_policy
 
 
 class _Curve:
@@ -105,9 +105,53 @@ def test_get_policy_by_name_and_errors():
     assert get_policy(budget) is budget
     with pytest.raises(UsageError, match="fixed, cocktail, budget"):
         get_policy("greedy")
-    with pytest.raises(NotImplementedError, match="cocktail"):
-        get_policy("cocktail")
+    cocktail = get_policy("cocktail", alpha=0.7, temperature=2.0)
+    assert isinstance(cocktail, CocktailPolicy) and cocktail.to_dict() == {
+        "name": "cocktail",
+        "alpha": 0.7,
+        "temperature": 2.0,
+    }
     with pytest.raises(UsageError, match="alpha"):
         get_policy("fixed", alpha=2)
     with pytest.raises(UsageError, match="bad options"):
         get_policy("fixed", drift_budget=0.1)
+
+
+def test_cocktail_weights_are_the_reference_softmax_of_the_ingredient_losses():
+    import torch
+
+    losses = [2.0, 1.5, 3.0]  # base, peer 1, peer 2
+    calls = []
+
+    def ingredient_losses():
+        calls.append(1)
+        return losses
+
+    decision = CocktailPolicy(0.6, temperature=0.5).choose(None, ingredient_losses=ingredient_losses)
+    reference = torch.softmax(-torch.FloatTensor(losses) / 0.5, -1).tolist()  # LM_Cocktail's formula
+    assert decision.weights == tuple(reference) and decision.alpha == 0.6
+    assert decision.weights[1] > decision.weights[0] > decision.weights[2]  # lowest loss, largest weight
+    assert decision.ingredient_losses == (2.0, 1.5, 3.0) and decision.passes == 0 and len(calls) == 1
+    assert decision.to_dict()["weights"] == pytest.approx(reference)
+    default = CocktailPolicy().choose(None, ingredient_losses=losses)
+    assert max(default.weights) - min(default.weights) < 0.2  # tau = 5 flattens them, as in the reference
+
+
+def test_cocktail_needs_losses_and_a_positive_temperature():
+    with pytest.raises(UsageError, match="ingredient_losses"):
+        CocktailPolicy().choose(None)
+    with pytest.raises(UsageError, match="temperature"):
+        CocktailPolicy(temperature=0.0)
+    with pytest.raises(NonFiniteError, match="peer 1"):
+        CocktailPolicy().choose(None, ingredient_losses=[1.0, float("nan")])
+    with pytest.raises(UsageError, match="alpha"):
+        CocktailPolicy(alpha=-1)
+
+
+def test_fixed_weights_are_checked_and_returned():
+    decision = FixedPolicy(0.5, weights=[0.25, 0.75]).choose(None)
+    assert decision.weights == (0.25, 0.75)
+    assert FixedPolicy(0.5).choose(None).weights is None
+    with pytest.raises(UsageError, match="sum to"):
+        FixedPolicy(weights=[0.5, 0.6])
+    assert BudgetPolicy(0.1).choose(lambda a: 1.0, ingredient_losses=[1.0]).weights is None  # ignored
