@@ -39,23 +39,26 @@ with or without ``restore_callback_states_from_checkpoint``.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
-import math
 import os
 import uuid
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from resilient_tune.engine import CocktailEngine, check_alpha
 from resilient_tune.errors import UsageError
-from resilient_tune.policy import Decision, Policy, get_policy
-from resilient_tune.probes import BaseLogits, ProbeResult, base_log_probs, probe
-from resilient_tune.snapshot import Snapshot
+from resilient_tune.integrations._common import (
+    BASE_FOLDER,
+    REPORT_FILE,
+    RESILIENT_FOLDER,
+    CocktailCore,
+    ScoreFn,
+    scalars,
+)
+from resilient_tune.policy import Policy
 
 try:
     from transformers import TrainerCallback
@@ -71,18 +74,12 @@ __all__ = ["CocktailCallback"]
 
 logger = logging.getLogger(__name__)
 
-BASE_FOLDER = "resilient_base"
-RESILIENT_FOLDER = "resilient"
-REPORT_FILE = "cocktail_report.json"
-_STATE_VERSION = 1
 _LIVE: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 _CONFIG_FIELDS = ("_engine", "_policy", "_general", "_target", "_score_fn", "save_resilient", "kl_top_k")
 _CONFIG_FIELDS += ("snapshot_on_disk", "max_shard_size")
 
-ScoreFn = Callable[[torch.nn.Module, Mapping[str, Any]], Any]
 
-
-class CocktailCallback(*_BASES):  # type: ignore[misc]
+class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
     """Hugging Face ``Trainer`` callback writing resilient (LM-Cocktail) checkpoints; see the module docs.
 
     Args:
@@ -138,63 +135,32 @@ class CocktailCallback(*_BASES):  # type: ignore[misc]
             raise ImportError(
                 "CocktailCallback needs transformers; install it with: pip install 'resilient-tune[hf]'"
             ) from _IMPORT_ERROR
-        alpha = check_alpha(alpha)
-        if peers:
-            raise NotImplementedError(
-                "peers are not supported yet by CocktailCallback (a later increment of the callback); merge with "
-                "peers offline with resilient_tune.merge(...) after training"
-            )
-        self._policy = _make_policy(policy, alpha, drift_budget)
-        self._general = _probe_sets(general_data, "general_data")
-        self._target = _probe_sets(target_data, "target_data")
-        if self._policy.needs_general_data and not self._general:
-            raise UsageError(
-                f"policy {self._policy.name!r} measures the general-probe loss and needs general_data: pass a few "
-                "dozen tokenized examples the model must not forget (general_data=dataset), or use policy='fixed'"
-            )
-        if score_fn is not None and not callable(score_fn):
-            raise UsageError(f"score_fn={score_fn!r} must be callable as score_fn(model, batch) -> loss")
-        if kl_top_k is not None and (
-            isinstance(kl_top_k, bool) or not isinstance(kl_top_k, int) or kl_top_k < 1
-        ):
-            raise UsageError(f"kl_top_k={kl_top_k!r} must be a positive int or None (keep every token)")
-        self._engine = CocktailEngine(
+        self._configure(
             alpha,
-            method,
-            method_options,
-            seed=seed,
+            policy=policy,
+            drift_budget=drift_budget,
+            general_data=general_data,
+            target_data=target_data,
+            peers=peers,
+            method=method,
+            method_options=method_options,
+            score_fn=score_fn,
             snapshot_device=snapshot_device,
             snapshot_dtype=snapshot_dtype,
+            snapshot_on_disk=snapshot_on_disk,
+            save_resilient=save_resilient,
+            kl_top_k=kl_top_k,
+            max_shard_size=max_shard_size,
+            seed=seed,
         )
-        self._score_fn = score_fn
-        self.snapshot_on_disk = bool(snapshot_on_disk)
-        self.save_resilient = bool(save_resilient)
-        self.kl_top_k = kl_top_k
-        self.max_shard_size = max_shard_size
         self._token = uuid.uuid4().hex
         _LIVE[self._token] = self
-        self._reset_run()
 
     # ------------------------------------------------------------------ public helpers
     def bind(self, trainer: Any) -> CocktailCallback:
         """Give the callback its Trainer explicitly (only needed when the call-stack lookup fails)."""
         self._trainer = trainer
         return self
-
-    @property
-    def engine(self) -> CocktailEngine:
-        """The framework-agnostic engine (snapshot, swap, drift, write)."""
-        return self._engine
-
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        """One entry per decision: step, α, drift, probe losses, passes (JSON-able)."""
-        return list(self._history)
-
-    @property
-    def alpha(self) -> float:
-        """The current α (the last decision's, or the policy's before any decision)."""
-        return self._history[-1]["alpha"] if self._history else self._engine.alpha
 
     # ------------------------------------------------------------------ ExportableState
     def state(self) -> dict[str, Any]:
@@ -209,12 +175,7 @@ class CocktailCallback(*_BASES):  # type: ignore[misc]
             "args": {},
             "attributes": {
                 "_origin": self._token,
-                "_resume_state": {
-                    "version": _STATE_VERSION,
-                    "snapshot": self._snapshot_state,
-                    "history": self._history,
-                    "base_general_loss": None if self._base_result is None else self._base_result.loss,
-                },
+                "_resume_state": self._run_state(),
             },
         }
 
@@ -276,15 +237,17 @@ class CocktailCallback(*_BASES):  # type: ignore[misc]
         prefix = self._root_prefix(metrics or {})
         if prefix is None:
             return  # not the last of several eval datasets
-        entry = self._decide(state, model)
+        entry = self._decide(state.global_step, model)
         if metrics is not None:
-            metrics.update({f"{prefix}_cocktail_{k}": v for k, v in _scalars(entry).items()})
+            metrics.update({f"{prefix}_cocktail_{k}": v for k, v in scalars(entry).items()})
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if not self.save_resilient or model is None or not self._engine.has_snapshot:
             return
         if self._last_step != state.global_step:
-            self._decide(state, model, log=False)  # a save without an evaluation (state lands one save late)
+            self._decide(
+                state.global_step, model, log=False
+            )  # a save without an evaluation (state lands one save late)
         if not state.is_world_process_zero:
             return
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -293,7 +256,7 @@ class CocktailCallback(*_BASES):  # type: ignore[misc]
                 "CocktailCallback: %s not found; resilient weights not written for this save", checkpoint
             )
             return
-        self._write(model, checkpoint / RESILIENT_FOLDER, state, support_from=checkpoint, **kwargs)
+        self._save_resilient(model, checkpoint / RESILIENT_FOLDER, state, support_from=checkpoint, **kwargs)
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if model is None or not self._engine.has_snapshot:
@@ -302,65 +265,31 @@ class CocktailCallback(*_BASES):  # type: ignore[misc]
         if state.is_world_process_zero:
             output = Path(args.output_dir)
             if self.save_resilient:
-                self._write(model, output / RESILIENT_FOLDER, state, entry=entry, **kwargs)
+                self._save_resilient(model, output / RESILIENT_FOLDER, state, entry=entry, **kwargs)
             self._write_report(output / REPORT_FILE, entry)
 
     # ------------------------------------------------------------------ run lifecycle
     def _reset_run(self) -> None:
         self._trainer: Any = getattr(self, "_trainer", None)
-        self._history: list[dict[str, Any]] = []
-        self._last_step: int | None = None
-        self._snapshot_state: dict[str, Any] | None = None
-        self._base_result: ProbeResult | None = None
-        self._batches: dict[str, list[Mapping[str, Any]]] = {}
-        self._target_batches: dict[str, list[Mapping[str, Any]]] = {}
-        self._base_refs: dict[str, list[BaseLogits]] = {}
-        self._passes = 0
+        super()._reset_run()
 
     def _begin(self, args: Any, state: Any, model: torch.nn.Module) -> None:
         base_dir = Path(args.output_dir) / BASE_FOLDER
         strategy = getattr(args, "save_strategy", "steps")
         saves = getattr(strategy, "value", strategy) != "no"
-        if self.snapshot_on_disk:
-            if getattr(args, "world_size", 1) > 1:
-                raise NotImplementedError(
-                    "snapshot_on_disk with several processes needs a rank-0 write and a barrier (a later "
-                    "increment); keep the snapshot in memory (snapshot_dtype='bf16' halves it)"
-                )
-            self._engine.snapshot_dir = base_dir
-            self._engine.begin(model, overwrite=True)
-        else:
-            self._engine.snapshot_dir = None
-            self._engine.begin(model)
-            if saves and state.is_world_process_zero:
-                self._engine.snapshot.persist(base_dir, overwrite=True)
-        if self._engine.snapshot.folder is not None:
-            self._snapshot_state = self._engine.snapshot.state()
+        if self.snapshot_on_disk and getattr(args, "world_size", 1) > 1:
+            raise NotImplementedError(
+                "snapshot_on_disk with several processes needs a rank-0 write and a barrier (a later "
+                "increment); keep the snapshot in memory (snapshot_dtype='bf16' halves it)"
+            )
+        self._take_snapshot(model, base_dir)
+        if not self.snapshot_on_disk and saves and state.is_world_process_zero:
+            self._persist_snapshot(base_dir)
 
     def _resume(
         self, args: Any, state: Any, model: torch.nn.Module, stored: Mapping[str, Any] | None
     ) -> None:
-        snap_state = (stored or {}).get("snapshot")
-        if not snap_state:
-            raise UsageError(
-                f"resuming at step {state.global_step}, but the checkpoint holds no CocktailCallback base snapshot; "
-                "the resumed weights are not the base. Resume a run that used CocktailCallback from its start, or "
-                "start a new run"
-            )
-        snap_state = dict(snap_state)
-        moved = Path(args.output_dir) / BASE_FOLDER
-        if snap_state.get("folder") and not Path(snap_state["folder"]).exists() and moved.is_dir():
-            snap_state["folder"] = str(
-                moved.resolve()
-            )  # the run folder was moved; the fingerprint still checks it
-        device = None if self.snapshot_on_disk else self._engine.snapshot_device
-        snapshot = Snapshot.load(snap_state, device=device)
-        self._engine.attach(snapshot, model)
-        self._snapshot_state = snap_state
-        self._history = [dict(e) for e in stored.get("history", []) if e.get("step", 0) <= state.global_step]
-        base_loss = stored.get("base_general_loss")
-        if base_loss is not None:
-            self._base_result = ProbeResult(float(base_loss), None, 0)
+        self._restore(stored, model, state.global_step, moved=Path(args.output_dir) / BASE_FOLDER)
 
     def _build_probes(self, args: Any, model: torch.nn.Module) -> None:
         if (self._general or self._target) and self._trainer is None:
@@ -368,17 +297,9 @@ class CocktailCallback(*_BASES):  # type: ignore[misc]
                 "CocktailCallback could not find the Trainer running it (needed to batch general_data/target_data); "
                 "call callback.bind(trainer) before trainer.train()"
             )
-        self._batches = {
-            name: _batches(self._trainer, args, data, name) for name, data in self._general.items()
-        }
-        self._target_batches = {n: _batches(self._trainer, args, d, n) for n, d in self._target.items()}
-        self._score = self._score_fn or _trainer_score_fn(self._trainer)
-        if self._batches and self._score is None:
-            with self._engine.swapped(model, 0.0):  # the base's own predictions: the KL reference
-                self._base_refs = {
-                    name: base_log_probs(model, batches, top_k=self.kl_top_k)
-                    for name, batches in self._batches.items()
-                }
+        general = {name: _batches(self._trainer, args, data, name) for name, data in self._general.items()}
+        target = {n: _batches(self._trainer, args, d, n) for n, d in self._target.items()}
+        self._set_probes(model, general, target, self._score_fn or _trainer_score_fn(self._trainer))
 
     # ------------------------------------------------------------------ decisions
     def _decide_before_save(self, args: Any, state: Any, control: Any, model: Any) -> None:
@@ -391,66 +312,7 @@ class CocktailCallback(*_BASES):  # type: ignore[misc]
         ):
             return
         if self._last_step != state.global_step:
-            self._decide(state, model)
-
-    def _decide(self, state: Any, model: torch.nn.Module, *, log: bool = True) -> dict[str, Any]:
-        results: dict[float, ProbeResult] = {}
-        passes_before = self._passes
-
-        def measure(alpha: float) -> ProbeResult:
-            if alpha == 0.0 and self._base_result is not None:
-                return self._base_result
-            if alpha not in results:
-                results[alpha] = self._probe_general(model, alpha)
-                if alpha == 0.0:
-                    self._base_result = results[alpha]
-            return results[alpha]
-
-        evaluate = (lambda a: _loss(measure(a))) if self._batches else None
-        decision: Decision = self._policy.choose(evaluate)
-        entry: dict[str, Any] = {"step": int(state.global_step), "alpha": decision.alpha}
-        drift = self._engine.drift(model)
-        entry.update(drift_norm=drift.total, drift_relative=drift.relative)
-        if self._batches:
-            chosen, tuned = measure(decision.alpha), measure(1.0)
-            base = measure(0.0)
-            entry.update(
-                general_loss=chosen.loss, general_loss_base=base.loss, general_loss_finetuned=tuned.loss
-            )
-            if tuned.kl is not None:
-                entry.update(general_kl=tuned.kl, general_kl_merged=chosen.kl)
-        if self._target_batches:
-            entry["target_loss"] = self._probe_target(model, decision.alpha)
-            entry["target_loss_finetuned"] = self._probe_target(model, 1.0)
-        entry["probe_passes"] = self._passes - passes_before
-        entry["snapshot_bytes"] = self._engine.snapshot.nbytes
-        entry["decision"] = decision.to_dict()
-        entry["drift_per_layer"] = drift.per_layer
-        self._history.append(entry)
-        self._last_step = int(state.global_step)
-        self._engine.alpha = decision.alpha
-        if log:
-            self._log(entry)
-        return entry
-
-    def _probe_general(self, model: torch.nn.Module, alpha: float) -> ProbeResult:
-        losses, kls = [], []
-        with self._engine.swapped(model, alpha):
-            for name, batches in self._batches.items():
-                self._passes += 1
-                result = probe(model, batches, score_fn=self._score, base=self._base_refs.get(name))
-                losses.append(result.loss)
-                kls.append(result.kl)
-        kl = None if any(k is None for k in kls) else sum(kls) / len(kls)
-        return ProbeResult(sum(losses) / len(losses), kl, sum(len(b) for b in self._batches.values()))
-
-    def _probe_target(self, model: torch.nn.Module, alpha: float) -> float:
-        losses = []
-        with self._engine.swapped(model, alpha):
-            for batches in self._target_batches.values():
-                self._passes += 1
-                losses.append(_loss(probe(model, batches, score_fn=self._score)))
-        return sum(losses) / len(losses)
+            self._decide(state.global_step, model)
 
     def _final_entry(self, args: Any, state: Any, model: torch.nn.Module) -> dict[str, Any]:
         best = getattr(state, "best_global_step", None)
@@ -462,7 +324,7 @@ class CocktailCallback(*_BASES):  # type: ignore[misc]
                     return entry
         if self._last_step == state.global_step and self._history:
             return self._history[-1]
-        return self._decide(state, model)
+        return self._decide(state.global_step, model)
 
     def _root_prefix(self, metrics: Mapping[str, Any]) -> str | None:
         """The metric prefix to add keys under, or ``None`` when this is not the last of several eval datasets."""
@@ -478,13 +340,13 @@ class CocktailCallback(*_BASES):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ output
     def _log(self, entry: Mapping[str, Any]) -> None:
-        logs = {f"cocktail/{k}": v for k, v in _scalars(entry).items()}
+        logs = {f"cocktail/{k}": v for k, v in scalars(entry).items()}
         if self._trainer is not None and hasattr(self._trainer, "log"):
             self._trainer.log(logs)
         else:
             logger.info("cocktail metrics: %s", logs)
 
-    def _write(
+    def _save_resilient(
         self,
         model: torch.nn.Module,
         folder: Path,
@@ -495,91 +357,17 @@ class CocktailCallback(*_BASES):  # type: ignore[misc]
         processing_class: Any = None,
         **_: Any,
     ) -> None:
-        entry = entry or (self._history[-1] if self._history else {"alpha": self._engine.alpha})
-        metadata = {
-            "step": int(state.global_step),
-            "policy": self._policy.to_dict(),
-            "probes": {k: v for k, v in entry.items() if k not in ("alpha", "step")},
-        }
-        self._engine.write(
+        self._write(
             model,
             folder,
-            entry["alpha"],
-            metadata=metadata,
+            state.global_step,
+            entry=entry,
             support_from=support_from,
             tokenizer=processing_class,
-            overwrite=True,
-            max_shard_size=self.max_shard_size,
         )
-
-    def _write_report(self, path: Path, final: Mapping[str, Any]) -> None:
-        snap = self._engine.snapshot
-        report = {
-            "format": "resilient-tune/cocktail-report",
-            "policy": self._policy.to_dict(),
-            "recipe": self._engine.recipe_for(final["alpha"]).to_dict(),
-            "final": dict(final),
-            "snapshot": {
-                "storage": snap.storage,
-                "resident_bytes": snap.nbytes,
-                "stored_bytes": snap.stored_bytes,
-            },
-            "history": self._history,
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------- helpers
-def _make_policy(policy: str | Policy, alpha: float, drift_budget: float | None) -> Policy:
-    if isinstance(policy, str):
-        if policy == "budget":
-            return get_policy("budget", drift_budget=0.05 if drift_budget is None else drift_budget)
-        if drift_budget is not None:
-            raise UsageError(f"drift_budget applies to policy='budget' only; got policy={policy!r}")
-        return get_policy(policy, **({"alpha": alpha} if policy == "fixed" else {}))
-    if drift_budget is not None:
-        raise UsageError(
-            "drift_budget cannot be applied to a ready policy object; configure the object instead"
-        )
-    return get_policy(policy)
-
-
-def _probe_sets(data: Any, label: str) -> dict[str, Any]:
-    """Validate probe data at construction: a non-empty dataset of example mappings, or a dict of them."""
-    if data is None:
-        return {}
-    sets = dict(data) if isinstance(data, Mapping) else {label: data}  # a mapping is name -> dataset
-    if not sets:
-        raise UsageError(f"{label} is an empty dict; pass a dataset or a dict name -> dataset")
-    for name, dataset in sets.items():
-        where = label if name == label else f"{label}[{name!r}]"
-        if (
-            isinstance(dataset, (str, bytes))
-            or not hasattr(dataset, "__len__")
-            or not hasattr(dataset, "__getitem__")
-        ):
-            raise UsageError(
-                f"{where} is a {type(dataset).__name__}; pass a dataset (datasets.Dataset, a torch Dataset or a list "
-                "of tokenized example dicts such as {'input_ids': [...], 'labels': [...]})"
-            )
-        if len(dataset) == 0:
-            raise UsageError(f"{where} is empty; pass a few dozen examples")
-        first = dataset[0]
-        if not _is_example(first):
-            raise UsageError(
-                f"{where}[0] is a {type(first).__name__}; each example must be a dict of tokenized fields, e.g. "
-                "{'input_ids': [...], 'attention_mask': [...], 'labels': [...]}"
-            )
-    return sets
-
-
-def _is_example(value: Any) -> bool:
-    return isinstance(value, Mapping) and bool(value) and all(isinstance(k, str) for k in value)
-
-
 def _find_trainer(*, quiet: bool = False) -> Any | None:
     """The ``transformers.Trainer`` whose method is on the call stack (the one firing the current event)."""
     from transformers import Trainer
@@ -660,18 +448,3 @@ def _trainer_score_fn(trainer: Any) -> ScoreFn | None:
     if not custom:
         return None
     return lambda model, batch: trainer.compute_loss(model, dict(batch))
-
-
-def _loss(result: ProbeResult) -> float:
-    if result.loss is None:
-        raise UsageError("the probe produced no loss")
-    return result.loss
-
-
-def _scalars(entry: Mapping[str, Any]) -> dict[str, float]:
-    """The loggable numbers of a history entry (no nested dicts, no step)."""
-    return {
-        k: float(v)
-        for k, v in entry.items()
-        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-    }
