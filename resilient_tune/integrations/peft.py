@@ -1,0 +1,604 @@
+"""PEFT LoRA models: the resilient model θ₀ + α·Δ is the adapter scaled by α, so no copy of θ₀ is needed.
+
+With LoRA the base weights θ₀ are frozen inside the model and the update is the adapter, ``Δ = scaling·B@A`` per
+adapted layer. Scaling the adapter by α (``scaling → α·scaling``, what ``peft.helpers.rescale_adapter_scale``
+does) gives exactly ``θ₀ + α·Δ`` (WiSE-FT), the linear mix of the fine-tuned model with its base.
+:class:`LoraEngine` has the surface of :class:`~resilient_tune.engine.CocktailEngine` that the training callbacks
+use, built on that fact:
+
+- no snapshot: :attr:`LoraEngine.snapshot` is a :class:`LoraBase` holding zero bytes;
+- :meth:`LoraEngine.swapped` scales the adapter by α in place (and mixes ``modules_to_save`` copies with their
+  frozen originals, ``orig + α·(trained − orig)``), restoring the scalings and weights exactly on exit;
+- :meth:`LoraEngine.drift` measures ``‖Δ‖`` per layer;
+- :meth:`LoraEngine.write` writes a folder holding both forms of the resilient model:
+
+  * ``model.safetensors`` (+ ``config.json``, tokenizer, ``cocktail.json``, ``README.md``): the merged full model
+    ``W₀ + α·scaling·B@A`` per LoRA layer (computed while streaming, one layer at a time, in float32), loadable
+    with ``from_pretrained`` of the base architecture. Keys are the base model's own (``base_layer.`` and the
+    ``lora_*`` tensors gone, ``modules_to_save`` copies under the original name), as ``merge_and_unload`` gives;
+    a LoRA'd embedding tied to the output head is written once, merged, so the head follows it (as in
+    ``merge_and_unload``).
+  * ``adapter/``: the α-scaled adapter, ``adapter_model.safetensors`` (the LoRA ``A``/``B`` weights unchanged,
+    ``modules_to_save`` mixed) and ``adapter_config.json`` with ``lora_alpha`` (and every ``alpha_pattern``
+    value) multiplied by α, which multiplies the scaling by α (plain and rsLoRA scalings are both linear in
+    ``lora_alpha``). Load it with ``PeftModel.from_pretrained(base_model, "<folder>/adapter")``. It lives in a
+    sub-folder because ``from_pretrained`` of a folder holding ``adapter_config.json`` would load the adapter on
+    top of the merged weights.
+
+Supported: one active LoRA adapter on ``Linear`` / ``Conv1D`` / ``Embedding`` / ``Conv`` layers (``lora_bias``
+included), plus ``modules_to_save``. Refused with a message: DoRA and other LoRA variants (scaling the adapter is
+not θ₀ + α·Δ for them), several active adapters, merged adapters, other PEFT methods, trainable parameters that
+are neither LoRA weights nor ``modules_to_save`` (``bias="all"``, unfrozen base weights), peers, and merge
+methods other than ``linear``. ``peft`` is imported when a PEFT model is met, never at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from resilient_tune import __version__
+from resilient_tune.card import model_card
+from resilient_tune.checkpoint import StreamingWriter, TensorInfo, atomic_dir, copy_support_files, parse_size
+from resilient_tune.engine import CocktailEngine, Drift, _layer_of, check_alpha, check_weights
+from resilient_tune.errors import UsageError
+from resilient_tune.merging import merge_tensor
+from resilient_tune.recipe import COCKTAIL_FILE, Recipe, cocktail_document
+
+__all__ = ["ADAPTER_FOLDER", "LoraBase", "LoraEngine", "engine_for", "is_peft_model"]
+
+ADAPTER_FOLDER = "adapter"
+FORMAT = "resilient-tune/peft-lora"
+_LORA_KEYS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+
+
+def is_peft_model(model: Any) -> bool:
+    """True for a PEFT model (``peft.PeftModel`` or a model with PEFT adapters injected), without importing peft."""
+    return hasattr(model, "peft_config") and isinstance(getattr(model, "peft_config", None), Mapping)
+
+
+def engine_for(model: torch.nn.Module, engine: Any) -> Any:
+    """The engine to use for ``model``: a :class:`LoraEngine` configured like ``engine`` for a PEFT model, else the
+    :class:`~resilient_tune.engine.CocktailEngine` ``engine`` was made from (``engine`` itself usually).
+
+    Call it at train begin; ``engine`` may be a previous run's :class:`LoraEngine` (its template is reused).
+    """
+    template = engine.template if isinstance(engine, LoraEngine) else engine
+    if not is_peft_model(model):
+        return template
+    if isinstance(engine, LoraEngine):
+        return LoraEngine.from_engine(template)
+    return LoraEngine.from_engine(engine)
+
+
+class LoraBase:
+    """The "snapshot" of a LoRA model: nothing is copied, θ₀ is the frozen base weights inside the model.
+
+    Has the read-only surface of :class:`~resilient_tune.snapshot.Snapshot` the callbacks use.
+    """
+
+    storage = "none"
+    folder = None
+    nbytes = 0
+    stored_bytes = 0
+
+    def __init__(self, adapter: str, names: Sequence[str], base_model: str | None) -> None:
+        self.adapter = adapter
+        self.names = list(names)
+        self.base_model = base_model
+
+    def state(self) -> dict[str, Any]:
+        """JSON-able description: a LoRA run needs no snapshot to resume (the base weights are in the model)."""
+        return {
+            "format": FORMAT,
+            "storage": self.storage,
+            "folder": None,
+            "adapter": self.adapter,
+            "names": self.names,
+            "base_model": self.base_model,
+            "stored_bytes": 0,
+        }
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def __repr__(self) -> str:
+        return f"LoraBase(adapter={self.adapter!r}, {len(self.names)} trainable tensors, no copy)"
+
+
+class LoraEngine:
+    """θ₀ + α·Δ for a PEFT LoRA model without a copy of θ₀; the callbacks' engine for PEFT models.
+
+    Args:
+        alpha: Default weight α of the fine-tuned model, in ``[0, 1]``.
+        method: Must be ``"linear"`` (``θ₀ + α·Δ``); task-vector methods need dense task vectors.
+        seed: Kept for the recipe.
+
+    Raises:
+        UsageError: α out of range or another method.
+    """
+
+    def __init__(self, alpha: float = 0.5, method: str = "linear", *, seed: int = 0) -> None:
+        self.alpha = check_alpha(alpha)
+        if method != "linear":
+            raise UsageError(
+                f"method={method!r} cannot merge a PEFT LoRA model during training: the resilient model is the "
+                "adapter scaled by alpha (method='linear'); for TIES/DARE merge_and_unload the adapter and merge "
+                "offline with resilient_tune.merge(...)"
+            )
+        self.recipe = Recipe(method="linear", seed=seed)
+        self.weights: tuple[float, ...] = (1.0,)
+        self.num_peers = 0
+        self.peers = None
+        self.template: CocktailEngine | None = None
+        self.snapshot_device = torch.device("cpu")
+        self.snapshot_dtype = None
+        self.snapshot_dir: Path | None = None
+        self._base: LoraBase | None = None
+
+    @classmethod
+    def from_engine(cls, engine: CocktailEngine) -> LoraEngine:
+        """A LoRA engine with ``engine``'s α, method and seed (``engine`` is kept as :attr:`template`).
+
+        Raises:
+            NotImplementedError: ``engine`` has peers.
+            UsageError: ``engine``'s method is not ``linear``.
+        """
+        if engine.num_peers:
+            raise NotImplementedError(
+                "peers with a PEFT LoRA model are not supported: peers are full checkpoints while the run trains an "
+                "adapter. Train without peers (the resilient model is then θ₀ + α·Δ), or merge_and_unload the "
+                "adapter after training and mix it with the peers offline (resilient_tune.merge)"
+            )
+        lora = cls(engine.alpha, engine.recipe.method, seed=engine.recipe.seed)
+        lora.template = engine
+        return lora
+
+    # ---------------------------------------------------------------- base
+    @property
+    def snapshot(self) -> LoraBase:
+        if self._base is None:
+            raise UsageError(
+                "the engine has not seen the model yet; call begin(model) before training starts"
+            )
+        return self._base
+
+    @property
+    def has_snapshot(self) -> bool:
+        return self._base is not None
+
+    @property
+    def ingredient_names(self) -> list[str]:
+        return ["base"]
+
+    def begin(self, model: torch.nn.Module, *, overwrite: bool = False) -> LoraBase:
+        """Check ``model`` (see the module docs for what is refused) and note its adapter; copies nothing."""
+        adapter, layers, wrappers = _inspect(model)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        config = model.peft_config[adapter]
+        self._base = LoraBase(adapter, names, getattr(config, "base_model_name_or_path", None))
+        self._layers, self._wrappers = layers, wrappers
+        return self._base
+
+    def attach(self, snapshot: Any, model: torch.nn.Module | None = None) -> None:
+        """Resume: the base weights are in the model, so this re-inspects ``model``."""
+        if model is None:
+            raise UsageError("attach(snapshot, model) needs the model for a LoRA run")
+        self.begin(model)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def set_weights(self, weights: Sequence[float]) -> tuple[float, ...]:
+        self.weights = check_weights(weights, count=1)
+        return self.weights
+
+    def recipe_for(self, alpha: float, weights: Sequence[float] | None = None) -> Recipe:
+        """``linear`` with weights ``(α, 1 − α)`` over fine-tuned and base."""
+        alpha = check_alpha(alpha)
+        return Recipe(method="linear", weights=(alpha, 1.0 - alpha), seed=self.recipe.seed)
+
+    # ---------------------------------------------------------------- swap
+    @contextlib.contextmanager
+    def swapped(
+        self, model: torch.nn.Module, alpha: float, weights: Sequence[float] | None = None
+    ) -> Iterator[torch.nn.Module]:
+        """Scale the adapter by α (and mix ``modules_to_save`` copies) for the duration of the block.
+
+        The scalings are restored from copies and the ``modules_to_save`` weights from a CPU scratch, exactly, also
+        on an exception. ``alpha == 1`` changes nothing.
+        """
+        from peft.helpers import rescale_adapter_scale
+
+        alpha = check_alpha(alpha)
+        if weights is not None:
+            check_weights(weights, count=1)
+        self._check(model)
+        if alpha == 1.0:
+            yield model
+            return
+        with rescale_adapter_scale(model, alpha), self._mixed_copies(model, alpha):
+            yield model
+
+    @contextlib.contextmanager
+    def swapped_ingredient(self, model: torch.nn.Module, index: int) -> Iterator[torch.nn.Module]:
+        """Ingredient 0 (the base): the adapter scaled by 0."""
+        if index != 0:
+            raise UsageError(f"ingredient index {index!r}: a LoRA run has one ingredient, the base (0)")
+        with self.swapped(model, 0.0) as swapped:
+            yield swapped
+
+    @contextlib.contextmanager
+    def _mixed_copies(self, model: torch.nn.Module, alpha: float) -> Iterator[None]:
+        scratch: list[tuple[torch.Tensor, torch.Tensor]] = []
+        try:
+            with torch.no_grad():
+                for trained, original in self._copy_pairs():
+                    for name, p in trained.named_parameters():
+                        if not p.is_floating_point():
+                            continue
+                        live = p.detach().to("cpu", copy=True)
+                        scratch.append((p, live))
+                        p.copy_(_mix(live, original.get_parameter(name).detach(), alpha, name))
+            yield
+        finally:
+            with torch.no_grad():
+                for p, live in scratch:
+                    p.copy_(live)
+
+    # ---------------------------------------------------------------- drift
+    def drift(self, model: torch.nn.Module) -> Drift:
+        """``‖Δ‖`` of the trainable update (LoRA ``scaling·B@A`` per layer, ``modules_to_save`` changes), total,
+        relative to ``‖W₀‖`` of the adapted tensors, and per layer (base-model names)."""
+        self._check(model)
+        per_layer: dict[str, float] = {}
+        total_sq = base_sq = 0.0
+        with torch.no_grad():
+            for name, module in self._layers:
+                weight = module.get_base_layer().weight.detach().float()
+                delta_sq = float(self._delta(module).pow(2).sum())
+                for bias_delta in self._bias_deltas(module):
+                    delta_sq += float(bias_delta.pow(2).sum())
+                total_sq += delta_sq
+                base_sq += float(weight.pow(2).sum())
+                group = _layer_of(_clean(name) + ".weight")
+                per_layer[group] = per_layer.get(group, 0.0) + delta_sq
+            for (name, _), (trained, original) in zip(self._wrappers, self._copy_pairs()):
+                for pname, p in trained.named_parameters():
+                    base = original.get_parameter(pname).detach().float()
+                    delta_sq = float((p.detach().float() - base).pow(2).sum())
+                    total_sq += delta_sq
+                    base_sq += float(base.pow(2).sum())
+                    group = _layer_of(f"{_clean(name)}.{pname}")
+                    per_layer[group] = per_layer.get(group, 0.0) + delta_sq
+        total = math.sqrt(total_sq)
+        relative = total / math.sqrt(base_sq) if base_sq > 0 else 0.0
+        return Drift(total, relative, {k: math.sqrt(v) for k, v in per_layer.items()})
+
+    # ---------------------------------------------------------------- merged model
+    def merged_state_dict(
+        self, model: torch.nn.Module, alpha: float | None = None, weights: Sequence[float] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The merged full model ``θ₀ + α·Δ`` under the base model's own keys (tied tensors under every name)."""
+        alpha = self.alpha if alpha is None else check_alpha(alpha)
+        self._check(model)
+        return dict(self._merged_items(model, alpha, dedupe=False))
+
+    def write(
+        self,
+        model: torch.nn.Module,
+        folder: str | os.PathLike[str],
+        alpha: float | None = None,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        support_from: str | os.PathLike[str] | None = None,
+        tokenizer: Any = None,
+        overwrite: bool = False,
+        max_shard_size: int | str = "5GB",
+        weights: Sequence[float] | None = None,
+    ) -> Path:
+        """Write the merged full model and the α-scaled adapter (``adapter/``) to ``folder``, atomically.
+
+        Args: as :meth:`CocktailEngine.write <resilient_tune.engine.CocktailEngine.write>`. ``support_from`` is a
+        folder whose config/tokenizer files are copied (the Trainer's checkpoint holds the tokenizer; the base
+        model's ``config.json`` comes from ``model.config`` when the folder has none).
+        """
+        alpha = self.alpha if alpha is None else check_alpha(alpha)
+        if weights is not None:
+            check_weights(weights, count=1)
+        self._check(model)
+        shard_bytes = parse_size(max_shard_size)
+        plan = {
+            k: TensorInfo(t.dtype, tuple(t.shape)) for k, t in self._merged_items(model, alpha, lazy=True)
+        }
+        doc = self._document(model, alpha, metadata)
+        with atomic_dir(folder, overwrite=overwrite) as tmp:
+            meta = {"resilient_tune": __version__, "alpha": repr(alpha)}
+            with StreamingWriter(tmp, plan, max_shard_size=shard_bytes, metadata=meta) as writer:
+                for key, tensor in self._merged_items(model, alpha):
+                    writer.write(key, tensor)
+            self._write_adapter(model, tmp / ADAPTER_FOLDER, alpha)
+            _write_support(model, tmp, support_from, tokenizer)
+            (tmp / COCKTAIL_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+            (tmp / "README.md").write_text(model_card(doc))
+        return Path(os.path.abspath(folder))
+
+    # ---------------------------------------------------------------- internals
+    def _check(self, model: torch.nn.Module) -> None:
+        if self._base is None:
+            self.begin(model)
+            return
+        adapter, layers, wrappers = _inspect(model)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if adapter != self._base.adapter or names != self._base.names:
+            raise UsageError(
+                "the model's active adapter or trainable parameters changed since train begin "
+                f"({self._base.adapter!r} -> {adapter!r}); switching adapters mid-run is not supported"
+            )
+        self._layers, self._wrappers = layers, wrappers
+
+    def _copy_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+        adapter = self.snapshot.adapter
+        return [(w.modules_to_save[adapter], w.original_module) for _, w in self._wrappers]
+
+    def _delta(self, module: Any) -> torch.Tensor:
+        """``scaling·B@A`` of the active adapter in float32, the shape of the base weight (peft's own formula)."""
+        return module.get_delta_weight(self.snapshot.adapter).detach().float()
+
+    def _bias_deltas(self, module: Any) -> list[torch.Tensor]:
+        adapter = self.snapshot.adapter
+        if not getattr(module, "lora_bias", {}).get(adapter, False):
+            return []
+        bias = module.lora_B[adapter].bias.detach().float()
+        return [bias * module.scaling[adapter]]
+
+    def _merged_items(
+        self, model: torch.nn.Module, alpha: float, *, dedupe: bool = True, lazy: bool = False
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(key, tensor)`` of the merged full model, one tensor at a time (``lazy``: the live base tensors, for
+        shapes and dtypes only). ``dedupe`` writes tied tensors once, as ``save_pretrained`` does; without it every
+        alias of a merged tensor (a head tied to a LoRA'd embedding) gets the merged value, as in
+        ``merge_and_unload``."""
+        items = list(_walk(_base_model(model), "", self.snapshot.adapter))
+        kinds = {_ident(source): kind for _, source, kind in items if kind is not None}
+        seen: set[tuple[int, int, tuple[int, ...], torch.dtype]] = set()
+        with torch.no_grad():
+            for key, source, _ in items:
+                ident = _ident(source)
+                if dedupe and source.numel() > 0:
+                    if ident in seen:
+                        continue
+                    seen.add(ident)
+                kind = kinds.get(ident)
+                value = source.detach()
+                if lazy or kind is None:
+                    yield key, value
+                elif kind[0] == "weight":
+                    merged = value.float() + alpha * self._delta(kind[1])
+                    yield key, merged.to(value.dtype)
+                elif kind[0] == "bias":
+                    merged = value.float() + alpha * self._bias_deltas(kind[1])[0]
+                    yield key, merged.to(value.dtype)
+                else:  # a modules_to_save copy, mixed with its frozen original
+                    yield key, _mix(value.to("cpu"), kind[1].detach(), alpha, key)
+
+    def _write_adapter(self, model: torch.nn.Module, folder: Path, alpha: float) -> None:
+        """``adapter_model.safetensors`` (``modules_to_save`` mixed) and ``adapter_config.json`` with
+        ``lora_alpha`` × α."""
+        from peft.utils import get_peft_model_state_dict
+
+        adapter = self.snapshot.adapter
+        folder.mkdir()
+        with self._mixed_copies(model, alpha):
+            state = get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=False)
+            plan = {k: TensorInfo(t.dtype, tuple(t.shape)) for k, t in state.items()}
+            with StreamingWriter(folder, plan, filename="adapter_model.safetensors") as writer:
+                for key, tensor in state.items():
+                    writer.write(key, tensor.detach())
+        config = copy.deepcopy(model.peft_config[adapter])
+        config.lora_alpha = config.lora_alpha * alpha
+        config.alpha_pattern = {k: v * alpha for k, v in (config.alpha_pattern or {}).items()}
+        config.save_pretrained(str(folder))
+
+    def _document(
+        self, model: torch.nn.Module, alpha: float, metadata: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        base = self.snapshot
+        ingredients = [
+            {"role": "model", "name": f"fine-tuned LoRA adapter {base.adapter!r} (live)", "weight": alpha},
+            {
+                "role": "base",
+                "name": base.base_model or "frozen base weights of the PEFT model",
+                "weight": 1.0 - alpha,
+            },
+        ]
+        config = model.peft_config[base.adapter]
+        extra: dict[str, Any] = {
+            "alpha": alpha,
+            "merged_parameters": len(self._layers) + len(self._wrappers),
+            "peft": {
+                "type": "LORA",
+                "adapter": base.adapter,
+                "adapter_folder": ADAPTER_FOLDER,
+                "lora_alpha": config.lora_alpha,
+                "lora_alpha_scaled": config.lora_alpha * alpha,
+                "note": "adapter/ is the adapter scaled by alpha (lora_alpha x alpha); model.safetensors is merged",
+            },
+        }
+        for key, value in (metadata or {}).items():
+            if key in extra:
+                raise UsageError(f"metadata key {key!r} is set by the engine in cocktail.json; rename it")
+            extra[key] = value
+        return cocktail_document(self.recipe_for(alpha), ingredients, version=__version__, extra=extra)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _inspect(model: torch.nn.Module) -> tuple[str, list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """Check that ``model`` is a supported LoRA model; return its adapter, LoRA layers and modules_to_save wrappers.
+
+    Raises:
+        UsageError: Not a LoRA model, DoRA or another variant, several active adapters, merged layers, trainable
+            parameters the LoRA path cannot merge.
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    if not is_peft_model(model):
+        raise UsageError(
+            f"{type(model).__name__} is not a PEFT model; use CocktailEngine for full fine-tuning"
+        )
+    active = getattr(model, "active_adapters", None)
+    active = list((active() if callable(active) else active) or [])  # a method on transformers' adapter mixin
+    if len(active) != 1:
+        raise UsageError(
+            f"the PEFT model has {len(active)} active adapters {active}; activate exactly one (set_adapter(name))"
+        )
+    adapter = active[0]
+    config = model.peft_config[adapter]
+    kind = str(getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", None)))
+    if kind != "LORA":
+        raise UsageError(
+            f"adapter {adapter!r} is a {kind} adapter; only LoRA adapters can be scaled into θ₀ + α·Δ. "
+            "merge_and_unload it and train the merged model, or use LoRA"
+        )
+    if getattr(config, "use_dora", False):
+        raise UsageError(
+            f"adapter {adapter!r} uses DoRA (use_dora=True): scaling a DoRA adapter by α is not θ₀ + α·Δ (the "
+            "magnitude vector renormalises the update), so resilient checkpoints would not be exact. Train with "
+            "plain LoRA (use_dora=False), or merge_and_unload after training and merge offline"
+        )
+    layers, wrappers, owned = [], [], set()
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter in _adapter_keys(module):
+            if getattr(module, "merged", False):
+                raise UsageError(
+                    f"LoRA layer {name!r} is merged into its base weights; call unmerge_adapter() first"
+                )
+            if adapter in getattr(module, "lora_variant", {}):
+                variant = type(module.lora_variant[adapter]).__name__
+                raise UsageError(
+                    f"LoRA layer {name!r} uses the variant {variant}: scaling it by α is not θ₀ + α·Δ; "
+                    "train with plain LoRA"
+                )
+            layers.append((name, module))
+            owned.update(id(p) for key in _LORA_KEYS for p in _params_of(getattr(module, key, None), adapter))
+        elif isinstance(module, ModulesToSaveWrapper):
+            if adapter in module.modules_to_save:
+                wrappers.append((name, module))
+                owned.update(id(p) for p in module.modules_to_save[adapter].parameters())
+        elif isinstance(module, AuxiliaryTrainingWrapper):
+            raise UsageError(
+                f"{name!r} is a {type(module).__name__} (e.g. trainable_token_indices): not supported by the LoRA "
+                "path; use modules_to_save for the embedding instead"
+            )
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in owned:
+            raise UsageError(
+                f"trainable parameter {name!r} is neither a LoRA weight nor in modules_to_save (bias='all' or "
+                "'lora_only', or an unfrozen base weight): the LoRA path needs no copy of θ₀ and cannot merge it. "
+                "Use bias='none' and list whole modules in modules_to_save"
+            )
+    if not layers and not wrappers:
+        raise UsageError(f"adapter {adapter!r} has no LoRA layer in the model; nothing to merge")
+    return adapter, layers, wrappers
+
+
+def _ident(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...], torch.dtype]:
+    """Identity of a tensor's data (tied parameters share it)."""
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+
+
+def _adapter_keys(module: Any) -> set[str]:
+    keys: set[str] = set()
+    for attr in ("lora_A", "lora_embedding_A"):
+        keys.update(getattr(module, attr, {}).keys())
+    return keys
+
+
+def _params_of(container: Any, adapter: str) -> list[torch.nn.Parameter]:
+    if container is None or adapter not in container:
+        return []
+    item = container[adapter]
+    return [item] if isinstance(item, torch.nn.Parameter) else list(item.parameters())
+
+
+def _walk(module: torch.nn.Module, prefix: str, adapter: str) -> Iterator[tuple[str, torch.Tensor, Any]]:
+    """``(key, source tensor, kind)`` in ``state_dict`` order with the PEFT wrappers removed.
+
+    ``kind``: ``None`` (copied), ``("weight", lora_layer)`` / ``("bias", lora_layer)`` (merged with the adapter),
+    or ``("copy", original)`` (a ``modules_to_save`` copy mixed with its frozen original).
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    if isinstance(module, LoraLayer) and adapter in _adapter_keys(module):
+        lora_bias = getattr(module, "lora_bias", {}).get(adapter, False)
+        for key, value in module.get_base_layer().state_dict(keep_vars=True).items():
+            kind = (
+                ("weight", module)
+                if key == "weight"
+                else ("bias", module)
+                if key == "bias" and lora_bias
+                else None
+            )
+            yield prefix + key, value, kind
+        return
+    if isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
+        original = module.original_module.state_dict(keep_vars=True)
+        for key, value in module.modules_to_save[adapter].state_dict(keep_vars=True).items():
+            kind = ("copy", original[key]) if value.is_floating_point() else None
+            yield prefix + key, value, kind
+        return
+    if isinstance(module, ModulesToSaveWrapper):
+        module = module.original_module
+    for key, value in module._parameters.items():
+        if value is not None:
+            yield prefix + key, value, None
+    for key, value in module._buffers.items():
+        if value is not None and key not in module._non_persistent_buffers_set:
+            yield prefix + key, value, None
+    for key, child in module._modules.items():
+        if child is not None:
+            yield from _walk(child, f"{prefix}{key}.", adapter)
+
+
+def _mix(trained: torch.Tensor, original: torch.Tensor, alpha: float, key: str) -> torch.Tensor:
+    """``α·trained + (1 − α)·original`` with the merge core's ``linear`` rule (float32, in ``trained``'s dtype)."""
+    return merge_tensor("linear", [trained, original.to(trained.device)], [alpha, 1.0 - alpha], key=key)
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model without the ``PeftModel`` wrapper (adapters injected with transformers' ``add_adapter`` have none)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def _clean(name: str) -> str:
+    """A PEFT module name as the base model calls it (``base_model.model.`` prefix removed)."""
+    return name.removeprefix("base_model.model.")
+
+
+def _write_support(model: torch.nn.Module, folder: Path, support_from: Any, tokenizer: Any) -> None:
+    if support_from is not None:
+        copy_support_files(support_from, folder)
+    base = _base_model(model)
+    config = getattr(base, "config", None)
+    if not (folder / "config.json").exists() and hasattr(config, "to_json_file"):
+        config.to_json_file(str(folder / "config.json"))
+    generation = getattr(base, "generation_config", None)
+    if not (folder / "generation_config.json").exists() and hasattr(generation, "to_json_file"):
+        generation.to_json_file(str(folder / "generation_config.json"))
+    has_tokenizer = any(
+        (folder / n).exists() for n in ("tokenizer_config.json", "tokenizer.json", "vocab.txt")
+    )
+    if tokenizer is not None and not has_tokenizer and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(folder))
