@@ -93,7 +93,14 @@ def plot_history(
         top.set_ylabel("probe loss")
         top.legend(fontsize=7, loc="best")
     else:
-        top.text(0.5, 0.5, "no probe data (pass general_data / target_data)", ha="center", va="center")
+        top.text(
+            0.5,
+            0.5,
+            "no probe data (pass general_data / target_data)",
+            ha="center",
+            va="center",
+            transform=top.transAxes,
+        )
         top.set_yticks([])
     bottom.plot(steps, [row["alpha"] for row in rows], marker="o", markersize=3, color="C3")
     bottom.set_ylim(-0.05, 1.05)
