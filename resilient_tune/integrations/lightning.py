@@ -1,0 +1,704 @@
+"""``CocktailCallback`` for Lightning (``lightning.pytorch``): resilient checkpoints with one flag.
+
+Three ways to switch it on (see ``docs/lightning.md``)::
+
+    Trainer(callbacks=[CocktailCallback(alpha=0.3)])                                   # 1. in code
+    python train.py fit --trainer.callbacks+=resilient_tune.integrations.lightning.CocktailCallback \\
+        --trainer.callbacks.init_args.alpha=0.3                                        # 2. LightningCLI
+    RESILIENT_TUNE=1 RESILIENT_TUNE_ALPHA=0.3 python train.py                          # 3. no code change
+
+For the standalone ``pytorch_lightning`` package use :mod:`resilient_tune.integrations.pytorch_lightning` (the
+same class over ``pytorch_lightning.Callback``: Lightning refuses to mix the two class trees).
+
+What it does, by Lightning hook
+-------------------------------
+- ``setup(stage="fit")``: snapshots θ₀ (the trainable parameters of the ``LightningModule``) before a checkpoint
+  is restored and before the strategy wraps the module; wraps the strategy's ``CheckpointIO`` so that every
+  checkpoint file gets its resilient companion (below).
+- ``on_load_checkpoint`` / ``load_state_dict``: a resumed run takes back its own base snapshot and α history
+  (the resumed weights are never taken as the base; resuming from a checkpoint without that state is refused).
+- ``on_train_start``: fresh runs under DDP check that every rank holds rank 0's θ₀ (DDP broadcasts rank 0's
+  weights when it wraps the module; ranks that started from other weights snapshot again).
+- ``on_validation_epoch_end`` (never during the sanity check): probes and the policy choose α; the metrics
+  ``cocktail/alpha``, ``cocktail/drift_norm``, ``cocktail/general_loss``, ... are logged with ``pl_module.log``, so
+  ``ModelCheckpoint(monitor="cocktail/general_loss")`` and ``EarlyStopping`` can use them.
+- ``state_dict``: the resume state (snapshot location and fingerprint, α history). A checkpoint saved without a
+  validation at that step gets a decision first, so the state and the files agree.
+- every checkpoint save, on global rank 0: ``<ckpt stem>.resilient/`` next to ``<ckpt stem>.ckpt``; removed when
+  ``ModelCheckpoint`` removes the ``.ckpt`` (both go through the strategy's ``remove_checkpoint``).
+- ``on_train_end``, on global rank 0: ``<default_root_dir>/resilient/`` and ``<default_root_dir>/cocktail_report.json``.
+
+A resilient folder holds ``model.safetensors`` (the merged ``pl_module.state_dict()``, same keys, tied parameters
+under every name), ``cocktail.json``, a model card ``README.md`` and, when the module holds a transformers model,
+``hf/``: that model merged, loadable with ``from_pretrained`` (config, tokenizer when the module or datamodule
+has one in ``tokenizer``, ``cocktail.json``).
+
+Probes (``general_data``, ``target_data``) are datasets of examples batched with the validation dataloader's
+``collate_fn`` and batch size (``default_collate`` and 8 without one), or ready ``DataLoader``\\ s. They are scored
+with the module's own ``training_step`` loss (its ``self.log`` calls are muted meanwhile), or ``score_fn(pl_module,
+batch) -> loss``. When the module holds a transformers language model and the batches are dicts, ``KL(base ‖
+current)`` of its next-token distributions is measured too (one more forward per batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from resilient_tune import __version__
+from resilient_tune.checkpoint import CheckpointReader, StreamingWriter, TensorInfo, atomic_dir, parse_size
+from resilient_tune.errors import UsageError
+from resilient_tune.integrations._common import (
+    BASE_FOLDER,
+    REPORT_FILE,
+    RESILIENT_FOLDER,
+    CocktailCore,
+    ScoreFn,
+    scalars,
+)
+from resilient_tune.policy import Policy
+from resilient_tune.recipe import COCKTAIL_FILE
+
+__all__ = ["CocktailCallback", "LightningCocktail", "load_examples"]
+
+logger = logging.getLogger(__name__)
+
+COMPANION_SUFFIX = ".resilient"
+HF_FOLDER = "hf"
+_PENDING = ".pending"
+_RAW = "__resilient_tune_batch__"  # wraps a batch that is not a dict, so that the probes can carry it
+_ADAPTERS = {"lightning.pytorch": "lightning", "pytorch_lightning": "pytorch_lightning"}
+_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def callback_bases(package: str) -> tuple[tuple[type, ...], ImportError | None]:
+    """``(Callback,)`` of ``package`` (``lightning.pytorch`` or ``pytorch_lightning``) and no error, or
+    ``(object,)`` and the ``ImportError`` when it is not installed (the callback then fails at construction)."""
+    try:
+        return (importlib.import_module(package).Callback,), None
+    except ImportError as exc:
+        return (object,), exc
+
+
+class LightningCocktail(CocktailCore):
+    """The Lightning glue of ``CocktailCallback``, for either Lightning package (a mixin; see the module docs).
+
+    Args:
+        alpha: Weight of the fine-tuned model in ``[0, 1]`` for the ``fixed`` policy (0.5 by default).
+        policy: ``"fixed"`` (default), ``"budget"`` (needs ``general_data``), or a policy object with
+            ``choose(evaluate) -> Decision``.
+        drift_budget: For ``budget``: allowed relative increase of the general-probe loss over the base's
+            (default 0.05 = 5%).
+        general_data: General probes (what the model must not forget): a dataset of examples like the
+            validation data's, a ``DataLoader``, a ``.json``/``.jsonl`` file of tokenized examples (lists of numbers
+            become tensors; handy from LightningCLI or ``RESILIENT_TUNE_GENERAL_DATA``), or a dict ``name -> any``.
+        target_data: Target probes (the new skill), same forms; logged as ``cocktail/target_loss``.
+        peers: Checkpoints of peer models (a later increment; passing them raises ``NotImplementedError``).
+        method: Merge method (any registered name; ``linear`` by default).
+        method_options: Options of the merge method (``density``, ``lambda``, ...).
+        score_fn: ``score_fn(pl_module, batch) -> scalar loss`` for the probes; by default the loss
+            ``pl_module.training_step(batch, 0)`` returns (needs automatic optimization).
+        snapshot_device: Where the in-memory snapshot θ₀ lives (``"cpu"``).
+        snapshot_dtype: Storage dtype of θ₀: ``None`` (same as the parameters), ``"bf16"`` or ``"fp16"``.
+        snapshot_on_disk: Keep θ₀ on disk in ``<default_root_dir>/resilient_base/`` (one process only).
+        save_resilient: Write the resilient companions of checkpoints and ``<default_root_dir>/resilient/``.
+        kl_top_k: Keep the base's ``k`` most likely tokens per position for the KL probe (``None``: all).
+        max_shard_size: Shard size of the written weights (bytes or ``"5GB"``).
+        seed: Seed of random merge methods (DARE).
+
+    Raises:
+        ImportError: The Lightning package is not installed (``pip install 'resilient-tune[lightning]'``).
+        UsageError: Bad arguments: α outside ``[0, 1]``, an unknown policy or method, ``budget`` without
+            ``general_data``, empty probe data, ...
+    """
+
+    _package = "lightning.pytorch"
+    _import_error: ImportError | None = None
+
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        *,
+        policy: str | Policy = "fixed",
+        drift_budget: float | None = None,
+        general_data: Any = None,
+        target_data: Any = None,
+        peers: Sequence[str] | None = None,
+        method: str = "linear",
+        method_options: dict[str, float] | None = None,
+        score_fn: ScoreFn | None = None,
+        snapshot_device: str = "cpu",
+        snapshot_dtype: str | None = None,
+        snapshot_on_disk: bool = False,
+        save_resilient: bool = True,
+        kl_top_k: int | None = 32,
+        max_shard_size: int | str = "5GB",
+        seed: int = 0,
+    ) -> None:
+        if self._import_error is not None:
+            extra = "lightning" if self._package == "lightning.pytorch" else "pytorch-lightning"
+            raise ImportError(
+                f"this CocktailCallback needs {self._package}; install it with: pip install 'resilient-tune[lightning]' "
+                f"(or pip install {extra})"
+            ) from self._import_error
+        self._configure(
+            alpha,
+            policy=policy,
+            drift_budget=drift_budget,
+            general_data=_from_files(general_data),
+            target_data=_from_files(target_data),
+            peers=peers,
+            method=method,
+            method_options=method_options,
+            score_fn=score_fn,
+            snapshot_device=snapshot_device,
+            snapshot_dtype=snapshot_dtype,
+            snapshot_on_disk=snapshot_on_disk,
+            save_resilient=save_resilient,
+            kl_top_k=kl_top_k,
+            max_shard_size=max_shard_size,
+            seed=seed,
+            loaders=True,
+            mapping_examples=False,
+        )
+        parse_size(max_shard_size)  # fail now, not at the first save
+        self.from_env = False
+        self._active = False
+
+    def _reset_run(self) -> None:
+        super()._reset_run()
+        self._trainer: Any = None
+        self._module: Any = None
+        self._stored: dict[str, Any] | None = None
+        self._probes_ready = False
+        self._in_epoch_end = False
+        self._io: _ResilientCheckpointIO | None = None
+        self._warned_remote = False
+
+    # ------------------------------------------------------------------ Lightning: state
+    @property
+    def state_key(self) -> str:
+        """``CocktailCallback``; the instance added by ``RESILIENT_TUNE=1`` uses its own key."""
+        name = type(self).__qualname__
+        return f"{name}{{'source': 'env'}}" if self.from_env else name
+
+    def state_dict(self) -> dict[str, Any]:
+        """The resume state saved in the checkpoint (see :meth:`CocktailCore._run_state`)."""
+        if not self._active or not self._engine.has_snapshot:
+            return {}
+        trainer = self._trainer
+        if trainer is not None and not trainer.sanity_checking and self._last_step != trainer.global_step:
+            self._decide(trainer.global_step, self._module)  # a save without a validation at this step
+        if self._snapshot_state is None and trainer is not None and trainer.is_global_zero:
+            self._persist_snapshot(_root(trainer) / BASE_FOLDER)  # the first checkpoint: keep θ₀ for a resume
+        return self._run_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._active:
+            self._stored = dict(state_dict)
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Find this callback's state even if it was saved under the other key (env flag vs. explicit)."""
+        if not self._active:
+            return
+        states = checkpoint.get("callbacks") or {}
+        name = type(self).__qualname__
+        found = states.get(self.state_key) or next(
+            (
+                v
+                for k, v in states.items()
+                if isinstance(k, str) and k.startswith(name) and isinstance(v, Mapping) and "snapshot" in v
+            ),
+            None,
+        )
+        self._stored = dict(found) if found else None
+
+    # ------------------------------------------------------------------ Lightning: run
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._check_framework(trainer)
+        self._active = not (self.from_env and _has_explicit_callback(trainer, self))
+        if not self._active:
+            logger.warning(
+                "RESILIENT_TUNE=1 ignored: the Trainer already has a CocktailCallback (its configuration wins)"
+            )
+            return
+        self._reset_run()
+        self._trainer, self._module = trainer, pl_module
+        root = _root(trainer)
+        if self.snapshot_on_disk and trainer.world_size > 1:
+            raise NotImplementedError(
+                "snapshot_on_disk with several processes needs a rank-0 write and a barrier (a later "
+                "increment); keep the snapshot in memory (snapshot_dtype='bf16' halves it)"
+            )
+        # a resume is only known after this hook: an on-disk θ₀ goes to a pending folder until on_train_start
+        self._take_snapshot(pl_module, root / (BASE_FOLDER + _PENDING))
+        self._io = _ResilientCheckpointIO.install(trainer.strategy, self)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if not self._active:
+            return
+        root = _root(trainer)
+        pending = root / (BASE_FOLDER + _PENDING)
+        if self._stored is not None or trainer.ckpt_path is not None:
+            self._drop_pending(pending)
+            self._restore(self._stored, pl_module, trainer.global_step, moved=root / BASE_FOLDER)
+            return
+        self._align_ranks(trainer, pl_module)
+        if self.snapshot_on_disk:
+            self._promote_pending(pending, root / BASE_FOLDER)
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if not self._active or trainer.sanity_checking or not self._engine.has_snapshot:
+            return
+        if trainer.state.fn != "fit":
+            return  # a standalone trainer.validate()
+        self._ensure_probes(trainer, pl_module)
+        self._in_epoch_end = True
+        try:
+            self._decide(trainer.global_step, pl_module)
+        finally:
+            self._in_epoch_end = False
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if not self._active or not self._engine.has_snapshot:
+            return
+        if self._last_step == trainer.global_step and self._history:
+            entry = self._history[-1]
+        else:
+            self._ensure_probes(trainer, pl_module)
+            entry = self._decide(trainer.global_step, pl_module)
+        if trainer.is_global_zero:
+            root = _root(trainer)
+            if self.save_resilient:
+                self._write_folder(root / RESILIENT_FOLDER, trainer.global_step, entry)
+            self._write_report(root / REPORT_FILE, entry)
+        trainer.strategy.barrier("resilient_tune.on_train_end")
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit" and self._io is not None:
+            self._io.uninstall()
+            self._io = None
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")
+
+    # ------------------------------------------------------------------ checks and snapshot
+    def _check_framework(self, trainer: Any) -> None:
+        package = importlib.import_module(self._package)
+        if not isinstance(trainer, package.Trainer):
+            source = type(trainer).__module__.split(".")[0]
+            used = "pytorch_lightning" if source == "pytorch_lightning" else "lightning.pytorch"
+            right = _ADAPTERS.get(used, "lightning")
+            raise UsageError(
+                f"this CocktailCallback is built on {self._package}, but the Trainer comes from {used} (Lightning does "
+                f"not mix the two packages); use: from resilient_tune.integrations.{right} import CocktailCallback"
+            )
+        for name in _SHARDED:
+            strategy_class = getattr(package.strategies, name, None)
+            if strategy_class is not None and isinstance(trainer.strategy, strategy_class):
+                raise NotImplementedError(
+                    f"CocktailCallback does not support {name} yet: sharded parameters need shard-local snapshots "
+                    "and a gather to write (a later increment; see docs/lightning.md). Use strategy='ddp' or a "
+                    "single device."
+                )
+
+    def _align_ranks(self, trainer: Any, pl_module: Any) -> None:
+        """Under DDP: if a rank's θ₀ differs from rank 0's, snapshot the live (already broadcast) weights again."""
+        if trainer.world_size <= 1:
+            return
+        mine = _checksum(self._engine.snapshot.items())
+        reference = trainer.strategy.broadcast(mine, src=0)
+        if trainer.strategy.reduce_boolean_decision(mine != reference, all=False):
+            logger.info(
+                "CocktailCallback: ranks started from different weights; θ₀ is rank 0's (DDP broadcast)"
+            )
+            self._take_snapshot(pl_module, _root(trainer) / (BASE_FOLDER + _PENDING))
+
+    def _drop_pending(self, pending: Path) -> None:
+        if self._engine.has_snapshot and self._engine.snapshot.storage == "disk":
+            self._engine.snapshot.close()
+        if pending.is_dir():
+            shutil.rmtree(pending, ignore_errors=True)
+
+    def _promote_pending(self, pending: Path, base_dir: Path) -> None:
+        """Move the on-disk θ₀ of a fresh run from the pending folder to ``resilient_base/`` and reopen it."""
+        from resilient_tune.snapshot import Snapshot
+
+        state = self._engine.snapshot.state()
+        self._engine.snapshot.close()
+        if base_dir.exists():
+            shutil.rmtree(base_dir)
+        os.replace(pending, base_dir)
+        state["folder"] = str(base_dir.resolve())
+        self._engine.attach(Snapshot.load(state))
+        self._note_snapshot()
+
+    # ------------------------------------------------------------------ probes
+    def _ensure_probes(self, trainer: Any, pl_module: Any) -> None:
+        if self._probes_ready:
+            return
+        self._probes_ready = True
+        if not (self._general or self._target):
+            return
+        if self._score_fn is None and not pl_module.automatic_optimization:
+            raise UsageError(
+                "the probes score the module with training_step, which runs the optimizer under manual "
+                "optimization; pass score_fn(pl_module, batch) -> loss to CocktailCallback"
+            )
+        collate, batch_size = _validation_batching(trainer)
+        general = {n: _batches(d, collate, batch_size, n) for n, d in self._general.items()}
+        target = {n: _batches(d, collate, batch_size, n) for n, d in self._target.items()}
+        lm = _transformers_model(pl_module, language_model=True)
+        dict_batches = all(_RAW not in b for batches in general.values() for b in batches)
+        view = _ProbeModule(pl_module, lm if dict_batches else None)
+        self._set_probes(
+            pl_module,
+            general,
+            target,
+            _Scorer(pl_module, self._score_fn),
+            probe_module=view,
+            with_kl=view.lm is not None,
+        )
+
+    def _log(self, entry: Mapping[str, Any]) -> None:
+        metrics = {f"cocktail/{k}": v for k, v in scalars(entry).items()}
+        trainer, module = self._trainer, self._module
+        if self._in_epoch_end:
+            sync = trainer.world_size > 1  # every rank holds the same numbers: the mean is each of them
+            for key, value in metrics.items():
+                module.log(key, value, on_step=False, on_epoch=True, sync_dist=sync)
+        elif trainer is not None and trainer.is_global_zero:
+            for lightning_logger in trainer.loggers:
+                lightning_logger.log_metrics(metrics, step=trainer.global_step)
+
+    # ------------------------------------------------------------------ output
+    def _write_companion(self, checkpoint_path: Any) -> None:
+        """Write ``<stem>.resilient/`` next to a checkpoint file just saved (global rank 0)."""
+        if not self._active or not self.save_resilient or not self._engine.has_snapshot:
+            return
+        folder = _companion(checkpoint_path)
+        if folder is None:
+            if not self._warned_remote:
+                logger.warning("CocktailCallback: %s is not a local path; no resilient copy", checkpoint_path)
+                self._warned_remote = True
+            return
+        self._write_folder(folder, self._trainer.global_step, None)
+
+    def _remove_companion(self, checkpoint_path: Any) -> None:
+        folder = _companion(checkpoint_path)
+        if folder is not None and folder.is_dir():
+            shutil.rmtree(folder)
+
+    def _write_folder(self, folder: Path, step: int, entry: Mapping[str, Any] | None) -> Path:
+        """The resilient folder: the engine's weights and ``cocktail.json``, all state-dict keys, ``hf/``."""
+        module = self._module
+        entry = entry or self._current_entry()
+        alpha = entry["alpha"]
+        hf_model = _transformers_model(module)
+        with atomic_dir(folder, overwrite=True) as tmp:
+            inner = self._write(module, tmp / "engine", step, entry=entry)
+            for path in inner.iterdir():
+                os.replace(path, tmp / path.name)
+            inner.rmdir()
+            keys = list(module.state_dict().keys())
+            with CheckpointReader(tmp) as reader:
+                complete = set(reader.keys()) == set(keys)
+            if complete and hf_model is None:
+                return Path(os.path.abspath(folder))
+            with self._engine.swapped(module, alpha):  # the live module holds θ(α) in this block
+                if not complete:  # tied parameters were written once: write every key, as the state dict has
+                    _write_state_dict(tmp, module.state_dict(), self.max_shard_size, alpha)
+                if hf_model is not None:
+                    hf_model.save_pretrained(str(tmp / HF_FOLDER), max_shard_size=self.max_shard_size)
+            if hf_model is not None:
+                tokenizer = _tokenizer(module, self._trainer)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(str(tmp / HF_FOLDER))
+                for name in (COCKTAIL_FILE, "README.md"):
+                    shutil.copyfile(tmp / name, tmp / HF_FOLDER / name)
+        return Path(os.path.abspath(folder))
+
+
+class _ResilientCheckpointIO:
+    """Wraps the strategy's ``CheckpointIO``: after a checkpoint file is saved, its resilient companion is written;
+    when it is removed (``ModelCheckpoint`` rotation), the companion goes too. Everything else is delegated.
+
+    The strategy calls its ``CheckpointIO`` on global rank 0 only, so companions are written once.
+    """
+
+    def __init__(self, inner: Any, callback: LightningCocktail) -> None:
+        self._inner = inner
+        self._callback = callback
+
+    @classmethod
+    def install(cls, strategy: Any, callback: LightningCocktail) -> _ResilientCheckpointIO:
+        io_base = importlib.import_module(f"{callback._package}.plugins.io").CheckpointIO
+        wrapper_class = type("ResilientCheckpointIO", (cls, io_base), {})
+        wrapper = wrapper_class(strategy.checkpoint_io, callback)  # the getter configures wrapped plugins
+        wrapper._strategy = strategy
+        strategy.checkpoint_io = wrapper
+        return wrapper
+
+    def uninstall(self) -> None:
+        strategy = getattr(self, "_strategy", None)
+        if strategy is not None and strategy.checkpoint_io is self:
+            strategy.checkpoint_io = self._inner
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        self._inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+        self._callback._write_companion(path)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self._inner.remove_checkpoint(path)
+        self._callback._remove_companion(path)
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self._inner.load_checkpoint(path, *args, **kwargs)
+
+    def teardown(self) -> None:
+        self._inner.teardown()
+
+    def __getattr__(self, name: str) -> Any:  # any other plugin API (e.g. AsyncCheckpointIO's)
+        if name.startswith("__") or name in ("_inner", "_callback", "_strategy"):
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+class _ProbeModule(torch.nn.Module):
+    """What the probes call: the ``LightningModule`` (a child, so that eval mode covers it) and, for the KL probe,
+    its transformers language model, fed the batch keys its ``forward`` accepts."""
+
+    def __init__(self, module: torch.nn.Module, lm: torch.nn.Module | None) -> None:
+        super().__init__()
+        self.module = module
+        self.lm = lm
+        params = inspect.signature(lm.forward).parameters if lm is not None else {}
+        self._any_key = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        self._keys = set(params)
+
+    def forward(self, **batch: Any) -> Any:
+        if self.lm is None:
+            raise UsageError("internal: the probe module has no language model to compute logits with")
+        return self.lm(**{k: v for k, v in batch.items() if self._any_key or k in self._keys})
+
+
+class _Scorer:
+    """``score(view, batch) -> loss``: the user's ``score_fn(pl_module, batch)`` or ``training_step``'s loss."""
+
+    def __init__(self, module: Any, score_fn: ScoreFn | None) -> None:
+        self._module = module
+        self._score_fn = score_fn
+
+    def __call__(self, view: torch.nn.Module, batch: Mapping[str, Any]) -> Any:
+        module = self._module
+        raw: Any = dict(batch)
+        if _RAW in batch:  # not a dict: moved here, the probes move only a dict's tensors
+            raw = module.transfer_batch_to_device(batch[_RAW], module.device, 0)
+        if self._score_fn is not None:
+            return self._score_fn(module, raw)
+        with _muted_logging(module):
+            output = module.training_step(raw, 0)
+        loss = output.get("loss") if isinstance(output, Mapping) else output
+        if not isinstance(loss, (torch.Tensor, float, int)) or isinstance(loss, bool):
+            raise UsageError(
+                f"training_step returned {type(output).__name__} on a probe batch, not a loss; return the loss "
+                "(or {'loss': loss}), or pass score_fn(pl_module, batch) -> loss to CocktailCallback"
+            )
+        return loss
+
+
+@contextlib.contextmanager
+def _muted_logging(module: Any) -> Iterator[None]:
+    """``module.log`` / ``module.log_dict`` do nothing in this block (training_step's logging during probes)."""
+    module.log = _ignore
+    module.log_dict = _ignore
+    try:
+        yield
+    finally:
+        del module.log
+        del module.log_dict
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+# ---------------------------------------------------------------------------- helpers
+def load_examples(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Tokenized examples from a ``.json`` list or a ``.jsonl`` file (one object per line); every list becomes a
+    tensor, so that ``default_collate`` stacks equal-length examples.
+
+    Raises:
+        UsageError: The file is missing, is not JSON, or does not hold example objects.
+    """
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text()
+        rows = (
+            json.loads(text)
+            if file.suffix == ".json"
+            else [json.loads(x) for x in text.splitlines() if x.strip()]
+        )
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read probe examples from {file}: {exc}") from None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise UsageError(
+            f'{file} must hold example objects such as {{"input_ids": [...], "labels": [...]}}: a JSON list, or '
+            "one object per line (.jsonl)"
+        )
+    return [{k: torch.tensor(v) if isinstance(v, list) else v for k, v in row.items()} for row in rows]
+
+
+def _from_files(data: Any) -> Any:
+    """Probe data given as file paths (or a dict of them) loaded with :func:`load_examples`."""
+    if isinstance(data, (str, os.PathLike)):
+        return load_examples(data)
+    if isinstance(data, Mapping):
+        return {k: load_examples(v) if isinstance(v, (str, os.PathLike)) else v for k, v in data.items()}
+    return data
+
+
+def _root(trainer: Any) -> Path:
+    return Path(trainer.default_root_dir)
+
+
+def _has_explicit_callback(trainer: Any, me: Any) -> bool:
+    return any(
+        cb is not me and isinstance(cb, LightningCocktail) and not cb.from_env for cb in trainer.callbacks
+    )
+
+
+def _checksum(items: Iterator[tuple[str, torch.Tensor]]) -> tuple[float, float]:
+    total = squares = 0.0
+    for _, tensor in items:
+        values = tensor.detach().to("cpu", torch.float64)
+        total += float(values.sum())
+        squares += float(values.pow(2).sum())
+    return total, squares
+
+
+def _companion(checkpoint_path: Any) -> Path | None:
+    """``<stem>.resilient`` next to ``<stem>.ckpt``; ``None`` for a remote (non-local) path."""
+    text = os.fspath(checkpoint_path)
+    if "://" in text and not text.startswith("file://"):
+        return None
+    path = Path(text.removeprefix("file://"))
+    stem = path.name[: -len(".ckpt")] if path.name.endswith(".ckpt") else path.name
+    return path.with_name(stem + COMPANION_SUFFIX)
+
+
+def _validation_batching(trainer: Any) -> tuple[Any, int]:
+    """The first validation dataloader's ``collate_fn`` and batch size, else ``default_collate`` and 8."""
+    loaders = trainer.val_dataloaders
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    if isinstance(loaders, torch.utils.data.DataLoader):
+        return loaders.collate_fn, loaders.batch_size or 8
+    return torch.utils.data.default_collate, 8
+
+
+def _batches(data: Any, collate: Any, batch_size: int, name: str) -> list[Any]:
+    """The probe batches, once; batches that are not dicts are wrapped in ``{_RAW: batch}``."""
+    if isinstance(data, torch.utils.data.DataLoader):
+        loader = data
+    else:
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=collate, shuffle=False)
+    try:
+        batches = list(loader)
+    except Exception as exc:
+        raise UsageError(
+            f"cannot batch the probe data {name!r}: {exc}; give examples in the validation data's format (batched "
+            "with its collate_fn), tensors of equal length, or a ready DataLoader"
+        ) from exc
+    if not batches:
+        raise UsageError(f"the probe data {name!r} gave no batches; pass a few dozen examples")
+    return [b if isinstance(b, Mapping) else {_RAW: b} for b in batches]
+
+
+def _transformers_model(module: torch.nn.Module, *, language_model: bool = False) -> Any | None:
+    """The outermost transformers ``PreTrainedModel`` inside ``module`` (the first in module order), or ``None``.
+
+    With ``language_model``: only one with an output embedding (an LM head returning ``(B, T, V)`` logits).
+    transformers is not imported here: a module holding its models has imported it already.
+    """
+    transformers = sys.modules.get("transformers")
+    if transformers is None:
+        return None
+    base = transformers.PreTrainedModel
+    for _, sub in module.named_modules():
+        if isinstance(sub, base):
+            if language_model and sub.get_output_embeddings() is None:
+                return None
+            return sub
+    return None
+
+
+def _tokenizer(module: Any, trainer: Any) -> Any | None:
+    datamodule = getattr(trainer, "datamodule", None)
+    for owner in (module, datamodule):
+        tokenizer = getattr(owner, "tokenizer", None)
+        if hasattr(tokenizer, "save_pretrained"):
+            return tokenizer
+    return None
+
+
+def _write_state_dict(
+    folder: Path, state: Mapping[str, torch.Tensor], max_shard_size: int | str, alpha: float
+) -> None:
+    """Replace the weights in ``folder`` with ``state`` (every key, tied tensors under each of their names)."""
+    for old in [*folder.glob("model*.safetensors"), folder / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)
+    plan = {key: TensorInfo(t.dtype, tuple(t.shape)) for key, t in state.items()}
+    meta = {"resilient_tune": __version__, "alpha": repr(alpha)}
+    limit = parse_size(max_shard_size)
+    with StreamingWriter(folder, plan, max_shard_size=limit, metadata=meta) as writer:
+        for key, tensor in state.items():
+            writer.write(key, tensor.detach().to("cpu"))
+
+
+_BASES, _IMPORT_ERROR = callback_bases("lightning.pytorch")
+
+
+class CocktailCallback(LightningCocktail, *_BASES):  # type: ignore[misc]
+    """Lightning (``lightning.pytorch``) callback writing resilient (LM-Cocktail) checkpoints.
+
+    ``Trainer(callbacks=[CocktailCallback()])`` (α = 0.5), ``CocktailCallback(alpha=0.3)``, or
+    ``CocktailCallback(policy="budget", general_data=examples, drift_budget=0.05)``. See the module docs for
+    what is written where; the arguments are those of :class:`LightningCocktail`.
+
+    Args:
+        alpha: Weight of the fine-tuned model in ``[0, 1]`` (the ``fixed`` policy).
+        policy: ``fixed`` | ``budget`` | a policy object.
+        drift_budget: For ``budget``: allowed relative increase of the general-probe loss.
+        general_data: General probes (dataset, DataLoader, or dict of them).
+        target_data: Target probes (same forms).
+        peers: Peer checkpoints (a later increment).
+        method: Merge method name (``linear`` by default).
+        method_options: Options of the merge method.
+        score_fn: ``score_fn(pl_module, batch) -> loss``; default: ``training_step``'s loss.
+        snapshot_device: Where the in-memory θ₀ lives.
+        snapshot_dtype: Storage dtype of θ₀ (``bf16``, ``fp16``).
+        snapshot_on_disk: Keep θ₀ on disk in ``<default_root_dir>/resilient_base/``.
+        save_resilient: Write resilient folders.
+        kl_top_k: Tokens per position kept for the KL probe.
+        max_shard_size: Shard size of the written weights.
+        seed: Seed of random merge methods.
+    """
+
+    _package = "lightning.pytorch"
+    _import_error = _IMPORT_ERROR
