@@ -34,6 +34,7 @@ __all__ = [
     "Decision",
     "FixedPolicy",
     "Policy",
+    "choose",
     "get_policy",
 ]
 
@@ -314,6 +315,20 @@ def _next_guess(
         if power > 0 and aim > base:
             guess = a2 * ((aim - base) / d2) ** (1.0 / power)
     return min(max(guess, lo + 0.1 * width), hi - 0.1 * width)
+
+
+def choose(
+    policy: Policy, evaluate: Evaluate | None, *, ingredient_losses: IngredientLosses | None = None
+) -> Decision:
+    """Ask ``policy`` for a decision, passing ``ingredient_losses`` only to the policies that declare
+    ``needs_ingredient_losses`` (so user policies with a plain ``choose(evaluate)`` keep working).
+
+    The caller applies the decision: ``alpha``, and ``weights`` when not ``None`` (e.g.
+    ``engine.set_weights(decision.weights)``) before it measures or writes the chosen mix.
+    """
+    if getattr(policy, "needs_ingredient_losses", False):
+        return policy.choose(evaluate, ingredient_losses=ingredient_losses)  # type: ignore[call-arg]
+    return policy.choose(evaluate)
 
 
 def get_policy(name: str | Policy, **options: Any) -> Policy:

@@ -9,6 +9,8 @@
   distributions (the ``k`` tokens plus one "rest" bucket), a lower bound of the full KL that equals it when the
   rest carries no mass.
 - :func:`probe` does both in one forward pass per batch (what the callbacks use).
+- :func:`ingredient_losses`: the loss of each ingredient (the base, then each peer, as stored) on target probes,
+  swapped into the live model one at a time: the ``Lᵢ`` of LM-Cocktail's auto weights ``softmax(−Lᵢ/τ)``.
 
 Every probe runs under ``torch.no_grad()`` with the model in eval mode (dropout off) and restores each module's
 training flag afterwards. Batches are mappings of tensors (what a data collator returns); tensors are moved to
@@ -26,7 +28,15 @@ import torch.nn.functional as F
 
 from .errors import NonFiniteError, UsageError
 
-__all__ = ["ProbeResult", "TopKLogProbs", "base_log_probs", "probe", "probe_kl", "probe_loss"]
+__all__ = [
+    "ProbeResult",
+    "TopKLogProbs",
+    "base_log_probs",
+    "ingredient_losses",
+    "probe",
+    "probe_kl",
+    "probe_loss",
+]
 
 Batch = Mapping[str, Any]
 ScoreFn = Callable[[torch.nn.Module, Batch], Union[torch.Tensor, float]]  # noqa: UP007 (a runtime alias)
@@ -174,6 +184,44 @@ def probe(
     loss = sum(losses) / len(losses) if with_loss else None
     kl = (kl_sum / kl_tokens if kl_tokens else 0.0) if base is not None else None
     return ProbeResult(loss, kl, count)
+
+
+def ingredient_losses(
+    engine: Any,
+    model: torch.nn.Module,
+    target: Mapping[str, Sequence[Batch]],
+    *,
+    score_fn: ScoreFn | None = None,
+    scorer: torch.nn.Module | None = None,
+) -> list[float]:
+    """Loss of every ingredient on the target probes: the base first, then each peer (as stored, unmixed).
+
+    Each ingredient is swapped into the live ``model``'s trainable parameters with
+    ``engine.swapped_ingredient(model, i)`` and restored bit-exactly; the loss of an ingredient is the mean over
+    the target sets of each set's mean batch loss. Costs ``(1 + engine.num_peers) × len(target)`` probe passes.
+
+    Args:
+        engine: A :class:`~resilient_tune.engine.CocktailEngine` (or anything with ``num_peers`` and
+            ``swapped_ingredient``) holding the model's base snapshot and peers.
+        model: The live model.
+        target: Batched target probes, ``name -> batches``.
+        score_fn: ``score_fn(module, batch) -> loss`` (default: the module's own loss).
+        scorer: The module the probes call (default ``model``; it must share ``model``'s parameters).
+
+    Raises:
+        UsageError: ``target`` is empty.
+    """
+    if not target:
+        raise UsageError(
+            "auto weights need target examples: pass target_data (a few tokenized examples of the new task)"
+        )
+    module = model if scorer is None else scorer
+    losses = []
+    for index in range(1 + engine.num_peers):
+        with engine.swapped_ingredient(model, index):
+            per_set = [probe(module, batches, score_fn=score_fn).loss for batches in target.values()]
+        losses.append(sum(x for x in per_set if x is not None) / len(per_set))
+    return losses
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -12,6 +12,27 @@ evaluation also runs probes: the general loss of candidate mixes (swapped into t
 restored bit-exactly), ``KL(base ‖ fine-tuned)`` on the general tokens, and the weight-space drift; the policy
 (``fixed`` or ``budget``) chooses α.
 
+Peers and the ``cocktail`` policy
+---------------------------------
+``peers=[path, ...]`` (checkpoints of the same architecture fine-tuned on other domains) make the resilient model
+the paper's ``α·θₜ + (1 − α)·Σᵢ wᵢ·θᵢ`` over the base and the peers. The peers are opened at train begin, paired
+with the model's trainable parameters (a peer of another architecture fails there, naming the first mismatching
+key) and read one tensor at a time. ``policy="cocktail"`` sets ``wᵢ = softmax(−Lᵢ/temperature)`` from each
+ingredient's loss ``Lᵢ`` on ``target_data`` (default: the first 64 examples of each eval dataset); the
+ingredients never change, so the ``1 + len(peers)`` passes are made once per run (and kept in the resume state).
+``fixed`` and ``budget`` use uniform ``wᵢ`` (or the ``weights`` of a ``FixedPolicy`` object); with peers the
+budget's reference (α = 0) is the base/peer mix. The weights are logged as ``cocktail/weight_base``,
+``cocktail/weight_peer1``, ... and recorded with the peers' paths and fingerprints in ``cocktail.json``.
+
+PEFT LoRA
+---------
+With a ``peft`` LoRA model no snapshot is taken: θ₀ + α·Δ is the adapter scaled by α (see
+:mod:`resilient_tune.integrations.peft`); ``resilient/`` then holds the merged full model and, in ``adapter/``,
+the α-scaled adapter. DoRA is refused at train begin (scaling it is not exact).
+
+At the end of training ``output_dir/cocktail_report.png`` plots the probe losses and α over steps (needs
+matplotlib: ``pip install 'resilient-tune[demo]'``; without it a warning, never an error).
+
 How the callback reaches the Trainer
 ------------------------------------
 Transformers hands callbacks the model, the optimizer, the dataloaders and the processing class, but no
@@ -38,18 +59,20 @@ with or without ``restore_callback_states_from_checkpoint``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
 import uuid
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from resilient_tune.errors import UsageError
+from resilient_tune.engine import CocktailEngine
+from resilient_tune.errors import IncompatibleModelsError, UsageError
 from resilient_tune.integrations._common import (
     BASE_FOLDER,
     REPORT_FILE,
@@ -58,7 +81,11 @@ from resilient_tune.integrations._common import (
     ScoreFn,
     scalars,
 )
-from resilient_tune.policy import Policy
+from resilient_tune.integrations.peft import FORMAT as LORA_FORMAT
+from resilient_tune.integrations.peft import engine_for
+from resilient_tune.policy import CocktailPolicy, Decision, Policy, choose
+from resilient_tune.probes import ProbeResult, ingredient_losses
+from resilient_tune.report import PLOT_FILE, plot_history
 
 try:
     from transformers import TrainerCallback
@@ -77,6 +104,7 @@ logger = logging.getLogger(__name__)
 _LIVE: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 _CONFIG_FIELDS = ("_engine", "_policy", "_general", "_target", "_score_fn", "save_resilient", "kl_top_k")
 _CONFIG_FIELDS += ("snapshot_on_disk", "max_shard_size")
+TARGET_DEFAULT_EXAMPLES = 64  # target examples taken from each eval dataset when target_data is not given
 
 
 class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
@@ -84,15 +112,17 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
 
     Args:
         alpha: Weight of the fine-tuned model in ``[0, 1]`` for the ``fixed`` policy (0.5 by default).
-        policy: ``"fixed"`` (default), ``"budget"`` (needs ``general_data``), or a policy object with
-            ``choose(evaluate) -> Decision``. (``"cocktail"`` comes in a later increment.)
+        policy: ``"fixed"`` (default), ``"budget"`` (needs ``general_data``), ``"cocktail"`` (peer weights from
+            target examples, α fixed), or a policy object with ``choose(evaluate) -> Decision``.
         drift_budget: For ``budget``: allowed relative increase of the general-probe loss over the base's
             (default 0.05 = 5%).
         general_data: General probes: a dataset (``datasets.Dataset``, a torch dataset or a list of example
             dicts) tokenized like the Trainer's eval data, or a dict ``name -> dataset``. Batched with the Trainer's
             collator and eval batch size, once, at train begin.
-        target_data: Target probes (the new skill), same format; logged as ``cocktail/target_loss``.
-        peers: Checkpoints of peer models (a later increment; passing them raises ``NotImplementedError``).
+        target_data: Target probes (the new skill), same format; logged as ``cocktail/target_loss``. With
+            ``policy="cocktail"`` it defaults to the first 64 examples of each eval dataset.
+        peers: Checkpoint folders of peer models (same architecture, fine-tuned on other domains).
+        temperature: For ``cocktail``: the softmax temperature τ of the peer weights (5.0, the reference's).
         method: Merge method (any registered name; ``linear`` by default).
         method_options: Options of the merge method (``density``, ``lambda``, ...).
         score_fn: ``score_fn(model, batch) -> scalar loss`` for the probes; by default the model's own loss, or
@@ -120,6 +150,7 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
         general_data: Any = None,
         target_data: Any = None,
         peers: Sequence[str | os.PathLike[str]] | None = None,
+        temperature: float | None = None,
         method: str = "linear",
         method_options: Mapping[str, float] | None = None,
         score_fn: ScoreFn | None = None,
@@ -135,13 +166,13 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
             raise ImportError(
                 "CocktailCallback needs transformers; install it with: pip install 'resilient-tune[hf]'"
             ) from _IMPORT_ERROR
+        policy = _cocktail_policy(policy, alpha, temperature, drift_budget)
         self._configure(
             alpha,
             policy=policy,
             drift_budget=drift_budget,
             general_data=general_data,
             target_data=target_data,
-            peers=peers,
             method=method,
             method_options=method_options,
             score_fn=score_fn,
@@ -153,6 +184,16 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
             max_shard_size=max_shard_size,
             seed=seed,
         )
+        if peers:  # the engine mixes them in; built here as _configure builds the engine without peers
+            self._engine = CocktailEngine(
+                alpha,
+                method,
+                method_options,
+                seed=seed,
+                snapshot_device=snapshot_device,
+                snapshot_dtype=snapshot_dtype,
+                peers=peers,
+            )
         self._token = uuid.uuid4().hex
         _LIVE[self._token] = self
 
@@ -175,7 +216,7 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
             "args": {},
             "attributes": {
                 "_origin": self._token,
-                "_resume_state": self._run_state(),
+                "_resume_state": {**self._run_state(), "cocktail": self._cocktail_state()},
             },
         }
 
@@ -267,10 +308,12 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
             if self.save_resilient:
                 self._save_resilient(model, output / RESILIENT_FOLDER, state, entry=entry, **kwargs)
             self._write_report(output / REPORT_FILE, entry)
+            self._write_plot(output / PLOT_FILE)
 
     # ------------------------------------------------------------------ run lifecycle
     def _reset_run(self) -> None:
         self._trainer: Any = getattr(self, "_trainer", None)
+        self._ingredient_losses: list[float] | None = None
         super()._reset_run()
 
     def _begin(self, args: Any, state: Any, model: torch.nn.Module) -> None:
@@ -282,14 +325,34 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
                 "snapshot_on_disk with several processes needs a rank-0 write and a barrier (a later "
                 "increment); keep the snapshot in memory (snapshot_dtype='bf16' halves it)"
             )
+        self._engine = engine_for(model, self._engine)  # a LoraEngine (no snapshot) for PEFT LoRA models
         self._take_snapshot(model, base_dir)
+        if self._engine.snapshot.storage == "none":
+            self._snapshot_state = self._engine.snapshot.state()  # LoRA: θ₀ stays in the model
         if not self.snapshot_on_disk and saves and state.is_world_process_zero:
             self._persist_snapshot(base_dir)
 
     def _resume(
         self, args: Any, state: Any, model: torch.nn.Module, stored: Mapping[str, Any] | None
     ) -> None:
-        self._restore(stored, model, state.global_step, moved=Path(args.output_dir) / BASE_FOLDER)
+        self._engine = engine_for(model, self._engine)
+        snapshot = (stored or {}).get("snapshot") or {}
+        if (
+            snapshot.get("format") == LORA_FORMAT
+        ):  # nothing to reload: the frozen base weights are in the model
+            self._engine.begin(model)
+            self._snapshot_state = dict(snapshot)
+            self._history = [
+                dict(e) for e in stored.get("history", []) if e.get("step", 0) <= state.global_step
+            ]
+            if stored.get("base_general_loss") is not None:
+                self._base_result = ProbeResult(float(stored["base_general_loss"]), None, 0)
+        else:
+            self._restore(stored, model, state.global_step, moved=Path(args.output_dir) / BASE_FOLDER)
+        cocktail = (stored or {}).get("cocktail") or {}
+        self._check_peers(cocktail.get("peers"))
+        if cocktail.get("ingredient_losses") is not None:
+            self._ingredient_losses = [float(x) for x in cocktail["ingredient_losses"]]
 
     def _build_probes(self, args: Any, model: torch.nn.Module) -> None:
         if (self._general or self._target) and self._trainer is None:
@@ -298,10 +361,81 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
                 "call callback.bind(trainer) before trainer.train()"
             )
         general = {name: _batches(self._trainer, args, data, name) for name, data in self._general.items()}
-        target = {n: _batches(self._trainer, args, d, n) for n, d in self._target.items()}
-        self._set_probes(model, general, target, self._score_fn or _trainer_score_fn(self._trainer))
+        target_sets = self._target or self._default_target()
+        target = {n: _batches(self._trainer, args, d, n) for n, d in target_sets.items()}
+        with self._base_weights():  # the KL reference is the base itself, not a base/peer mix
+            self._set_probes(model, general, target, self._score_fn or _trainer_score_fn(self._trainer))
+
+    def _default_target(self) -> dict[str, Any]:
+        """The first examples of each eval dataset, when the policy needs target examples and none were given."""
+        if not getattr(self._policy, "needs_ingredient_losses", False):
+            return {}
+        datasets = getattr(self._trainer, "eval_dataset", None)
+        if datasets is None:
+            raise UsageError(
+                f"policy {self._policy.name!r} weighs the base and the peers by their loss on target examples: "
+                "pass target_data (a few dozen tokenized examples of the new task) or give the Trainer an "
+                f"eval_dataset (its first {TARGET_DEFAULT_EXAMPLES} examples are used)"
+            )
+        if isinstance(datasets, Mapping):
+            return {f"eval_{name}": _head(d, TARGET_DEFAULT_EXAMPLES) for name, d in datasets.items()}
+        return {"eval": _head(datasets, TARGET_DEFAULT_EXAMPLES)}
+
+    @contextlib.contextmanager
+    def _base_weights(self) -> Iterator[None]:
+        """Within the block the engine's α = 0 mix is the base alone (weight 1 on the base, 0 on each peer)."""
+        saved = self._engine.weights
+        if self._engine.num_peers:
+            self._engine.set_weights((1.0,) + (0.0,) * self._engine.num_peers)
+        try:
+            yield
+        finally:
+            self._engine.weights = saved
+
+    def _check_peers(self, stored: Any) -> None:
+        """On resume: the peers must be the ones the run started with (same paths and contents)."""
+        peers = self._engine.peers
+        now = peers.identities() if peers is not None else []
+        if stored is not None and list(stored) != now:
+            raise IncompatibleModelsError(
+                f"the peers changed since the run started (then: {stored}; now: {now}); the α/weight history "
+                "refers to the original peers: pass the same peer checkpoints, or start a new run"
+            )
 
     # ------------------------------------------------------------------ decisions
+    def _decide(self, step: int, model: torch.nn.Module, *, log: bool = True) -> dict[str, Any]:
+        """The shared decision, with the policy given the ingredient losses it needs and its weights applied to
+        the engine before the chosen mix is measured; the weights of base and peers join the entry."""
+        configured = self._policy
+        self._policy = _AppliedPolicy(configured, self._engine, lambda: self._losses_of_ingredients(model))
+        try:
+            entry = super()._decide(step, model, log=False)
+        finally:
+            self._policy = configured
+        if self._engine.num_peers:
+            labels = ["base", *(f"peer{i}" for i in range(1, self._engine.num_peers + 1))]
+            entry.update({f"weight_{label}": w for label, w in zip(labels, self._engine.weights)})
+            entry["weights"] = list(self._engine.weights)
+        if log:
+            self._log(entry)
+        return entry
+
+    def _losses_of_ingredients(self, model: torch.nn.Module) -> list[float]:
+        """``Lᵢ`` of the base and each peer on the target probes, measured once per run."""
+        if self._ingredient_losses is None:
+            self._ingredient_losses = ingredient_losses(
+                self._engine, model, self._target_batches, score_fn=self._score, scorer=self._probe_module
+            )
+            self._passes += len(self._ingredient_losses) * len(self._target_batches)
+        return self._ingredient_losses
+
+    def _cocktail_state(self) -> dict[str, Any]:
+        peers = self._engine.peers
+        return {
+            "ingredient_losses": self._ingredient_losses,
+            "peers": peers.identities() if peers is not None else [],
+        }
+
     def _decide_before_save(self, args: Any, state: Any, control: Any, model: Any) -> None:
         """A save coming without an evaluation: decide now, so that the saved state already holds this α."""
         if (
@@ -366,8 +500,53 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
             tokenizer=processing_class,
         )
 
+    def _write_plot(self, path: Path) -> None:
+        try:
+            plot_history(self._history, path)  # warns (no error) without matplotlib
+        except Exception as exc:  # a plot must never fail the run
+            logger.warning("CocktailCallback: the report plot %s was not drawn: %s", path, exc)
+
+
+class _AppliedPolicy:
+    """The configured policy for one decision: given the ingredient losses it needs, its weights applied."""
+
+    def __init__(self, policy: Policy, engine: Any, losses: Callable[[], list[float]]) -> None:
+        self._policy, self._engine, self._losses = policy, engine, losses
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._policy, name)
+
+    def choose(self, evaluate: Any) -> Decision:
+        decision = choose(self._policy, evaluate, ingredient_losses=self._losses)
+        if decision.weights is not None:
+            self._engine.set_weights(decision.weights)
+        return decision
+
 
 # ---------------------------------------------------------------------------- helpers
+def _cocktail_policy(
+    policy: str | Policy, alpha: float, temperature: float | None, drift_budget: float | None
+) -> str | Policy:
+    """``policy="cocktail"`` as an object carrying α and the temperature; other names pass through."""
+    if policy != "cocktail":
+        if temperature is not None:
+            raise UsageError(f"temperature applies to policy='cocktail' only; got policy={policy!r}")
+        return policy
+    if drift_budget is not None:
+        raise UsageError("drift_budget applies to policy='budget' only; got policy='cocktail'")
+    return CocktailPolicy(alpha, temperature=5.0 if temperature is None else temperature)
+
+
+def _head(dataset: Any, n: int) -> Any:
+    """The first ``n`` examples of a dataset (``datasets.Dataset``, a list, or any torch dataset)."""
+    count = min(n, len(dataset))
+    if hasattr(dataset, "select"):
+        return dataset.select(range(count))
+    if isinstance(dataset, (list, tuple)):
+        return dataset[:count]
+    return torch.utils.data.Subset(dataset, range(count))
+
+
 def _find_trainer(*, quiet: bool = False) -> Any | None:
     """The ``transformers.Trainer`` whose method is on the call stack (the one firing the current event)."""
     from transformers import Trainer

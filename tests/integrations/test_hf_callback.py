@@ -210,7 +210,10 @@ def test_resume_without_callback_state_is_refused(tmp_path):
         ({"general_data": []}, UsageError, "empty"),
         ({"general_data": "text"}, UsageError, "pass a dataset"),
         ({"method": "soup"}, UsageError, "linear"),
-        ({"peers": ["/some/model"]}, NotImplementedError, "peers"),
+        ({"peers": ["/no/such/model"]}, UsageError, "does not exist"),
+        ({"policy": "fixed", "temperature": 2.0}, UsageError, "cocktail"),
+        ({"policy": "cocktail", "temperature": 0.0}, UsageError, "temperature"),
+        ({"policy": "cocktail", "drift_budget": 0.1}, UsageError, "budget"),
     ],
 )
 def test_bad_input_fails_at_construction(kwargs, error, match):
