@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -130,6 +131,8 @@ def test_zero_config_logs_once_per_evaluation_and_reports(zero_config):
     assert len(evals) == 2
     report = json.loads((out / "cocktail_report.json").read_text())
     assert [h["step"] for h in report["history"]] == [2, 4]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "cocktail_report.png").read_bytes()[:4] == b"\x89PNG"
     assert report["final"]["alpha"] == 0.5
     assert report["snapshot"]["resident_bytes"] == sum(p.numel() * 4 for p in trainer.model.parameters())
     saved = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
@@ -276,6 +279,15 @@ def test_snapshot_on_disk_and_half_precision(tmp_path):
     half = CocktailCallback(snapshot_dtype="bf16")
     _run(tmp_path / "half", half, save_strategy="no")
     assert half.history[-1]["snapshot_bytes"] * 2 == disk.engine.snapshot.stored_bytes
+
+
+def test_missing_matplotlib_only_warns(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.warns(UserWarning, match=r"resilient-tune\[demo\]"):
+        _run(tmp_path, CocktailCallback(), save_strategy="no", max_steps=2)
+    assert (tmp_path / "cocktail_report.json").is_file() and not (tmp_path / "cocktail_report.png").exists()
 
 
 def test_missing_transformers_names_the_extra(monkeypatch):
