@@ -199,7 +199,10 @@ class LightningCocktail(CocktailCore):
             return {}
         trainer = self._trainer
         if trainer is not None and not trainer.sanity_checking and self._last_step != trainer.global_step:
-            self._decide(trainer.global_step, self._module)  # a save without a validation at this step
+            # a save before (or without) a validation at this step: decide now so that state and files agree; the
+            # metrics are logged by the validation that may follow at this step
+            self._ensure_probes(trainer, self._module)
+            self._decide(trainer.global_step, self._module, log=False)
         if self._snapshot_state is None and trainer is not None and trainer.is_global_zero:
             self._persist_snapshot(_root(trainer) / BASE_FOLDER)  # the first checkpoint: keep θ₀ for a resume
         return self._run_state()
@@ -268,7 +271,10 @@ class LightningCocktail(CocktailCore):
         self._ensure_probes(trainer, pl_module)
         self._in_epoch_end = True
         try:
-            self._decide(trainer.global_step, pl_module)
+            if self._last_step == trainer.global_step and self._history:
+                self._log(self._history[-1])  # decided at a save of this step already
+            else:
+                self._decide(trainer.global_step, pl_module)
         finally:
             self._in_epoch_end = False
 
