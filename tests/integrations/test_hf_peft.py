@@ -189,3 +189,77 @@ def test_engine_for_picks_lora_and_refuses_peers_and_other_methods(tmp_path):
     _gpt2().save_pretrained(tmp_path / "peer")
     with pytest.raises(NotImplementedError, match="peers with a PEFT LoRA model"):
         engine_for(model, CocktailEngine(peers=[tmp_path / "peer"]))
+
+
+# ---------------------------------------------------------------------------- inside a real Trainer
+def _adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    from resilient_tune.integrations.transformers import CocktailCallback
+
+    from .test_hf_callback import EVAL, GENERAL, _run
+
+    out = tmp_path_factory.mktemp("lora")
+    callback = CocktailCallback(0.3, general_data=GENERAL, target_data=EVAL)  # probes swap candidates in
+    trainer = _run(out, callback, model=_lora(modules_to_save=["ln_f"]))
+    return out, callback, trainer
+
+
+def test_trainer_lora_run_needs_no_snapshot_and_writes_both_forms(lora_run):
+    out, callback, trainer = lora_run
+    assert [h["snapshot_bytes"] for h in callback.history] == [0, 0]
+    assert not (out / "resilient_base").exists()
+    assert callback.history[-1]["target_loss"] != callback.history[-1]["target_loss_finetuned"]
+    assert callback.history[-1]["general_kl"] > 0
+    for folder in (out / "resilient", out / "checkpoint-4" / "resilient"):
+        alpha = json.loads((folder / "cocktail.json").read_text())["alpha"]
+        assert alpha == 0.3
+        oracle = _oracle(trainer.model, alpha)
+        full = transformers.AutoModelForCausalLM.from_pretrained(folder)
+        for key, value in full.state_dict().items():
+            torch.testing.assert_close(value, oracle[key], rtol=0, atol=1e-6)
+        scaled = peft.PeftModel.from_pretrained(_gpt2(), folder / "adapter").merge_and_unload()
+        for key, value in scaled.state_dict().items():
+            torch.testing.assert_close(value, oracle[key], rtol=0, atol=1e-6)
+
+
+def test_trainer_lora_probing_is_bit_exact(lora_run, tmp_path):
+    from .test_hf_callback import _run
+
+    _, _, probed = lora_run
+    plain = _run(tmp_path / "plain", None, model=_lora(modules_to_save=["ln_f"]))
+    _assert_same(_adapter_state(plain.model), _adapter_state(probed.model))
+
+
+def test_trainer_lora_budget_run_resumes_without_a_snapshot(tmp_path):
+    import shutil
+
+    from resilient_tune.integrations.transformers import CocktailCallback
+
+    from .test_hf_callback import GENERAL, _run
+
+    def callback():
+        return CocktailCallback(policy="budget", drift_budget=1e-4, general_data=GENERAL)
+
+    full = callback()
+    _run(tmp_path / "full", full, model=_lora())
+    assert full.history[-1]["alpha"] < 1 and full.history[-1]["probe_passes"] >= 2
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = callback()
+    _run(tmp_path / "resumed", resumed, model=_lora(), resume=str(tmp_path / "resumed" / "checkpoint-2"))
+    assert [h["alpha"] for h in resumed.history] == pytest.approx(
+        [h["alpha"] for h in full.history], abs=1e-6
+    )
+    assert [h["step"] for h in resumed.history] == [2, 4]
+
+
+def test_trainer_refuses_dora_at_train_begin(tmp_path):
+    from resilient_tune.integrations.transformers import CocktailCallback
+
+    from .test_hf_callback import _run
+
+    with pytest.raises(UsageError, match="DoRA"):
+        _run(tmp_path, CocktailCallback(), model=_lora(use_dora=True))
