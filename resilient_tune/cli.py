@@ -75,6 +75,34 @@ def _build_parser() -> argparse.ArgumentParser:
     w.add_argument("--json", action="store_true", help="print JSON (weights and losses) instead of a table")
 
     sub.add_parser("methods", help="list the registered merge methods")
+
+    d = sub.add_parser(
+        "demo",
+        help="fine-tune a real pre-trained model, watch it forget, recover (the main job; ~4 min on 2 CPU cores)",
+    )
+    d.add_argument(
+        "--out", type=Path, default=Path("runs/demo"), metavar="DIR", help="run folder (default runs/demo)"
+    )
+    d.add_argument(
+        "--scenario", default="encoder", choices=["encoder"], help="what to fine-tune (default encoder)"
+    )
+    d.add_argument(
+        "--steps", type=int, metavar="N", help="optimizer steps (default: the documented recipe, 95)"
+    )
+    d.add_argument("--seed", type=int, help="seed of data order and dropout (default 0)")
+    d.add_argument("--lr", type=float, metavar="LR", help="learning rate (default 1e-4)")
+    d.add_argument(
+        "--drift-budget", type=float, metavar="B", help="budget policy: allowed general-loss increase (0.05)"
+    )
+
+    r = sub.add_parser(
+        "report", help="rebuild the table and plot of a run (demo or any CocktailCallback run)"
+    )
+    r.add_argument(
+        "run_dir", type=Path, metavar="RUN_DIR", help="demo --out folder, a Trainer output_dir or checkpoint"
+    )
+    r.add_argument("--plot", type=Path, metavar="PNG", help="where to draw the plot (default: in RUN_DIR)")
+    r.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
     return parser
 
 
@@ -172,7 +200,42 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"merge": _cmd_merge, "weights": _cmd_weights, "methods": _cmd_methods}
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    options = {
+        name: value
+        for name, value in (
+            ("seed", args.seed),
+            ("learning_rate", args.lr),
+            ("drift_budget", args.drift_budget),
+        )
+        if value is not None
+    }
+    run_demo(args.out, args.scenario, steps=args.steps, **options)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .demo.report import load_run, render_run
+
+    if args.json:
+        print(json.dumps(load_run(args.run_dir)[1], indent=2, ensure_ascii=False))
+        return 0
+    table, plot = render_run(args.run_dir, args.plot)
+    print(table)
+    if plot is not None:
+        print(f"\nplot: {plot}")
+    return 0
+
+
+_COMMANDS = {
+    "merge": _cmd_merge,
+    "weights": _cmd_weights,
+    "methods": _cmd_methods,
+    "demo": _cmd_demo,
+    "report": _cmd_report,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,257 @@
+"""Real text pairs that ship with Python: standard-library docstrings (offline on every machine).
+
+Two retrieval tasks over the docstrings of public functions, classes and methods of the standard library
+(top-level modules of ``sys.stdlib_module_names`` and their public submodules, e.g. ``email.message``):
+
+- **target** (the narrow new skill): a docstring's first sentence -> the qualified name it documents
+  (``smtplib.SMTP.connect``);
+- **general** (what the model must not forget): a docstring's first sentence -> the rest of that docstring.
+
+Splits are by top-level package (a stable CRC-32 hash of its name): target and general text come from different
+packages, so nothing the model is tuned on leaks into the general test. Repeated first sentences (inherited or
+copied docstrings) are dropped everywhere. The text depends on the Python version (and on which optional modules
+import on the machine): :func:`fingerprint` identifies the data, and the demo records it with its results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import pkgutil
+import re
+import subprocess
+import sys
+import warnings
+import zlib
+from collections.abc import Iterator
+from dataclasses import astuple, dataclass
+from pathlib import Path
+from types import ModuleType
+
+__all__ = ["DemoData", "Doc", "Pairs", "build_pairs", "demo_data", "fingerprint", "stdlib_docs"]
+
+# Modules with side effects on import (a browser, a GUI, printed text), deprecated ones that warn loudly, the test
+# suites, and packages of near-identical docstrings (codecs).
+_SKIP = {
+    "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "ensurepip", "venv",
+    "pydoc_data", "msilib", "winreg", "winsound", "nturl2path", "xxsubtype", "crypt", "nis", "spwd",
+    "ossaudiodev", "sndhdr", "imghdr", "pipes", "telnetlib", "nntplib", "cgi", "cgitb", "chunk", "mailcap",
+    "uu", "xdrlib", "audioop", "aifc", "sunau", "asynchat", "asyncore", "smtpd", "imp", "distutils",
+    "test", "encodings",
+}  # fmt: skip
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+_TRAIN_BUCKETS, _TEST_BUCKETS = range(5), range(5, 7)  # crc32(package) % 10: 0-4 train, 5-6 test, 7-9 general
+
+
+@dataclass(frozen=True)
+class Doc:
+    """One documented object: its top-level package, qualified name and cleaned docstring."""
+
+    package: str
+    qualname: str
+    doc: str
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Query/passage pairs of one task; ``queries[i]`` matches ``passages[i]``."""
+
+    queries: list[str]
+    passages: list[str]
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def head(self, n: int) -> Pairs:
+        """The first ``n`` pairs."""
+        return Pairs(self.queries[:n], self.passages[:n])
+
+    def split(self, n: int) -> tuple[Pairs, Pairs]:
+        """The first ``n`` pairs and the rest."""
+        return self.head(n), Pairs(self.queries[n:], self.passages[n:])
+
+
+@dataclass(frozen=True)
+class DemoData:
+    """The demo's splits: tune on ``target_train``; probe during training; score on the test sets.
+
+    The probes are held out from the sets they sit next to: ``target_probe`` is not trained on and
+    ``general_probe`` (which the ``budget`` policy uses to choose α) shares no pair with ``general_test``.
+    """
+
+    target_train: Pairs
+    target_probe: Pairs
+    target_test: Pairs
+    general_probe: Pairs
+    general_test: Pairs
+
+    def sizes(self) -> dict[str, int]:
+        return {name: len(getattr(self, name)) for name in self.__dataclass_fields__}
+
+
+def _quiet_import(name: str) -> ModuleType | None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return importlib.import_module(name)
+        except Exception:  # platform-specific or optional modules (ctypes.wintypes, dbm.gnu, ...)
+            return None
+
+
+def _modules() -> Iterator[tuple[str, ModuleType]]:
+    """(top-level package, module) for every importable public stdlib module, in a stable order."""
+    for name in sorted(sys.stdlib_module_names):
+        if name.startswith("_") or name in _SKIP:
+            continue
+        module = _quiet_import(name)
+        if module is None:
+            continue
+        yield name, module
+        if not hasattr(module, "__path__"):
+            continue
+        subs = sorted(info.name for info in pkgutil.walk_packages(module.__path__, f"{name}."))
+        for sub in subs:
+            parts = sub.split(".")[1:]
+            if any(p.startswith("_") or "test" in p for p in parts):
+                continue
+            submodule = _quiet_import(sub)
+            if submodule is not None:
+                yield name, submodule
+
+
+def stdlib_docs() -> list[Doc]:
+    """The docstrings of public functions, classes and (public) methods defined in stdlib modules.
+
+    Collected in a fresh interpreter (``python -I -S``: no site-packages), so that libraries imported by the
+    caller cannot change the text: transformers, for one, adds methods to ``logging.Logger`` and torch replaces
+    ``inspect.getfile``.
+
+    Raises:
+        RuntimeError: The child interpreter failed.
+    """
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", str(Path(__file__).resolve())],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"collecting standard-library docstrings failed: {done.stderr.strip()[-1000:]}")
+    return [Doc(*row) for row in json.loads(done.stdout)]
+
+
+def _collect_docs() -> list[Doc]:
+    """:func:`stdlib_docs` in this interpreter (as it is: modules already imported or patched count)."""
+    out: list[Doc] = []
+    seen: set[int] = set()
+    for package, module in _modules():
+        name = module.__name__
+        for attr, obj in sorted(vars(module).items()):
+            if attr.startswith("_") or getattr(obj, "__module__", None) != name or id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            if inspect.isclass(obj):
+                out.append(Doc(package, f"{name}.{attr}", inspect.getdoc(obj) or ""))
+                for meth, fn in sorted(vars(obj).items()):
+                    if not meth.startswith("_") and callable(fn) and getattr(fn, "__doc__", None):
+                        out.append(Doc(package, f"{name}.{attr}.{meth}", inspect.cleandoc(fn.__doc__)))
+            elif inspect.isfunction(obj):
+                out.append(Doc(package, f"{name}.{attr}", inspect.getdoc(obj) or ""))
+    return out
+
+
+def _rows(docs: list[Doc]) -> list[tuple[Doc, str, str]]:
+    """(doc, first sentence, rest) with a first sentence of 4-40 words, seen once in all the docs."""
+    counts: dict[str, int] = {}
+    rows = []
+    for doc in docs:
+        parts = _SENTENCE.split(doc.doc.strip().replace("\n", " "), maxsplit=1)
+        first = parts[0].strip()
+        if not 4 <= len(first.split()) <= 40:
+            continue
+        counts[first] = counts.get(first, 0) + 1
+        rows.append((doc, first, parts[1].strip() if len(parts) > 1 else ""))
+    return [r for r in rows if counts[r[1]] == 1]  # inherited docstrings would leak between splits
+
+
+def _bucket(package: str) -> int:
+    return zlib.crc32(package.encode()) % 10
+
+
+def build_pairs(
+    max_target_train: int = 2400, max_test: int = 400, max_general: int = 425
+) -> dict[str, Pairs]:
+    """``{"target_train", "target_test", "general"}`` pairs from the running Python's standard library.
+
+    Args:
+        max_target_train: Cap on target training pairs.
+        max_test: Cap on target test pairs.
+        max_general: Cap on general pairs (rest of the docstring at least 5 words).
+    """
+    rows = _rows(stdlib_docs())
+    train = [r for r in rows if _bucket(r[0].package) in _TRAIN_BUCKETS][:max_target_train]
+    test = [r for r in rows if _bucket(r[0].package) in _TEST_BUCKETS][:max_test]
+    general = [r for r in rows if _bucket(r[0].package) >= _TEST_BUCKETS.stop and len(r[2].split()) >= 5]
+    general = general[:max_general]
+    return {
+        "target_train": Pairs([r[1] for r in train], [r[0].qualname for r in train]),
+        "target_test": Pairs([r[1] for r in test], [r[0].qualname for r in test]),
+        "general": Pairs([r[1] for r in general], [r[2] for r in general]),
+    }
+
+
+def demo_data(
+    *,
+    target_train: int = 2400,
+    target_test: int = 400,
+    general_test: int = 400,
+    probe: int = 64,
+) -> DemoData:
+    """The encoder demo's splits (see :class:`DemoData`).
+
+    ``target_probe`` is the last ``probe`` target pairs of the training packages (held out from training);
+    ``general_probe`` takes every ``k``-th general pair (spread over the general packages), ``general_test`` the
+    others, capped at ``general_test``.
+
+    Args:
+        target_train: Cap on target training pairs.
+        target_test: Cap on target test pairs.
+        general_test: Cap on general test pairs.
+        probe: Pairs in each probe set.
+    """
+    pairs = build_pairs(target_train + probe, target_test, 10**9)
+    train = pairs["target_train"]
+    cut = max(0, len(train) - probe)
+    general = pairs["general"]
+    step = max(2, len(general) // max(1, probe))
+    picked = set(range(0, len(general), step)[:probe])
+    rest = [i for i in range(len(general)) if i not in picked][:general_test]
+    return DemoData(
+        target_train=Pairs(train.queries[:cut], train.passages[:cut]),
+        target_probe=Pairs(train.queries[cut:], train.passages[cut:]),
+        target_test=pairs["target_test"],
+        general_probe=_take(general, sorted(picked)),
+        general_test=_take(general, rest),
+    )
+
+
+def _take(pairs: Pairs, indices: list[int]) -> Pairs:
+    return Pairs([pairs.queries[i] for i in indices], [pairs.passages[i] for i in indices])
+
+
+def fingerprint(data: DemoData | dict[str, Pairs]) -> str:
+    """A short SHA-256 of every pair, to tell whether two runs scored the same text."""
+    sets = data.__dict__ if isinstance(data, DemoData) else data
+    digest = hashlib.sha256()
+    for name in sorted(sets):
+        for q, p in zip(sets[name].queries, sets[name].passages):
+            digest.update(f"{name}\x00{q}\x00{p}\x01".encode())
+    return digest.hexdigest()[:16]
+
+
+if __name__ == "__main__":  # the child of stdlib_docs(): print the docs as JSON rows
+    json.dump([astuple(doc) for doc in _collect_docs()], sys.stdout)
