@@ -44,7 +44,7 @@ from . import __version__
 from .card import model_card
 from .checkpoint import StreamingWriter, TensorInfo, atomic_dir, copy_support_files, parse_size
 from .errors import UsageError
-from .merging import get_method, merge_tensor, resolve_options
+from .merging import get_method, layer_depths, merge_tensor, resolve_options
 from .recipe import COCKTAIL_FILE, Recipe, cocktail_document
 from .snapshot import PeerCheckpoints, Snapshot
 from .sources import ModelLike
@@ -172,6 +172,8 @@ class CocktailEngine:
         Recipe(dtype=snapshot_dtype)  # validates the dtype name early
         self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
         self._snapshot: Snapshot | None = None
+        self._depths: dict[str, float] = {}  # LiNeS depths of the snapshot's parameters, computed once
+        self._depths_of: Snapshot | None = None
 
     # ---------------------------------------------------------------- snapshot
     @property
@@ -304,9 +306,19 @@ class CocktailEngine:
             base=base_arg,
             options=self._options,
             key=name,
+            depth=self._depth(name),
             seed=self.recipe.seed,
             out_dtype=current.dtype,
         )
+
+    def _depth(self, name: str) -> float:
+        """LiNeS depth of parameter ``name`` among the snapshot's parameters (0 for methods without depth)."""
+        if not self._spec.depth_scaling:
+            return 0.0
+        snapshot = self.snapshot
+        if self._depths_of is not snapshot:
+            self._depths, self._depths_of = layer_depths(snapshot.names), snapshot
+        return self._depths[name]
 
     @contextlib.contextmanager
     def swapped(

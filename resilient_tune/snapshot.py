@@ -47,7 +47,8 @@ def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Par
 
     Raises:
         NotImplementedError: The parameters are sharded (FSDP2 ``DTensor``) or partitioned (DeepSpeed ZeRO-3
-            placeholders) or the model is a PEFT model: those paths come in a later increment.
+            placeholders): those paths come in a later increment; or the model is a PEFT model (use
+            :class:`~resilient_tune.integrations.peft.LoraEngine`).
     """
     _refuse_unsupported(model)
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -56,8 +57,8 @@ def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Par
 def _refuse_unsupported(model: torch.nn.Module) -> None:
     if hasattr(model, "peft_config"):
         raise NotImplementedError(
-            "PEFT models are not supported yet by the snapshot/engine: with LoRA no copy is needed (θ₀ + α·Δ is the "
-            "adapter scaled by α); that path comes in a later increment. Merge the adapter first or train without PEFT."
+            "PEFT models need no snapshot: with LoRA θ₀ + α·Δ is the adapter scaled by α. Use "
+            "resilient_tune.integrations.peft.LoraEngine (CocktailCallback picks it for PEFT models by itself)"
         )
     for name, p in model.named_parameters():
         if type(p.data).__name__ == "DTensor" or hasattr(p, "_local_tensor"):
@@ -125,7 +126,7 @@ class Snapshot:
 
         Raises:
             UsageError: No trainable parameters, a bad dtype, or ``folder`` exists without ``overwrite``.
-            NotImplementedError: sharded/partitioned parameters or a PEFT model (a later increment).
+            NotImplementedError: sharded/partitioned parameters (a later increment) or a PEFT model (LoraEngine).
         """
         params = trainable_parameters(model)
         if not params:

@@ -355,3 +355,15 @@ def test_weights_must_sum_to_one(with_peers):
     with pytest.raises(UsageError, match=r"sum to 0\.9"):
         engine.set_weights([0.3, 0.3, 0.3])
     assert engine.set_weights([0.2, 0.3, 0.5]) == (0.2, 0.3, 0.5)
+
+
+def test_lines_scales_each_layer_by_its_depth(trained):
+    model, snap_engine, base = trained
+    engine = CocktailEngine(alpha=1.0, method="lines", options={"lines_alpha": 0.2, "lines_beta": 0.8})
+    engine.attach(snap_engine.snapshot, model)
+    live = _live(model)
+    merged = engine.merged_state_dict(model)
+    for key, scale in [("transformer.h.0.mlp.c_fc.weight", 0.2), ("transformer.h.1.mlp.c_fc.weight", 1.0)]:
+        torch.testing.assert_close(
+            merged[key], base[key] + scale * (live[key] - base[key]), rtol=0, atol=1e-6
+        )

@@ -91,3 +91,23 @@ def test_bad_inputs():
         Snapshot.take(model)
     with pytest.raises(UsageError, match="dtype"):
         Snapshot.take(_model(), dtype="int8")
+
+
+def test_peers_pair_by_any_name_of_a_tied_parameter_and_stay_lazy():
+    from resilient_tune.errors import IncompatibleModelsError
+    from resilient_tune.snapshot import PeerCheckpoints
+
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(5, 3)
+            self.head = torch.nn.Linear(3, 5, bias=False)
+            self.head.weight = self.embed.weight  # tied: named_parameters() lists "embed.weight" only
+
+    model = Tied()
+    peer = {"head.weight": torch.ones(5, 3)}  # the peer stored the tie under the other name
+    peers = PeerCheckpoints.open([peer], model)
+    assert torch.equal(peers.get(0, "embed.weight"), torch.ones(5, 3))
+    assert peers.names == ["peer 1"] and len(peers.fingerprints[0]) == 64
+    with pytest.raises(IncompatibleModelsError, match=r"\(5, 3\).*\(4, 3\)|\(4, 3\).*\(5, 3\)"):
+        PeerCheckpoints.open([{"embed.weight": torch.ones(4, 3)}], model)
