@@ -122,3 +122,25 @@ def test_bad_probe_data():
     batches = _batches(2)
     with pytest.raises(UsageError, match="1 batches"):
         probe_kl(model, base_log_probs(model, batches[:1]), batches)
+
+
+def test_ingredient_losses_score_the_base_and_each_peer_as_stored():
+    from resilient_tune.engine import CocktailEngine
+    from resilient_tune.probes import ingredient_losses
+
+    model, peer = _gpt2(0), _gpt2(1)
+    engine = CocktailEngine(peers=[peer.state_dict()])
+    engine.begin(model)
+    base_loss = probe_loss(_gpt2(0), _batches())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)  # "training" moved the live weights
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = ingredient_losses(engine, model, {"a": _batches(), "b": _batches(2)})
+    expected_peer = (probe_loss(peer, _batches()) + probe_loss(peer, _batches(2))) / 2
+    expected_base = (base_loss + probe_loss(_gpt2(0), _batches(2))) / 2
+    assert losses == pytest.approx([expected_base, expected_peer], rel=1e-6)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, live[key])
+    with pytest.raises(UsageError, match="target_data"):
+        ingredient_losses(engine, model, {})
