@@ -1,0 +1,75 @@
+"""Programmatic use: ``Trainer(callbacks=[CocktailCallback(...)])`` on the tiny LM of ``lit_app.py``.
+
+    python lit_train.py ROOT [--alpha 0.3] [--policy budget] [--max-steps 8] [--ddp] [--seed-per-rank]
+                             [--resume CKPT] [--seed 0]
+
+Checkpoints every 2 steps (all kept) in ``ROOT/ckpts``. ``--ddp``: 2 processes on the CPU
+(``strategy="ddp", accelerator="cpu", devices=2``). Each process prints one JSON line: its rank, the α history and
+how many resilient folders it wrote (only global rank 0 may write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lit_app import TinyLM, TokenData, tokens
+
+from resilient_tune.integrations.lightning import CocktailCallback
+
+
+class CountingCallback(CocktailCallback):
+    """CocktailCallback that counts the resilient folders this process writes."""
+
+    writes = 0
+
+    def _write_folder(self, *args, **kwargs):
+        self.writes += 1
+        return super()._write_folder(*args, **kwargs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--policy", default="fixed")
+    parser.add_argument("--max-steps", type=int, default=8)
+    parser.add_argument("--ddp", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed-per-rank", action="store_true")
+    parser.add_argument("--resume", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    general = tokens(16, 2, False) if args.policy == "budget" else None
+    callback = CountingCallback(alpha=args.alpha, policy=args.policy, general_data=general)
+    every = ModelCheckpoint(dirpath=args.root / "ckpts", every_n_train_steps=2, save_top_k=-1)
+    distributed = (
+        {"strategy": "ddp", "accelerator": "cpu", "devices": 2} if args.ddp else {"accelerator": "cpu"}
+    )
+    trainer = L.Trainer(
+        default_root_dir=str(args.root),
+        max_steps=args.max_steps,
+        val_check_interval=2,
+        callbacks=[callback, every],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **distributed,
+    )
+    module = TinyLM(seed=args.seed, seed_per_rank=args.seed_per_rank)
+    trainer.fit(module, datamodule=TokenData(), ckpt_path=args.resume)
+    summary = {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "writes": callback.writes,
+        "history": [{"step": h["step"], "alpha": h["alpha"]} for h in callback.history],
+    }
+    print("SUMMARY " + json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""End to end: CocktailCallback switched on the three ways (code, LightningCLI flag / YAML, RESILIENT_TUNE=1),
+under 2-process DDP on the CPU, and across a resume in a new process. Each run is a subprocess of the scripts in
+this folder; the resilient weights are checked against θ₀ and the final weights the scripts save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("lightning.pytorch")
+transformers = pytest.importorskip("transformers")
+
+from lit_app import write_general  # noqa: E402  (this folder is on sys.path under pytest)
+
+HERE = Path(__file__).resolve().parent
+FLAG = "resilient_tune.integrations.lightning.CocktailCallback"
+QUIET = [
+    "--trainer.logger=false",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+pytestmark = pytest.mark.slow
+
+
+def _run(
+    args: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: int = 300
+) -> str:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("RESILIENT_TUNE")}
+    environ.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
+    done = subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=environ, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done.stdout
+
+
+def _summaries(stdout: str) -> dict[int, dict]:
+    rows = [
+        json.loads(line.removeprefix("SUMMARY "))
+        for line in stdout.splitlines()
+        if line.startswith("SUMMARY ")
+    ]
+    return {row["rank"]: row for row in rows}
+
+
+def _assert_mix(folder: Path, base: dict, tuned: dict) -> float:
+    """``folder`` holds θ₀ + α(θ − θ₀) for every state-dict key, α from its cocktail.json, and an ``hf/`` model
+    equal to the same mix; returns α."""
+    alpha = json.loads((folder / "cocktail.json").read_text())["alpha"]
+    written = load_file(str(folder / "model.safetensors"))
+    assert sorted(written) == sorted(tuned)
+    for key, value in written.items():
+        torch.testing.assert_close(value, base[key] + alpha * (tuned[key] - base[key]), rtol=0, atol=1e-6)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder / "hf")
+    for key, value in hf.state_dict().items():
+        torch.testing.assert_close(value, written[f"model.{key}"], rtol=0, atol=0)
+    return alpha
+
+
+def _weights(root: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(root / name))
+
+
+def _cli_run(root: Path, *extra: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> dict:
+    args = [str(HERE / "lit_app.py"), "fit", f"--trainer.default_root_dir={root}", *QUIET]
+    args += ["--trainer.max_steps=8", "--trainer.val_check_interval=2", *extra]
+    return json.loads(_run(args, cwd=cwd, env=env).strip().splitlines()[-1])
+
+
+def test_programmatic(tmp_path):
+    summary = _summaries(_run([str(HERE / "lit_train.py"), str(tmp_path), "--alpha", "0.3"]))[0]
+    assert [h["step"] for h in summary["history"]] == [2, 4, 6, 8]
+    assert summary["writes"] == 5  # one companion per checkpoint and the final folder
+    base = _weights(tmp_path, "theta0.safetensors")
+    assert _assert_mix(tmp_path / "resilient", base, _weights(tmp_path, "final.safetensors")) == 0.3
+    for ckpt in sorted((tmp_path / "ckpts").glob("*.ckpt")):
+        weights = torch.load(ckpt, weights_only=False)["state_dict"]
+        _assert_mix(ckpt.with_name(ckpt.stem + ".resilient"), base, weights)
+
+
+def test_lightning_cli_flag(tmp_path):
+    out = _cli_run(tmp_path, f"--trainer.callbacks+={FLAG}", "--trainer.callbacks.init_args.alpha=0.3")
+    assert out == {"cocktail_callbacks": 1}
+    final = _weights(tmp_path, "final.safetensors")
+    assert _assert_mix(tmp_path / "resilient", _weights(tmp_path, "theta0.safetensors"), final) == 0.3
+
+
+def test_lightning_cli_yaml_class_path(tmp_path):
+    write_general(str(tmp_path / "general.jsonl"))
+    out = _cli_run(tmp_path / "run", f"--config={HERE / 'cocktail.yaml'}", cwd=tmp_path)
+    assert out == {"cocktail_callbacks": 1}
+    root = tmp_path / "run"
+    _assert_mix(root / "resilient", _weights(root, "theta0.safetensors"), _weights(root, "final.safetensors"))
+    report = json.loads((root / "cocktail_report.json").read_text())
+    assert report["policy"] == {**report["policy"], "name": "budget", "drift_budget": 0.02}
+    final = report["final"]
+    assert final["general_loss"] <= final["general_loss_base"] * 1.02 * (1 + 1e-6)  # the budget holds
+
+
+def test_env_flag_needs_no_code_change(tmp_path):
+    write_general(str(tmp_path / "general.jsonl"))
+    env = {
+        "RESILIENT_TUNE": "1",
+        "RESILIENT_TUNE_POLICY": "budget",
+        "RESILIENT_TUNE_DRIFT_BUDGET": "0.02",
+        "RESILIENT_TUNE_GENERAL_DATA": str(tmp_path / "general.jsonl"),
+    }
+    root = tmp_path / "run"
+    assert _cli_run(root, env=env) == {"cocktail_callbacks": 1}
+    _assert_mix(root / "resilient", _weights(root, "theta0.safetensors"), _weights(root, "final.safetensors"))
+    assert json.loads((root / "resilient" / "cocktail.json").read_text())["policy"]["name"] == "budget"
+    env["RESILIENT_TUNE_APLHA"] = "0.3"
+    args = [str(HERE / "lit_app.py"), "fit", f"--trainer.default_root_dir={tmp_path / 'typo'}", *QUIET]
+    environ = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
+    done = subprocess.run([sys.executable, *args], env=environ, capture_output=True, text=True, timeout=300)
+    assert (
+        done.returncode != 0
+        and "RESILIENT_TUNE_APLHA" in done.stderr
+        and "RESILIENT_TUNE_ALPHA" in done.stderr
+    )
+
+
+def test_ddp_two_processes_write_once(tmp_path):
+    stdout = _run(
+        [str(HERE / "lit_train.py"), str(tmp_path), "--ddp", "--seed-per-rank", "--policy", "budget"],
+        timeout=600,
+    )
+    ranks = _summaries(stdout)
+    assert sorted(ranks) == [0, 1] and ranks[0]["world_size"] == 2
+    assert ranks[0]["writes"] == 5 and ranks[1]["writes"] == 0  # global rank 0 writes, once per save
+    assert ranks[0]["history"] == ranks[1]["history"]  # every rank decided the same α
+    # ranks started from different weights: θ₀ is rank 0's (which DDP broadcast)
+    base = _weights(tmp_path, "theta0.safetensors")
+    _assert_mix(tmp_path / "resilient", base, _weights(tmp_path, "final.safetensors"))
+    assert len(list((tmp_path / "ckpts").glob("*.resilient"))) == len(
+        list((tmp_path / "ckpts").glob("*.ckpt"))
+    )
+
+
+def test_resume_in_a_new_process(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    full = _summaries(_run([str(HERE / "lit_train.py"), str(first), "--policy", "budget"]))[0]
+    ckpt = first / "ckpts" / "epoch=0-step=4.ckpt"
+    args = [
+        str(HERE / "lit_train.py"),
+        str(second),
+        "--policy",
+        "budget",
+        "--resume",
+        str(ckpt),
+        "--seed",
+        "7",
+    ]
+    resumed = _summaries(_run(args))[0]  # other initial weights: the resumed run must not take them as θ₀
+    assert [h["step"] for h in resumed["history"]] == [2, 4, 6, 8]
+    for a, b in zip(resumed["history"], full["history"]):
+        assert a["alpha"] == pytest.approx(b["alpha"], abs=1e-6)
+    base = _weights(first, "theta0.safetensors")
+    _assert_mix(second / "resilient", base, _weights(second, "final.safetensors"))
