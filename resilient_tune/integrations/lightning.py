@@ -374,7 +374,7 @@ class LightningCocktail(CocktailCore):
             pl_module,
             general,
             target,
-            _Scorer(pl_module, self._score_fn),
+            _Scorer(pl_module, self._score_fn, getattr(trainer, "precision_plugin", None)),
             probe_module=view,
             with_kl=view.lm is not None,
         )
@@ -502,21 +502,28 @@ class _ProbeModule(torch.nn.Module):
 
 
 class _Scorer:
-    """``score(view, batch) -> loss``: the user's ``score_fn(pl_module, batch)`` or ``training_step``'s loss."""
+    """``score(view, batch) -> loss``: the user's ``score_fn(pl_module, batch)`` or ``training_step``'s loss, with
+    the batch converted and the forward run as the Trainer's precision plugin does for a training step."""
 
-    def __init__(self, module: Any, score_fn: ScoreFn | None) -> None:
+    def __init__(self, module: Any, score_fn: ScoreFn | None, precision: Any = None) -> None:
         self._module = module
         self._score_fn = score_fn
+        self._precision = precision
 
     def __call__(self, view: torch.nn.Module, batch: Mapping[str, Any]) -> Any:
         module = self._module
         raw: Any = dict(batch)
         if _RAW in batch:  # not a dict: moved here, the probes move only a dict's tensors
             raw = module.transfer_batch_to_device(batch[_RAW], module.device, 0)
-        if self._score_fn is not None:
-            return self._score_fn(module, raw)
-        with _muted_logging(module):
-            output = module.training_step(raw, 0)
+        context: Any = contextlib.nullcontext()
+        if self._precision is not None:  # e.g. bf16-true: float inputs cast like the training batches
+            raw = self._precision.convert_input(raw)
+            context = self._precision.forward_context()
+        with context:
+            if self._score_fn is not None:
+                return self._score_fn(module, raw)
+            with _muted_logging(module):
+                output = module.training_step(raw, 0)
         loss = output.get("loss") if isinstance(output, Mapping) else output
         if not isinstance(loss, (torch.Tensor, float, int)) or isinstance(loss, bool):
             raise UsageError(

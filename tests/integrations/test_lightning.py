@@ -319,6 +319,17 @@ def test_custom_score_fn_and_manual_optimization(tmp_path):
         )
 
 
+def test_probes_follow_the_precision_plugin(tmp_path):
+    callback = CocktailCallback(policy="budget", general_data=GENERAL)
+    _, module = _fit(tmp_path, [callback], precision="bf16-true", max_steps=2, enable_checkpointing=False)
+    assert next(module.parameters()).dtype == torch.bfloat16  # float32 probe inputs were cast like training's
+    assert callback.history[-1]["general_loss_base"] > 0
+    written = load_file(str(tmp_path / "resilient" / "model.safetensors"))
+    assert (
+        written["net.0.weight"].dtype == torch.bfloat16
+    )  # merged in float32, written in the parameters' dtype
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
