@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -390,6 +391,8 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
     cache_dir = Path(args.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     inputs_dir, facts = prepare_inputs(size, cache_dir, log)
+    if args.prepare_only:
+        return {"benchmark": "merge_speed", "size": size.name, "inputs": {"folder": str(inputs_dir), **facts}}
     models = [inputs_dir / m for m in MODEL_NAMES]
     work = Path(tempfile.mkdtemp(prefix=f"run-{size.name}-", dir=cache_dir))
     env = _environment()
@@ -441,6 +444,7 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
         "orders": orders,
         "commands": commands,
         "mergekit_config": mergekit_config,
+        "resilient_tune_source": _source_revision(),
         "machine": machine_info(
             ("torch", "safetensors", "transformers", "mergekit", "LM_Cocktail", "resilient-tune")
         ),
@@ -485,6 +489,30 @@ def _run_quietest(
         )
     assert best is not None  # the loop ran at least once
     return best[0], best[1], attempts
+
+
+def _source_revision() -> str | None:
+    """The git commit of the resilient-tune checkout being measured (``+dirty`` with local changes), if any."""
+    spec = importlib.util.find_spec("resilient_tune")
+    if spec is None or spec.origin is None:
+        return None
+    repo = Path(spec.origin).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--", "resilient_tune"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _as_row(m: Measurement, repeat: int, idle_before: float | None, attempts: int) -> dict:
@@ -586,7 +614,8 @@ def render(result: dict) -> str:
         f"Inputs: 3 checkpoints, {inp['params'] / 1e6:.1f}M params, {inp['file_bytes'] / 2**20:.0f} MiB fp32 each, "
         f"largest tensor {inp['largest_tensor_bytes'] / 1e6:.0f} MB; weights {result['weights']}.",
         f"Machine: {mach['cores']} cores, {mach['ram_gib']} GiB RAM, {mach['cpu']}; Python {mach['python']}, "
-        + ", ".join(f"{k} {v}" for k, v in mach["versions"].items()),
+        + ", ".join(f"{k} {v}" for k, v in mach["versions"].items())
+        + f" (source {result.get('resilient_tune_source') or 'unknown'})",
         "",
     ]
     rows = []
@@ -702,6 +731,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--max-wait", type=float, default=120.0, help="longest wait for that quiet window, s (0: never wait)"
     )
     p.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="build (or find) the cached inputs, print their facts, exit",
+    )
+    p.add_argument(
         "--json", action="store_true", help="print the results as JSON on stdout (progress goes to stderr)"
     )
     args = p.parse_args(argv)
@@ -723,6 +757,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MissingToolError as exc:
         log(f"merge_speed: {exc}")
         return 2
+    if args.prepare_only:
+        print(json.dumps(result["inputs"], indent=2))
+        return 0
     print(json.dumps(result, indent=2) if args.json else render(result))
     agree = all(a["ok"] for a in result["agreement"].values())
     return 0 if not result["failures"] and agree else 1
