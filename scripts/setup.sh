@@ -11,5 +11,5 @@ fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check --no-input)
 # torch first and pinned: the CPU wheel on these machines. An unpinned torch would pull a multi-GB CUDA build.
 "${PIP[@]}" install -q "torch==2.13.0"
-"${PIP[@]}" install -q -e ".[all,test,bench]"
+"${PIP[@]}" install -q -e ".[all,test]"
 "$VENV/bin/python" -c "import torch, resilient_tune; print('resilient-tune', resilient_tune.__version__, '| torch', torch.__version__)"
