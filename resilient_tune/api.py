@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
+import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, NamedTuple, overload
 
 import torch
 
@@ -28,7 +30,14 @@ from .checkpoint import (
     parse_size,
 )
 from .errors import IncompatibleModelsError, UsageError
-from .merging import check_compatible, get_method, layer_depths, merge_tensor, validate_weights
+from .merging import (
+    check_compatible,
+    get_method,
+    layer_depths,
+    merge_tensor,
+    raise_if_non_finite,
+    validate_weights,
+)
 from .recipe import COCKTAIL_FILE, Recipe, cocktail_document
 from .sources import ModelLike, TensorSource, check_same_architecture, open_source
 
@@ -141,7 +150,7 @@ def merge(
         plan = _plan(sources[0].specs(), recipe.dtype)
         tensors = _merged_tensors(spec, recipe, sources, base_src, final_weights, plan, partial, progress)
         if dest is None:
-            return dict(tensors)
+            return _collect(tensors)
         ingredients = [_identity(s, "model", w) for s, w in zip(sources, final_weights)]
         if base_src is not None:
             ingredients.append(_identity(base_src, "base", None))
@@ -151,8 +160,7 @@ def merge(
             with StreamingWriter(
                 tmp, plan, max_shard_size=shard_bytes, metadata={"resilient_tune": __version__}
             ) as writer:
-                for key, tensor in tensors:
-                    writer.write(key, tensor)
+                _write_behind(writer, tensors)
             if sources[0].folder is not None:
                 copy_support_files(sources[0].folder, tmp)
                 if recipe.dtype is not None:
@@ -198,6 +206,18 @@ def _plan(specs: Mapping[str, TensorInfo], dtype_name: str | None) -> dict[str, 
     }
 
 
+class _Merged(NamedTuple):
+    """One merged tensor and how to check it: NaN/Inf detection may run later, on the writer thread."""
+
+    key: str
+    tensor: torch.Tensor
+    inputs: list[Any]
+    base: Any
+
+    def check(self) -> None:
+        raise_if_non_finite(self.tensor, key=self.key, inputs=self.inputs, base=self.base)
+
+
 def _merged_tensors(
     spec: Any,
     recipe: Recipe,
@@ -207,8 +227,8 @@ def _merged_tensors(
     plan: Mapping[str, TensorInfo],
     partial: Mapping[str, Sequence[TensorSource]],
     progress: bool,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(key, merged tensor)`` one key at a time; inputs are loaded lazily inside ``merge_tensor``."""
+) -> Iterator[_Merged]:
+    """Yield the merged tensors one key at a time, unchecked; inputs are loaded lazily inside ``merge_tensor``."""
     options = recipe.resolved_options()
     depths = layer_depths(plan) if spec.depth_scaling else {}
     keys: Any = plan
@@ -218,23 +238,68 @@ def _merged_tensors(
         keys = tqdm(plan, desc=f"merging ({spec.name})", unit="tensor", total=len(plan))
     for key in keys:
         if key in partial:
-            yield key, _copy_buffer(key, partial[key])
+            yield _Merged(key, _copy_buffer(key, partial[key]), [], None)
             continue
         inputs = [_loader(source, key) for source in sources]
-        yield (
-            key,
-            merge_tensor(
-                spec,
-                inputs,
-                weights,
-                base=_loader(base_src, key) if base_src is not None else None,
-                options=options,
-                key=key,
-                depth=depths.get(key, 0.0),
-                seed=recipe.seed,
-                out_dtype=plan[key].dtype if plan[key].dtype.is_floating_point else None,
-            ),
+        base = _loader(base_src, key) if base_src is not None else None
+        tensor = merge_tensor(
+            spec,
+            inputs,
+            weights,
+            base=base,
+            options=options,
+            key=key,
+            depth=depths.get(key, 0.0),
+            seed=recipe.seed,
+            out_dtype=plan[key].dtype if plan[key].dtype.is_floating_point else None,
+            check_finite=False,
         )
+        yield _Merged(key, tensor, inputs, base)
+
+
+def _collect(merged: Iterator[_Merged]) -> dict[str, torch.Tensor]:
+    state = {}
+    for item in merged:
+        item.check()
+        state[item.key] = item.tensor
+    return state
+
+
+def _write_behind(writer: StreamingWriter, merged: Iterator[_Merged]) -> None:
+    """Check and write each merged tensor on a second thread while the next one is computed.
+
+    File writes and the NaN/Inf check release the GIL, so they overlap the merge arithmetic and the reads (a
+    GPT-2-small merge on 2 cores: see docs/benchmarks.md). At most one tensor waits in the hand-off queue and one is
+    being written, so memory stays a small multiple of the largest tensor. The first failure on either side stops
+    both; nothing is committed (the caller's ``atomic_dir`` removes the temp folder).
+    """
+    handoff: queue.Queue[_Merged | None] = queue.Queue(maxsize=1)
+    failures: list[BaseException] = []
+
+    def work() -> None:
+        while (item := handoff.get()) is not None:
+            if failures:
+                continue  # drain after a failure so the producer never blocks
+            try:
+                item.check()
+                writer.write(item.key, item.tensor)
+            except BaseException as exc:  # re-raised on the calling thread
+                failures.append(exc)
+            del item
+
+    thread = threading.Thread(target=work, name="resilient-tune-writer", daemon=True)
+    thread.start()
+    try:
+        for item in merged:
+            if failures:
+                break
+            handoff.put(item)
+            del item
+    finally:
+        handoff.put(None)
+        thread.join()
+    if failures:
+        raise failures[0]
 
 
 def _partial_buffers(sources: Sequence[TensorSource]) -> dict[str, list[TensorSource]]:

@@ -289,3 +289,18 @@ def test_in_memory_fingerprints_tell_models_apart(tmp_path):
     dest_a = rt.merge([_state(0), _state(1)], [0.5, 0.5], out=tmp_path / "a")
     prints = [i["fingerprint"] for i in json.loads((dest_a / "cocktail.json").read_text())["ingredients"]]
     assert prints[0] != prints[1]
+
+
+def test_writer_thread_failure_stops_the_merge_and_writes_nothing(three, tmp_path, monkeypatch):
+    """A failure on the writer thread (here a full disk) surfaces on the caller's thread; nothing is committed."""
+    from resilient_tune.checkpoint import StreamingWriter
+
+    def full_disk(self, key, tensor):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(StreamingWriter, "write", full_disk)
+    _, paths = three
+    with pytest.raises(OSError, match="No space"):
+        rt.merge(paths, [0.5, 0.3, 0.2], out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

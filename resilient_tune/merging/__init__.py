@@ -8,7 +8,7 @@ of methods and options); :func:`merge_tensor` merges one key with any of them an
 """
 
 from resilient_tune.merging._depth import layer_depths
-from resilient_tune.merging._merge import TensorSource, merge_tensor
+from resilient_tune.merging._merge import TensorSource, merge_tensor, raise_if_non_finite
 from resilient_tune.merging._registry import METHODS, MergeMethod, get_method, method_names, resolve_options
 from resilient_tune.merging._sparsify import (
     dare_sparsify,
@@ -32,6 +32,7 @@ __all__ = [
     "merge_tensor",
     "method_names",
     "outlier_sparsify",
+    "raise_if_non_finite",
     "resolve_options",
     "tensor_generator",
     "validate_weights",

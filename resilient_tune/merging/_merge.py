@@ -43,7 +43,7 @@ from resilient_tune.merging._registry import MergeMethod, as_method, resolve_opt
 from resilient_tune.merging._sparsify import sparsify_, tensor_generator
 from resilient_tune.merging._validate import as_floats
 
-__all__ = ["TensorSource", "merge_tensor"]
+__all__ = ["TensorSource", "merge_tensor", "raise_if_non_finite"]
 
 TensorSource = Union[torch.Tensor, Callable[[], torch.Tensor]]  # noqa: UP007 (a runtime alias)
 """A tensor, or a zero-argument callable (thunk) that loads it when called."""
@@ -61,6 +61,7 @@ def merge_tensor(
     depth: float = 0.0,
     seed: int = 0,
     out_dtype: torch.dtype | None = None,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Merge the same tensor from several models.
 
@@ -76,6 +77,9 @@ def merge_tensor(
         seed: merge seed; DARE masks depend only on ``(seed, key, input index)``.
         out_dtype: dtype of the result (default: the dtype of ``inputs[0]``); ignored for
             non-floating tensors.
+        check_finite: check the result for NaN/Inf (one reduction over it). A caller that checks later, e.g.
+            on another thread with :func:`raise_if_non_finite`, may pass ``False``; sparsified task vectors are
+            checked regardless, since trimming could hide a NaN.
 
     Returns:
         A new tensor of the inputs' shape, on the device of ``inputs[0]``. Inputs are never mutated.
@@ -104,9 +108,20 @@ def merge_tensor(
         merged = _weighted_sum(stream, w)
     result = merged.to(dtype)
     del merged
-    if not _all_finite(result):
-        raise _non_finite(key, inputs, base, dtype)
+    if check_finite:
+        raise_if_non_finite(result, key=key, inputs=inputs, base=base)
     return result
+
+
+def raise_if_non_finite(
+    result: torch.Tensor, *, key: str, inputs: Sequence[TensorSource], base: TensorSource | None = None
+) -> None:
+    """Raise :class:`NonFiniteError` when a merged tensor holds NaN/Inf, naming the inputs that do.
+
+    Non-floating tensors always pass. The thunks in ``inputs``/``base`` are called again only on failure.
+    """
+    if result.is_floating_point() and not _all_finite(result):
+        raise _non_finite(key, inputs, base, result.dtype)
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
