@@ -394,6 +394,8 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
     if args.prepare_only:
         return {"benchmark": "merge_speed", "size": size.name, "inputs": {"folder": str(inputs_dir), **facts}}
     models = [inputs_dir / m for m in MODEL_NAMES]
+    revision_at_start = _source_revision()
+    code_at_start = _merge_code_hash()  # an editable install can change under a long run: compare at the end
     work = Path(tempfile.mkdtemp(prefix=f"run-{size.name}-", dir=cache_dir))
     env = _environment()
     try:
@@ -444,7 +446,8 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
         "orders": orders,
         "commands": commands,
         "mergekit_config": mergekit_config,
-        "resilient_tune_source": _source_revision(),
+        "resilient_tune_source": revision_at_start,
+        "resilient_tune_source_changed_during_run": _merge_code_hash() != code_at_start,
         "machine": machine_info(
             ("torch", "safetensors", "transformers", "mergekit", "LM_Cocktail", "resilient-tune")
         ),
@@ -491,6 +494,28 @@ def _run_quietest(
     return best[0], best[1], attempts
 
 
+# The files `resilient-tune merge` runs: local changes to them make a measurement "+dirty".
+_MERGE_PATH = [
+    f"resilient_tune/{p}"
+    for p in ("merging", "checkpoint", "api.py", "cli.py", "sources.py", "card.py", "recipe.py")
+]
+
+
+def _merge_code_hash() -> str | None:
+    """sha256 over the Python sources `resilient-tune merge` runs (detects edits, committed or not)."""
+    spec = importlib.util.find_spec("resilient_tune")
+    if spec is None or spec.origin is None:
+        return None
+    repo = Path(spec.origin).resolve().parent.parent
+    digest = hashlib.sha256()
+    for rel in _MERGE_PATH:
+        path = repo / rel
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            if file.is_file():
+                digest.update(str(file.relative_to(repo)).encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def _source_revision() -> str | None:
     """The git commit of the resilient-tune checkout being measured (``+dirty`` with local changes), if any."""
     spec = importlib.util.find_spec("resilient_tune")
@@ -505,7 +530,7 @@ def _source_revision() -> str | None:
             check=True,
         )
         dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--", "resilient_tune"],
+            ["git", "-C", str(repo), "status", "--porcelain", "--", *_MERGE_PATH],
             capture_output=True,
             text=True,
             check=True,
@@ -676,6 +701,8 @@ def render(result: dict) -> str:
             markdown_table(headers, rows),
             "",
         ]
+    if result.get("resilient_tune_source_changed_during_run"):
+        lines += ["WARNING: the resilient-tune source changed during the run; the repeats mix versions.", ""]
     lines.append(f"Targets (issue, for {TARGET_SIZE}; resilient-tune):")
     for t in result["targets"]:
         value = t["value"]
