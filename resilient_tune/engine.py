@@ -49,7 +49,7 @@ from .recipe import COCKTAIL_FILE, Recipe, cocktail_document
 from .snapshot import PeerCheckpoints, Snapshot
 from .sources import ModelLike
 
-__all__ = ["CocktailEngine", "Drift", "check_alpha", "check_weights"]
+__all__ = ["CocktailEngine", "Drift", "check_alpha", "check_weights", "write_model_folder"]
 
 _LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+)\.")
 
@@ -412,12 +412,13 @@ class CocktailEngine:
         overwrite: bool = False,
         max_shard_size: int | str = "5GB",
         weights: Sequence[float] | None = None,
+        dedupe_tied: bool = True,
     ) -> Path:
         """Write the resilient model θ(α) as a ``from_pretrained``-loadable folder, atomically.
 
         The folder holds the weights (``model.safetensors``, sharded with an index above ``max_shard_size``;
-        parameters tied to another are written once, as ``save_pretrained`` does), the config and generation
-        config (copied from ``support_from`` when given, else from ``model.config`` /
+        parameters tied to another are written once, as ``save_pretrained`` does, unless ``dedupe_tied=False``),
+        the config and generation config (copied from ``support_from`` when given, else from ``model.config`` /
         ``model.generation_config``), the tokenizer (``support_from`` files, or ``tokenizer.save_pretrained``),
         ``cocktail.json`` (recipe, ingredients, α and ``metadata`` such as step and probe metrics) and a model
         card ``README.md``. Tensors are merged and written one at a time (peers read one tensor at a time).
@@ -434,35 +435,32 @@ class CocktailEngine:
             overwrite: Replace ``folder`` if it exists.
             max_shard_size: Shard size limit (bytes or ``"5GB"``-style string).
             weights: Weights of the base and the peers (default :attr:`weights`).
+            dedupe_tied: Write tied tensors once (``True``, as ``save_pretrained``); ``False`` writes every key of
+                ``model.state_dict()`` (what ``load_state_dict`` of the same module expects, e.g. Lightning's).
 
         Returns:
             The written folder.
         """
         alpha = self.alpha if alpha is None else check_alpha(alpha)
         mix = self._ingredient_weights(weights)
-        shard_bytes = parse_size(max_shard_size)
         params = self.snapshot.check(model)
         self._open_peers(model)
-        plan = {
-            key: TensorInfo(t.dtype, tuple(t.shape))
-            for key, t in self._iter_state(model, alpha, dedupe=True, lazy=True)
-        }
-        recipe = self.recipe_for(alpha, mix)
         doc = cocktail_document(
-            recipe,
+            self.recipe_for(alpha, mix),
             self._ingredients(alpha, mix),
             version=__version__,
             extra=self._extra(metadata, alpha, params, mix),
         )
-        with atomic_dir(folder, overwrite=overwrite) as tmp:
-            meta = {"resilient_tune": __version__, "alpha": repr(alpha)}
-            with StreamingWriter(tmp, plan, max_shard_size=shard_bytes, metadata=meta) as writer:
-                for key, tensor in self._iter_state(model, alpha, dedupe=True, weights=mix):
-                    writer.write(key, tensor)
-            _write_support(model, tmp, support_from, tokenizer)
-            (tmp / COCKTAIL_FILE).write_text(json.dumps(doc, indent=2) + "\n")
-            (tmp / "README.md").write_text(model_card(doc))
-        return Path(os.path.abspath(folder))
+        return write_model_folder(
+            folder,
+            lambda lazy: self._iter_state(model, alpha, dedupe=dedupe_tied, lazy=lazy, weights=mix),
+            doc,
+            config_from=model,
+            support_from=support_from,
+            tokenizer=tokenizer,
+            overwrite=overwrite,
+            max_shard_size=max_shard_size,
+        )
 
     # ---------------------------------------------------------------- internals
     def _iter_state(
@@ -578,7 +576,57 @@ def _layer_of(name: str) -> str:
     return match.group(1) if match else name
 
 
-def _write_support(model: torch.nn.Module, folder: Path, support_from: Any, tokenizer: Any) -> None:
+TensorItems = Callable[[bool], Iterator[tuple[str, torch.Tensor]]]
+"""``items(lazy)``: ``(key, tensor)`` pairs to write; with ``lazy=True`` only dtypes and shapes are used."""
+
+
+def write_model_folder(
+    folder: str | os.PathLike[str],
+    items: TensorItems,
+    doc: Mapping[str, Any],
+    *,
+    config_from: Any = None,
+    support_from: str | os.PathLike[str] | None = None,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+    max_shard_size: int | str = "5GB",
+    extra_files: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write a resilient-model folder atomically: the tensors of ``items`` streamed into ``model.safetensors``
+    (sharded above ``max_shard_size``), config/tokenizer files, ``cocktail.json`` (``doc``) and a model card.
+
+    Args:
+        folder: The destination folder.
+        items: ``items(lazy)`` yields ``(key, tensor)``; called once lazily (the plan: dtypes and shapes) and once
+            for the values, which are written one at a time.
+        doc: The ``cocktail.json`` document (also the source of the model card).
+        config_from: A model whose ``config`` / ``generation_config`` are saved when ``support_from`` has none.
+        support_from: A model folder whose config/tokenizer files are copied.
+        tokenizer: Anything with ``save_pretrained(folder)`` (used when no tokenizer file was copied).
+        overwrite: Replace ``folder`` if it exists.
+        max_shard_size: Shard size limit (bytes or ``"5GB"``-style string).
+        extra_files: ``extra_files(tmp)`` adds files to the folder before it is committed.
+
+    Returns:
+        The written folder (absolute).
+    """
+    shard_bytes = parse_size(max_shard_size)
+    plan = {key: TensorInfo(t.dtype, tuple(t.shape)) for key, t in items(True)}
+    alpha = doc.get("alpha")
+    meta = {"resilient_tune": __version__, "alpha": repr(alpha)}
+    with atomic_dir(folder, overwrite=overwrite) as tmp:
+        with StreamingWriter(tmp, plan, max_shard_size=shard_bytes, metadata=meta) as writer:
+            for key, tensor in items(False):
+                writer.write(key, tensor)
+        if extra_files is not None:
+            extra_files(tmp)
+        _write_support(config_from, tmp, support_from, tokenizer)
+        (tmp / COCKTAIL_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+        (tmp / "README.md").write_text(model_card(doc))
+    return Path(os.path.abspath(folder))
+
+
+def _write_support(model: Any, folder: Path, support_from: Any, tokenizer: Any) -> None:
     if support_from is not None:
         copy_support_files(support_from, folder)
     config = getattr(model, "config", None)

@@ -363,7 +363,9 @@ class PeerCheckpoints:
     names ``model.state_dict()`` gives it (tied parameters have several, e.g. GPT-2's ``transformer.wte.weight``
     and ``lm_head.weight``; ``save_pretrained`` stores one of them), each also with the model's
     ``base_model_prefix`` added or removed (a ``BertModel`` peer for a ``BertForSequenceClassification``
-    model and vice versa). Extra peer keys are ignored; only trainable parameters are mixed with peers.
+    model and vice versa), and relative to every transformers model nested in the model (a ``LightningModule``'s
+    ``self.model``: its parameter ``model.transformer.h.0...`` is found as ``transformer.h.0...`` in a
+    ``save_pretrained`` folder). Extra peer keys are ignored; only trainable parameters are mixed with peers.
 
     Build with :meth:`open`; close with :meth:`close`.
 
@@ -392,12 +394,12 @@ class PeerCheckpoints:
         """
         params = trainable_parameters(model)
         aliases = _aliases(model)
-        prefix = getattr(model, "base_model_prefix", "") or ""
+        roots = _roots(model)
         sources: list[TensorSource] = []
         try:
             for i, peer in enumerate(peers, start=1):
                 sources.append(open_source(peer, name=f"peer {i}", allow_pickle=allow_pickle))
-            keys = [_pair(source, params, aliases, prefix) for source in sources]
+            keys = [_pair(source, params, aliases, roots) for source in sources]
             return cls(sources, keys)
         except BaseException:
             for source in sources:
@@ -437,11 +439,39 @@ def _aliases(model: torch.nn.Module) -> dict[int, list[str]]:
     return out
 
 
+def _roots(model: torch.nn.Module) -> list[tuple[str, str]]:
+    """``(path, base_model_prefix)`` of ``model`` itself (path ``""``) and of every transformers model nested in it
+    (a submodule with a ``config`` and a string ``base_model_prefix``, e.g. ``self.model`` of a ``LightningModule``),
+    outermost first: the roots a peer checkpoint's keys may be relative to."""
+    roots = [("", getattr(model, "base_model_prefix", "") or "")]
+    for path, module in model.named_modules():
+        prefix = getattr(module, "base_model_prefix", None)
+        if path and isinstance(prefix, str) and hasattr(module, "config"):
+            roots.append((path, prefix))
+    return roots
+
+
+def _candidates(alias: str, roots: Sequence[tuple[str, str]]) -> list[str]:
+    """The peer keys that may hold state-dict name ``alias``: the name itself, then relative to each root (with that
+    root's ``base_model_prefix`` removed or added: a ``BertModel`` peer for a ``BertForSequenceClassification``)."""
+    out = [alias]
+    for path, prefix in roots:
+        if path and not alias.startswith(path + "."):
+            continue
+        rest = alias[len(path) + 1 :] if path else alias
+        out.append(rest)
+        if prefix and rest.startswith(prefix + "."):
+            out.append(rest[len(prefix) + 1 :])
+        elif prefix:
+            out.append(f"{prefix}.{rest}")
+    return list(dict.fromkeys(out))
+
+
 def _pair(
     source: TensorSource,
     params: list[tuple[str, torch.nn.Parameter]],
     aliases: Mapping[int, list[str]],
-    prefix: str,
+    roots: Sequence[tuple[str, str]],
 ) -> dict[str, str]:
     """Parameter name -> the peer's key, checking presence and shape in model order."""
     specs = source.specs()
@@ -449,11 +479,7 @@ def _pair(
     for name, p in params:
         tried: list[str] = []
         for alias in dict.fromkeys([name, *aliases.get(id(p), [])]):
-            tried.append(alias)
-            if prefix and alias.startswith(prefix + "."):
-                tried.append(alias[len(prefix) + 1 :])
-            elif prefix:
-                tried.append(f"{prefix}.{alias}")
+            tried.extend(k for k in _candidates(alias, roots) if k not in tried)
         found = next((key for key in tried if key in specs), None)
         if found is None:
             raise IncompatibleModelsError(

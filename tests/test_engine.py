@@ -298,6 +298,39 @@ def test_write_with_peers_records_identities_and_weights(with_peers, tmp_path):
         torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)
 
 
+def test_write_dedupes_tied_weights_unless_asked_not_to(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    model, engine, _ = trained
+    deduped = load_file(str(engine.write(model, tmp_path / "once", 0.4) / "model.safetensors"))
+    every = load_file(
+        str(engine.write(model, tmp_path / "all", 0.4, dedupe_tied=False) / "model.safetensors")
+    )
+    assert "lm_head.weight" not in deduped  # tied to transformer.wte.weight: written once, as save_pretrained
+    assert sorted(every) == sorted(model.state_dict())  # every key, as load_state_dict of the module expects
+    merged = engine.merged_state_dict(model, 0.4)
+    for key, value in every.items():
+        torch.testing.assert_close(value, merged[key], rtol=0, atol=0)
+
+
+def test_peers_pair_with_a_transformers_model_nested_in_a_module(tmp_path):
+    class Wrapper(torch.nn.Module):  # e.g. a LightningModule holding self.model
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _gpt2()
+
+    _gpt2(seed=3).save_pretrained(tmp_path / "peer")  # keys without the wrapper's "model." prefix
+    wrapper = Wrapper()
+    engine = CocktailEngine(peers=[tmp_path / "peer"])
+    engine.begin(wrapper)
+    peer = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "peer")
+    with engine.swapped_ingredient(wrapper, 1):
+        assert torch.equal(wrapper.model.lm_head.weight, peer.lm_head.weight)  # tied: found via its alias
+        assert torch.equal(
+            wrapper.model.transformer.h[1].mlp.c_fc.weight, peer.transformer.h[1].mlp.c_fc.weight
+        )
+
+
 def test_prefixed_peers_pair_with_the_base_model_names(tmp_path):
     torch.manual_seed(0)
     config = transformers.BertConfig(

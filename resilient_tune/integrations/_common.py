@@ -1,44 +1,61 @@
 """What the training callbacks share, whatever the framework: the framework-free half of ``CocktailCallback``.
 
-:class:`CocktailCore` is mixed into each framework's callback class (the Hugging Face ``Trainer`` adapter in
-:mod:`resilient_tune.integrations.transformers`, Lightning in :mod:`resilient_tune.integrations.lightning`). It holds
+:class:`CocktailCore` is the first base of each framework's callback class (the Hugging Face ``Trainer`` adapter in
+:mod:`resilient_tune.integrations.transformers`, Lightning in :mod:`resilient_tune.integrations.lightning`). It
+holds the one constructor (the options, validated, and the policy and engine built from them) and everything that
+does not depend on the framework:
 
-- the validation of the options and the construction of the policy and of the engine (:meth:`_configure`);
-- the base snapshot's life cycle: taken, persisted for resume, described in the resume state, reloaded
-  (:meth:`_take_snapshot`, :meth:`_persist_snapshot`, :meth:`_run_state`, :meth:`_restore`);
-- the probe runs and the α decision at an evaluation (:meth:`_set_probes`, :meth:`_decide`);
-- the content of ``cocktail.json`` written with the resilient weights (:meth:`_write`) and of the report
+- the base's life cycle: the engine for the model (a :class:`~resilient_tune.integrations.peft.LoraEngine`, which
+  copies nothing, for a PEFT LoRA model), the θ₀ snapshot, the peers opened and checked against the model, the
+  snapshot persisted for a resume, the resume state and its restoration (:meth:`_take_snapshot`,
+  :meth:`_persist_snapshot`, :meth:`_run_state`, :meth:`_restore`);
+- the probe runs and the decision at an evaluation: policy (``fixed``, ``cocktail``, ``budget`` or an object), the
+  ingredient losses ``Lᵢ`` of the base and the peers (once per run), the decision's weights applied to the engine
+  before the chosen mix is measured, the KL reference taken from the base alone (:meth:`_set_probes`,
+  :meth:`_decide`);
+- ``cocktail.json`` with the resilient weights (:meth:`_write`) and the report with its PNG plot
   (:meth:`_write_report`).
 
-The adapters supply the glue: when events fire, how probe data becomes batches, where metrics are logged
-(:meth:`_log`), where files go and which process writes them. Nothing here imports a training framework.
+The adapters supply the glue through a few hooks: :meth:`_check_installed` (the framework is installed),
+:meth:`_load_probe_data`, :meth:`_init_framework`, :meth:`_default_target` (eval data for the ``cocktail``
+policy), :meth:`_log` (where metrics go); and they decide when events fire, how probe data becomes batches, where
+files go and which process writes them. Nothing here imports a training framework.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from resilient_tune.checkpoint import parse_size
 from resilient_tune.engine import CocktailEngine, check_alpha
-from resilient_tune.errors import UsageError
-from resilient_tune.policy import Decision, Policy, get_policy
-from resilient_tune.probes import BaseLogits, ProbeResult, base_log_probs, probe
+from resilient_tune.errors import IncompatibleModelsError, UsageError
+from resilient_tune.integrations.peft import FORMAT as LORA_FORMAT
+from resilient_tune.integrations.peft import LoraEngine, engine_for
+from resilient_tune.policy import Decision, Policy, choose, get_policy
+from resilient_tune.probes import BaseLogits, ProbeResult, base_log_probs, ingredient_losses, probe
+from resilient_tune.report import PLOT_FILE, REPORT_FILE, plot_history
 from resilient_tune.snapshot import Snapshot
 
 __all__ = [
     "BASE_FOLDER",
+    "CONFIG_FIELDS",
     "REPORT_FILE",
     "RESILIENT_FOLDER",
+    "TARGET_DEFAULT_EXAMPLES",
     "CocktailCore",
     "ScoreFn",
+    "head",
     "make_policy",
+    "metrics",
     "probe_sets",
     "scalars",
 ]
@@ -47,8 +64,20 @@ logger = logging.getLogger("resilient_tune.integrations")
 
 BASE_FOLDER = "resilient_base"
 RESILIENT_FOLDER = "resilient"
-REPORT_FILE = "cocktail_report.json"
 STATE_VERSION = 1
+TARGET_DEFAULT_EXAMPLES = 64  # target examples taken from each eval dataset when target_data is not given
+CONFIG_FIELDS = (
+    "_engine",
+    "_policy",
+    "_general",
+    "_target",
+    "_score_fn",
+    "save_resilient",
+    "kl_top_k",
+    "snapshot_on_disk",
+    "max_shard_size",
+)
+"""The attributes the constructor sets: a callback rebuilt by a framework copies them from the original."""
 
 ScoreFn = Callable[[torch.nn.Module, Mapping[str, Any]], Any]
 Batches = list[Any]
@@ -57,14 +86,52 @@ Batches = list[Any]
 class CocktailCore:
     """Framework-free state and logic of a ``CocktailCallback``; see the module docs.
 
-    Attributes set by :meth:`_configure` (the configuration, shared by a callback object and any copy a framework
-    rebuilds from a checkpoint): ``_engine``, ``_policy``, ``_general``, ``_target``, ``_score_fn``,
-    ``save_resilient``, ``kl_top_k``, ``snapshot_on_disk``, ``max_shard_size``. Attributes reset by
-    :meth:`_reset_run` (one training run): ``_history``, ``_last_step``, ``_snapshot_state``, ``_base_result``,
-    the probe batches and the base's KL references.
+    Args:
+        alpha: Weight α of the fine-tuned model in ``[0, 1]`` (0.5 by default): the resilient model is
+            ``θ₀ + α·(θₜ − θ₀)``, with peers ``α·θₜ + (1 − α)·Σᵢ wᵢ·θᵢ``. Used by the ``fixed`` and ``cocktail``
+            policies; ``budget`` chooses α itself.
+        policy: How α (and the peer weights) is chosen at each evaluation: ``"fixed"`` (default), ``"cocktail"``
+            (the paper: ``wᵢ = softmax(−Lᵢ/temperature)`` from the loss ``Lᵢ`` of the base and each peer on
+            target examples, α as given), ``"budget"`` (the largest α whose general-probe loss stays within
+            ``(1 + drift_budget)`` × the base's; needs ``general_data``), or an object with
+            ``choose(evaluate) -> Decision``.
+        drift_budget: For ``budget``: allowed relative increase of the general-probe loss (default 0.05 = 5%).
+        general_data: General probes (what the model must not forget): a dataset of examples in the format of
+            the eval/validation data, or a dict ``name -> dataset``. Hugging Face: tokenized example dicts batched
+            with the Trainer's collator and eval batch size. Lightning: also a ``DataLoader`` or a
+            ``.json``/``.jsonl`` file of tokenized examples, batched with the validation dataloader's
+            ``collate_fn``.
+        target_data: Target probes (the new skill), same forms; logged as ``cocktail/target_loss``. With
+            ``policy="cocktail"`` it defaults to the first 64 examples of each eval/validation dataset.
+        peers: Checkpoints (folders or files) of peer models: the same architecture fine-tuned on other domains.
+            Opened at train begin and checked against the model's trainable parameters (the first mismatching
+            key is named); read one tensor at a time. Not with PEFT LoRA models.
+        temperature: For ``cocktail``: the softmax temperature τ of the peer weights (5.0, the reference's).
+        method: Merge method (any registered name; ``linear`` by default).
+        method_options: Options of the merge method (``density``, ``lambda``, ...).
+        score_fn: ``score_fn(model, batch) -> scalar loss`` for the probes. Default: the model's own loss (Hugging
+            Face: the Trainer's ``compute_loss`` when the Trainer overrides it; Lightning: the loss
+            ``training_step`` returns).
+        snapshot_device: Where the in-memory snapshot θ₀ lives (``"cpu"``).
+        snapshot_dtype: Storage dtype of θ₀: ``None`` (same as the parameters), ``"bf16"`` or ``"fp16"``.
+        snapshot_on_disk: Keep θ₀ on disk in ``<output>/resilient_base/`` (about zero resident memory; one process).
+        save_resilient: Write the resilient folders (next to each checkpoint and ``<output>/resilient/``).
+        kl_top_k: Keep the base's ``k`` most likely tokens per position for the KL probe (``None``: all).
+        max_shard_size: Shard size of the written weights (bytes or ``"5GB"``).
+        seed: Seed of random merge methods (DARE).
+
+    Raises:
+        ImportError: The framework is not installed (the message names the extra to install).
+        UsageError: Bad arguments: α outside ``[0, 1]``, an unknown policy or method, ``budget`` without
+            ``general_data``, ``temperature`` without ``cocktail``, a missing peer path, empty or malformed probe
+            data, a bad shard size, ...
     """
 
-    def _configure(
+    _accepts_loaders = False  # probe data may be a ready DataLoader
+    _needs_mapping_examples = True  # each probe example must be a dict of tokenized fields
+    _eval_data = "an eval dataset"  # what _default_target reads, for messages
+
+    def __init__(
         self,
         alpha: float = 0.5,
         *,
@@ -73,6 +140,7 @@ class CocktailCore:
         general_data: Any = None,
         target_data: Any = None,
         peers: Sequence[str | os.PathLike[str]] | None = None,
+        temperature: float | None = None,
         method: str = "linear",
         method_options: Mapping[str, float] | None = None,
         score_fn: ScoreFn | None = None,
@@ -83,30 +151,13 @@ class CocktailCore:
         kl_top_k: int | None = 32,
         max_shard_size: int | str = "5GB",
         seed: int = 0,
-        loaders: bool = False,
-        mapping_examples: bool = True,
     ) -> None:
-        """Validate the options (the callbacks' constructor arguments) and build the policy and the engine.
-
-        Args:
-            loaders: Accept a ready ``DataLoader`` (batches used as they come) as probe data.
-            mapping_examples: Require every probe example to be a dict of tokenized fields.
-
-        Raises:
-            UsageError: Bad arguments: α outside ``[0, 1]``, an unknown policy or method, ``budget`` without
-                ``general_data``, empty or malformed probe data, ...
-            NotImplementedError: ``peers`` (a later increment).
-        """
+        self._check_installed()
         alpha = check_alpha(alpha)
-        if peers:
-            raise NotImplementedError(
-                "peers are not supported yet by CocktailCallback (a later increment of the callback); merge with "
-                "peers offline with resilient_tune.merge(...) after training"
-            )
-        self._policy = make_policy(policy, alpha, drift_budget)
-        checks = {"loaders": loaders, "mapping_examples": mapping_examples}
-        self._general = probe_sets(general_data, "general_data", **checks)
-        self._target = probe_sets(target_data, "target_data", **checks)
+        self._policy = make_policy(policy, alpha, drift_budget, temperature)
+        checks = {"loaders": self._accepts_loaders, "mapping_examples": self._needs_mapping_examples}
+        self._general = probe_sets(self._load_probe_data(general_data), "general_data", **checks)
+        self._target = probe_sets(self._load_probe_data(target_data), "target_data", **checks)
         if self._policy.needs_general_data and not self._general:
             raise UsageError(
                 f"policy {self._policy.name!r} measures the general-probe loss and needs general_data: pass a few "
@@ -118,13 +169,15 @@ class CocktailCore:
             isinstance(kl_top_k, bool) or not isinstance(kl_top_k, int) or kl_top_k < 1
         ):
             raise UsageError(f"kl_top_k={kl_top_k!r} must be a positive int or None (keep every token)")
-        self._engine = CocktailEngine(
+        parse_size(max_shard_size)  # fail now, not at the first save
+        self._engine: Any = CocktailEngine(
             alpha,
             method,
             method_options,
             seed=seed,
             snapshot_device=snapshot_device,
             snapshot_dtype=snapshot_dtype,
+            peers=peers,
         )
         self._score_fn = score_fn
         self.snapshot_on_disk = bool(snapshot_on_disk)
@@ -132,16 +185,37 @@ class CocktailCore:
         self.kl_top_k = kl_top_k
         self.max_shard_size = max_shard_size
         self._reset_run()
+        self._init_framework()
+
+    # ------------------------------------------------------------------ hooks for the adapters
+    def _check_installed(self) -> None:
+        """Raise ``ImportError`` naming the extra to install when the framework is missing."""
+
+    def _load_probe_data(self, data: Any) -> Any:
+        """Turn the user's probe data into datasets (e.g. Lightning reads ``.jsonl`` paths)."""
+        return data
+
+    def _init_framework(self) -> None:
+        """Set the adapter's own attributes at the end of the constructor."""
+
+    def _default_target(self) -> dict[str, Any]:
+        """The eval datasets, ``name -> dataset``, for ``cocktail`` without ``target_data`` (``{}``: none)."""
+        return {}
+
+    def _log(self, entry: Mapping[str, Any]) -> None:
+        """Send a decision's metrics to the framework's logger."""
+        logger.info("cocktail metrics: %s", metrics(entry))
 
     # ------------------------------------------------------------------ public helpers
     @property
-    def engine(self) -> CocktailEngine:
-        """The framework-agnostic engine (snapshot, swap, drift, write)."""
+    def engine(self) -> Any:
+        """The framework-agnostic engine (snapshot, swap, drift, write): a ``CocktailEngine``, or a ``LoraEngine``
+        for a PEFT LoRA model once training has begun."""
         return self._engine
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """One entry per decision: step, α, drift, probe losses, passes (JSON-able)."""
+        """One entry per decision: step, α, drift, probe losses, passes, peer weights (JSON-able)."""
         return list(self._history)
 
     @property
@@ -155,6 +229,7 @@ class CocktailCore:
         self._last_step: int | None = None
         self._snapshot_state: dict[str, Any] | None = None
         self._base_result: ProbeResult | None = None
+        self._ingredient_losses: list[float] | None = None
         self._batches: dict[str, Batches] = {}
         self._target_batches: dict[str, Batches] = {}
         self._base_refs: dict[str, list[BaseLogits]] = {}
@@ -163,8 +238,16 @@ class CocktailCore:
         self._passes = 0
 
     def _take_snapshot(self, model: torch.nn.Module, base_dir: Path) -> None:
-        """Snapshot θ₀ of ``model``: in memory, or on disk in ``base_dir`` with ``snapshot_on_disk``."""
-        if self.snapshot_on_disk:
+        """Start a run on ``model``: pick the engine (a ``LoraEngine`` for a PEFT LoRA model, which copies nothing),
+        snapshot θ₀ (in memory, or on disk in ``base_dir`` with ``snapshot_on_disk``) and open the peers.
+
+        Raises:
+            IncompatibleModelsError: A peer does not hold the model's trainable parameters (names the first key).
+            UsageError: A PEFT model the LoRA path does not support (DoRA, several adapters, ...).
+            NotImplementedError: Peers with a PEFT LoRA model.
+        """
+        self._engine = engine_for(model, self._engine)
+        if self.snapshot_on_disk and not isinstance(self._engine, LoraEngine):
             self._engine.snapshot_dir = base_dir
             self._engine.begin(model, overwrite=True)
         else:
@@ -179,17 +262,23 @@ class CocktailCore:
         self._note_snapshot()
 
     def _note_snapshot(self) -> None:
-        if self._engine.snapshot.folder is not None:
-            self._snapshot_state = self._engine.snapshot.state()
+        snapshot = self._engine.snapshot
+        if snapshot.folder is not None or snapshot.storage == "none":  # "none": LoRA, θ₀ stays in the model
+            self._snapshot_state = snapshot.state()
 
     def _run_state(self) -> dict[str, Any]:
-        """The JSON-able state a checkpoint keeps: the snapshot's location and fingerprint, the α history, the
-        base's general-probe loss."""
+        """The JSON-able state a checkpoint keeps: the snapshot's location and fingerprint (or the LoRA adapter), the
+        α history, the base's general-probe loss, the ingredient losses and the peers' identities."""
+        peers = self._engine.peers
         return {
             "version": STATE_VERSION,
             "snapshot": self._snapshot_state,
             "history": self._history,
             "base_general_loss": None if self._base_result is None else self._base_result.loss,
+            "cocktail": {
+                "ingredient_losses": self._ingredient_losses,
+                "peers": peers.identities() if peers is not None else [],
+            },
         }
 
     def _restore(
@@ -199,8 +288,9 @@ class CocktailCore:
         step: int,
         moved: Path | None = None,
     ) -> None:
-        """Continue a run from the :meth:`_run_state` a checkpoint kept: reload θ₀, keep the α history up to
-        ``step``. Never treats the resumed weights as the base.
+        """Continue a run from the :meth:`_run_state` a checkpoint kept: reload θ₀ (a LoRA run has nothing to reload:
+        the frozen base weights are in the model), keep the α history up to ``step``, the ingredient losses, and
+        check that the peers are the run's. Never treats the resumed weights as the base.
 
         Args:
             stored: The saved resume state (``None`` when the checkpoint holds none: refused).
@@ -209,7 +299,8 @@ class CocktailCore:
             moved: Where the base folder is now if the run folder was moved (used when the recorded path is gone).
 
         Raises:
-            UsageError: The checkpoint holds no base snapshot.
+            UsageError: The checkpoint holds no base snapshot, or the model changed between LoRA and full training.
+            IncompatibleModelsError: The peers changed since the run started.
         """
         stored = stored or {}
         snap_state = stored.get("snapshot")
@@ -220,21 +311,64 @@ class CocktailCore:
                 "start a new run"
             )
         snap_state = dict(snap_state)
-        recorded = snap_state.get("folder")
-        if recorded and not Path(recorded).exists() and moved is not None and moved.is_dir():
-            snap_state["folder"] = str(
-                moved.resolve()
-            )  # the run folder was moved; the fingerprint still checks it
-        device = None if self.snapshot_on_disk else self._engine.snapshot_device
-        snapshot = Snapshot.load(snap_state, device=device)
-        self._engine.attach(snapshot, model)
+        self._engine = engine_for(model, self._engine)
+        lora_run = snap_state.get("format") == LORA_FORMAT
+        if lora_run != isinstance(self._engine, LoraEngine):
+            then, now = (
+                ("a PEFT LoRA model", "a full model") if lora_run else ("a full model", "a PEFT model")
+            )
+            raise UsageError(
+                f"the checkpoint's run trained {then} but the model is now {now}; resume with the model the run "
+                "started with, or start a new run"
+            )
+        if lora_run:
+            self._engine.begin(model)
+        else:
+            recorded = snap_state.get("folder")
+            if recorded and not Path(recorded).exists() and moved is not None and moved.is_dir():
+                # the run folder was moved; the fingerprint still checks the copy
+                snap_state["folder"] = str(moved.resolve())
+            device = None if self.snapshot_on_disk else self._engine.snapshot_device
+            self._engine.attach(Snapshot.load(snap_state, device=device), model)
         self._snapshot_state = snap_state
         self._history = [dict(e) for e in stored.get("history", []) if e.get("step", 0) <= step]
         base_loss = stored.get("base_general_loss")
         if base_loss is not None:
             self._base_result = ProbeResult(float(base_loss), None, 0)
+        cocktail = stored.get("cocktail") or {}
+        self._check_peers(cocktail.get("peers"))
+        if cocktail.get("ingredient_losses") is not None:
+            self._ingredient_losses = [float(x) for x in cocktail["ingredient_losses"]]
+
+    def _check_peers(self, stored: Any) -> None:
+        """On resume: the peers must be the ones the run started with (same paths and contents)."""
+        peers = self._engine.peers
+        now = peers.identities() if peers is not None else []
+        if stored is not None and list(stored) != now:
+            raise IncompatibleModelsError(
+                f"the peers changed since the run started (then: {stored}; now: {now}); the α/weight history "
+                "refers to the original peers: pass the same peer checkpoints, or start a new run"
+            )
 
     # ------------------------------------------------------------------ probes
+    def _target_sets(self) -> dict[str, Any]:
+        """``target_data``, or (for a policy that weighs ingredients by their target loss) the first
+        :data:`TARGET_DEFAULT_EXAMPLES` examples of each eval dataset.
+
+        Raises:
+            UsageError: The policy needs target examples and there are none.
+        """
+        if self._target or not getattr(self._policy, "needs_ingredient_losses", False):
+            return dict(self._target)
+        found = self._default_target()
+        if not found:
+            raise UsageError(
+                f"policy {self._policy.name!r} weighs the base and the peers by their loss on target examples: "
+                f"pass target_data (a few dozen tokenized examples of the new task) or give the Trainer "
+                f"{self._eval_data} (its first {TARGET_DEFAULT_EXAMPLES} examples are used)"
+            )
+        return {name: head(data, TARGET_DEFAULT_EXAMPLES) for name, data in found.items()}
+
     def _set_probes(
         self,
         model: torch.nn.Module,
@@ -254,7 +388,8 @@ class CocktailCore:
             score: ``score(module, batch) -> loss``, or ``None`` for the module's own loss.
             probe_module: The module the probes call (default ``model``); it must share ``model``'s parameters.
             with_kl: Measure ``KL(base ‖ current)`` on the general probes (needs ``probe_module`` to return
-                ``(B, T, V)`` logits). Default: only when the module's own loss scores the probes.
+                ``(B, T, V)`` logits). Default: only when the module's own loss scores the probes. The reference is
+                the base alone, not a base/peer mix.
         """
         self._batches = dict(general)
         self._target_batches = dict(target)
@@ -265,15 +400,27 @@ class CocktailCore:
             with_kl = score is None
         if self._batches and with_kl:
             scorer = probe_module if probe_module is not None else model
-            with self._engine.swapped(model, 0.0):  # the base's own predictions: the KL reference
+            with self._base_weights(), self._engine.swapped(model, 0.0):
                 self._base_refs = {
                     name: base_log_probs(scorer, batches, top_k=self.kl_top_k)
                     for name, batches in self._batches.items()
                 }
 
+    @contextlib.contextmanager
+    def _base_weights(self) -> Iterator[None]:
+        """Within the block the engine's α = 0 mix is the base alone (weight 1 on the base, 0 on each peer)."""
+        saved = self._engine.weights
+        if self._engine.num_peers:
+            self._engine.set_weights((1.0,) + (0.0,) * self._engine.num_peers)
+        try:
+            yield
+        finally:
+            self._engine.weights = saved
+
     # ------------------------------------------------------------------ decisions
     def _decide(self, step: int, model: torch.nn.Module, *, log: bool = True) -> dict[str, Any]:
-        """Run the policy (probing candidates) and record one history entry for ``step``; logs it via :meth:`_log`."""
+        """Run the policy (probing candidates), apply its weights to the engine, and record one history entry for
+        ``step``; logs it via :meth:`_log`."""
         results: dict[float, ProbeResult] = {}
         passes_before = self._passes
 
@@ -287,13 +434,18 @@ class CocktailCore:
             return results[alpha]
 
         evaluate = (lambda a: _loss(measure(a))) if self._batches else None
-        decision: Decision = self._policy.choose(evaluate)
+        decision: Decision = choose(
+            self._policy, evaluate, ingredient_losses=lambda: self._losses_of_ingredients(model)
+        )
+        if decision.weights is not None and tuple(decision.weights) != tuple(self._engine.weights):
+            self._engine.set_weights(decision.weights)  # before the chosen mix is measured (and written)
+            results.clear()
+            self._base_result = None
         entry: dict[str, Any] = {"step": int(step), "alpha": decision.alpha}
         drift = self._engine.drift(model)
         entry.update(drift_norm=drift.total, drift_relative=drift.relative)
         if self._batches:
-            chosen, tuned = measure(decision.alpha), measure(1.0)
-            base = measure(0.0)
+            chosen, tuned, base = measure(decision.alpha), measure(1.0), measure(0.0)
             entry.update(
                 general_loss=chosen.loss, general_loss_base=base.loss, general_loss_finetuned=tuned.loss
             )
@@ -302,6 +454,10 @@ class CocktailCore:
         if self._target_batches:
             entry["target_loss"] = self._probe_target(model, decision.alpha)
             entry["target_loss_finetuned"] = self._probe_target(model, 1.0)
+        if self._engine.num_peers:
+            labels = ["base", *(f"peer{i}" for i in range(1, self._engine.num_peers + 1))]
+            entry.update({f"weight_{label}": w for label, w in zip(labels, self._engine.weights)})
+            entry["weights"] = list(self._engine.weights)
         entry["probe_passes"] = self._passes - passes_before
         entry["snapshot_bytes"] = self._engine.snapshot.nbytes
         entry["decision"] = decision.to_dict()
@@ -312,6 +468,21 @@ class CocktailCore:
         if log:
             self._log(entry)
         return entry
+
+    def _decision_at(self, step: int, model: torch.nn.Module, *, log: bool = True) -> dict[str, Any]:
+        """The decision for ``step``: the one already made at this step, else a new one."""
+        if self._last_step == step and self._history:
+            return self._history[-1]
+        return self._decide(step, model, log=log)
+
+    def _losses_of_ingredients(self, model: torch.nn.Module) -> list[float]:
+        """``Lᵢ`` of the base and each peer (as stored) on the target probes, measured once per run."""
+        if self._ingredient_losses is None:
+            self._ingredient_losses = ingredient_losses(
+                self._engine, model, self._target_batches, score_fn=self._score, scorer=self._probe_module
+            )
+            self._passes += len(self._ingredient_losses) * len(self._target_batches)
+        return self._ingredient_losses
 
     def _probe_general(self, model: torch.nn.Module, alpha: float) -> ProbeResult:
         scorer = self._probe_module if self._probe_module is not None else model
@@ -334,10 +505,6 @@ class CocktailCore:
                 losses.append(_loss(probe(scorer, batches, score_fn=self._score)))
         return sum(losses) / len(losses)
 
-    def _log(self, entry: Mapping[str, Any]) -> None:
-        """Send a decision's metrics to the framework's logger; adapters override it."""
-        logger.info("cocktail metrics: %s", {f"cocktail/{k}": v for k, v in scalars(entry).items()})
-
     # ------------------------------------------------------------------ output
     def _current_entry(self) -> Mapping[str, Any]:
         return self._history[-1] if self._history else {"alpha": self._engine.alpha}
@@ -359,8 +526,10 @@ class CocktailCore:
         entry: Mapping[str, Any] | None = None,
         support_from: Path | None = None,
         tokenizer: Any = None,
+        **options: Any,
     ) -> Path:
-        """Write the resilient model at the α of ``entry`` (default: the last decision) to ``folder``, atomically."""
+        """Write the resilient model at the α of ``entry`` (default: the last decision) to ``folder``, atomically;
+        ``options`` go to the engine's ``write`` (``dedupe_tied``, ``merged``)."""
         entry = entry or self._current_entry()
         return self._engine.write(
             model,
@@ -371,9 +540,11 @@ class CocktailCore:
             tokenizer=tokenizer,
             overwrite=True,
             max_shard_size=self.max_shard_size,
+            **options,
         )
 
     def _write_report(self, path: Path, final: Mapping[str, Any]) -> None:
+        """``path`` (JSON: policy, recipe, final decision, snapshot size, history) and the PNG plot beside it."""
         snap = self._engine.snapshot
         report = {
             "format": "resilient-tune/cocktail-report",
@@ -391,22 +562,37 @@ class CocktailCore:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(report, indent=2) + "\n")
         os.replace(tmp, path)
+        try:
+            plot_history(self._history, path.with_name(PLOT_FILE))  # warns (no error) without matplotlib
+        except Exception as exc:  # a plot must never fail the run
+            logger.warning("CocktailCallback: the report plot was not drawn: %s", exc)
 
 
 # ---------------------------------------------------------------------------- helpers
-def make_policy(policy: str | Policy, alpha: float, drift_budget: float | None) -> Policy:
-    """The policy object for the callbacks' ``policy`` / ``alpha`` / ``drift_budget`` arguments."""
-    if isinstance(policy, str):
-        if policy == "budget":
-            return get_policy("budget", drift_budget=0.05 if drift_budget is None else drift_budget)
-        if drift_budget is not None:
-            raise UsageError(f"drift_budget applies to policy='budget' only; got policy={policy!r}")
-        return get_policy(policy, **({"alpha": alpha} if policy == "fixed" else {}))
-    if drift_budget is not None:
-        raise UsageError(
-            "drift_budget cannot be applied to a ready policy object; configure the object instead"
-        )
-    return get_policy(policy)
+def make_policy(
+    policy: str | Policy, alpha: float, drift_budget: float | None, temperature: float | None = None
+) -> Policy:
+    """The policy object for the callbacks' ``policy`` / ``alpha`` / ``drift_budget`` / ``temperature`` arguments.
+
+    Raises:
+        UsageError: An unknown name, or an option given to a policy that does not use it.
+    """
+    if not isinstance(policy, str):
+        if drift_budget is not None or temperature is not None:
+            raise UsageError(
+                "drift_budget/temperature cannot be applied to a ready policy object; configure the object instead"
+            )
+        return get_policy(policy)
+    if temperature is not None and policy != "cocktail":
+        raise UsageError(f"temperature applies to policy='cocktail' only; got policy={policy!r}")
+    if drift_budget is not None and policy != "budget":
+        raise UsageError(f"drift_budget applies to policy='budget' only; got policy={policy!r}")
+    options: dict[str, dict[str, Any]] = {
+        "fixed": {"alpha": alpha},
+        "cocktail": {"alpha": alpha, "temperature": 5.0 if temperature is None else temperature},
+        "budget": {"drift_budget": 0.05 if drift_budget is None else drift_budget},
+    }
+    return get_policy(policy, **options.get(policy, {}))
 
 
 def probe_sets(
@@ -450,6 +636,16 @@ def probe_sets(
     return sets
 
 
+def head(dataset: Any, n: int) -> Any:
+    """The first ``n`` examples of a dataset (``datasets.Dataset``, a list, or any torch dataset)."""
+    count = min(n, len(dataset))
+    if hasattr(dataset, "select"):
+        return dataset.select(range(count))
+    if isinstance(dataset, (list, tuple)):
+        return dataset[:count]
+    return torch.utils.data.Subset(dataset, range(count))
+
+
 def _is_example(value: Any) -> bool:
     return isinstance(value, Mapping) and bool(value) and all(isinstance(k, str) for k in value)
 
@@ -467,3 +663,8 @@ def scalars(entry: Mapping[str, Any]) -> dict[str, float]:
         for k, v in entry.items()
         if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
     }
+
+
+def metrics(entry: Mapping[str, Any]) -> dict[str, float]:
+    """A history entry's numbers as logged: ``cocktail/<name>`` (``cocktail/alpha``, ``cocktail/general_loss``, ...)."""
+    return {f"cocktail/{k}": v for k, v in scalars(entry).items()}

@@ -82,6 +82,17 @@ def _method_options(text: str) -> dict[str, float]:
     return options
 
 
+def _paths(text: str) -> list[str]:
+    """Peer checkpoints: paths separated by ``os.pathsep`` (``:`` on POSIX) or commas; each must exist."""
+    parts = [p.strip() for chunk in text.split(os.pathsep) for p in chunk.split(",") if p.strip()]
+    if not parts:
+        raise ValueError("no path given")
+    missing = [p for p in parts if not Path(p).expanduser().exists()]
+    if missing:
+        raise ValueError(f"no such path {missing[0]}")
+    return [str(Path(p).expanduser()) for p in parts]
+
+
 def _file(text: str) -> str:
     path = Path(text.strip()).expanduser()
     if not path.is_file():
@@ -92,8 +103,10 @@ def _file(text: str) -> str:
 # variable -> (CocktailCallback argument, parser, what to write)
 ENV_OPTIONS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     f"{_PREFIX}ALPHA": ("alpha", _number, "a number in [0, 1]"),
-    f"{_PREFIX}POLICY": ("policy", str.strip, "fixed | budget"),
+    f"{_PREFIX}POLICY": ("policy", str.strip, "fixed | cocktail | budget"),
     f"{_PREFIX}DRIFT_BUDGET": ("drift_budget", _number, "a number >= 0, e.g. 0.05"),
+    f"{_PREFIX}PEERS": ("peers", _paths, "peer checkpoint paths separated by ':' or ','"),
+    f"{_PREFIX}TEMPERATURE": ("temperature", _number, "a number > 0, e.g. 5.0 (policy cocktail)"),
     f"{_PREFIX}GENERAL_DATA": ("general_data", _file, "a .json/.jsonl file of tokenized examples"),
     f"{_PREFIX}TARGET_DATA": ("target_data", _file, "a .json/.jsonl file of tokenized examples"),
     f"{_PREFIX}METHOD": ("method", str.strip, "a merge method name, e.g. linear"),

@@ -38,6 +38,11 @@ Probes (``general_data``, ``target_data``) are datasets of examples batched with
 with the module's own ``training_step`` loss (its ``self.log`` calls are muted meanwhile), or ``score_fn(pl_module,
 batch) -> loss``. When the module holds a transformers language model and the batches are dicts, ``KL(base ‖
 current)`` of its next-token distributions is measured too (one more forward per batch).
+
+Peers, the ``cocktail`` policy and PEFT LoRA work as in the Hugging Face callback (the logic is shared in
+:mod:`resilient_tune.integrations._common`). Peer checkpoints may be ``save_pretrained`` folders of the transformers
+model inside the module. With a LoRA model inside the module no snapshot is taken; ``model.safetensors`` is the
+module's state dict with the adapter scaled by α, and ``hf/`` the merged model plus the scaled adapter.
 """
 
 from __future__ import annotations
@@ -50,14 +55,13 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from resilient_tune import __version__
-from resilient_tune.checkpoint import CheckpointReader, StreamingWriter, TensorInfo, atomic_dir, parse_size
+from resilient_tune.checkpoint import atomic_dir
 from resilient_tune.errors import UsageError
 from resilient_tune.integrations._common import (
     BASE_FOLDER,
@@ -65,9 +69,9 @@ from resilient_tune.integrations._common import (
     RESILIENT_FOLDER,
     CocktailCore,
     ScoreFn,
-    scalars,
+    metrics,
 )
-from resilient_tune.policy import Policy
+from resilient_tune.integrations.peft import LoraEngine
 from resilient_tune.recipe import COCKTAIL_FILE
 
 __all__ = ["CocktailCallback", "LightningCocktail", "load_examples"]
@@ -94,85 +98,36 @@ def callback_bases(package: str) -> tuple[tuple[type, ...], ImportError | None]:
 class LightningCocktail(CocktailCore):
     """The Lightning glue of ``CocktailCallback``, for either Lightning package (a mixin; see the module docs).
 
-    Args:
-        alpha: Weight of the fine-tuned model in ``[0, 1]`` for the ``fixed`` policy (0.5 by default).
-        policy: ``"fixed"`` (default), ``"budget"`` (needs ``general_data``), or a policy object with
-            ``choose(evaluate) -> Decision``.
-        drift_budget: For ``budget``: allowed relative increase of the general-probe loss over the base's
-            (default 0.05 = 5%).
-        general_data: General probes (what the model must not forget): a dataset of examples like the
-            validation data's, a ``DataLoader``, a ``.json``/``.jsonl`` file of tokenized examples (lists of numbers
-            become tensors; handy from LightningCLI or ``RESILIENT_TUNE_GENERAL_DATA``), or a dict ``name -> any``.
-        target_data: Target probes (the new skill), same forms; logged as ``cocktail/target_loss``.
-        peers: Checkpoints of peer models (a later increment; passing them raises ``NotImplementedError``).
-        method: Merge method (any registered name; ``linear`` by default).
-        method_options: Options of the merge method (``density``, ``lambda``, ...).
-        score_fn: ``score_fn(pl_module, batch) -> scalar loss`` for the probes; by default the loss
-            ``pl_module.training_step(batch, 0)`` returns (needs automatic optimization).
-        snapshot_device: Where the in-memory snapshot θ₀ lives (``"cpu"``).
-        snapshot_dtype: Storage dtype of θ₀: ``None`` (same as the parameters), ``"bf16"`` or ``"fp16"``.
-        snapshot_on_disk: Keep θ₀ on disk in ``<default_root_dir>/resilient_base/`` (one process only).
-        save_resilient: Write the resilient companions of checkpoints and ``<default_root_dir>/resilient/``.
-        kl_top_k: Keep the base's ``k`` most likely tokens per position for the KL probe (``None``: all).
-        max_shard_size: Shard size of the written weights (bytes or ``"5GB"``).
-        seed: Seed of random merge methods (DARE).
+    The arguments are :class:`~resilient_tune.integrations._common.CocktailCore`'s (the constructor every
+    ``CocktailCallback`` shares). Here probe data may also be a ``DataLoader`` or a ``.json``/``.jsonl`` file of
+    tokenized examples (lists of numbers become tensors; handy from LightningCLI or ``RESILIENT_TUNE_GENERAL_DATA``),
+    examples need not be dicts, and the probes score ``training_step``'s loss (``score_fn(pl_module, batch)``
+    replaces it; manual optimization needs it). With ``policy="cocktail"`` and no ``target_data`` the target
+    examples are the first 64 of each validation dataset.
 
     Raises:
         ImportError: The Lightning package is not installed (``pip install 'resilient-tune[lightning]'``).
-        UsageError: Bad arguments: α outside ``[0, 1]``, an unknown policy or method, ``budget`` without
-            ``general_data``, empty probe data, ...
+        UsageError: Bad arguments (see ``CocktailCore``).
     """
 
     _package = "lightning.pytorch"
     _import_error: ImportError | None = None
+    _accepts_loaders = True
+    _needs_mapping_examples = False
+    _eval_data = "validation data"
 
-    def __init__(
-        self,
-        alpha: float = 0.5,
-        *,
-        policy: str | Policy = "fixed",
-        drift_budget: float | None = None,
-        general_data: Any = None,
-        target_data: Any = None,
-        peers: Sequence[str] | None = None,
-        method: str = "linear",
-        method_options: dict[str, float] | None = None,
-        score_fn: ScoreFn | None = None,
-        snapshot_device: str = "cpu",
-        snapshot_dtype: str | None = None,
-        snapshot_on_disk: bool = False,
-        save_resilient: bool = True,
-        kl_top_k: int | None = 32,
-        max_shard_size: int | str = "5GB",
-        seed: int = 0,
-    ) -> None:
+    def _check_installed(self) -> None:
         if self._import_error is not None:
             extra = "lightning" if self._package == "lightning.pytorch" else "pytorch-lightning"
             raise ImportError(
                 f"this CocktailCallback needs {self._package}; install it with: pip install 'resilient-tune[lightning]' "
                 f"(or pip install {extra})"
             ) from self._import_error
-        self._configure(
-            alpha,
-            policy=policy,
-            drift_budget=drift_budget,
-            general_data=_from_files(general_data),
-            target_data=_from_files(target_data),
-            peers=peers,
-            method=method,
-            method_options=method_options,
-            score_fn=score_fn,
-            snapshot_device=snapshot_device,
-            snapshot_dtype=snapshot_dtype,
-            snapshot_on_disk=snapshot_on_disk,
-            save_resilient=save_resilient,
-            kl_top_k=kl_top_k,
-            max_shard_size=max_shard_size,
-            seed=seed,
-            loaders=True,
-            mapping_examples=False,
-        )
-        parse_size(max_shard_size)  # fail now, not at the first save
+
+    def _load_probe_data(self, data: Any) -> Any:
+        return _from_files(data)
+
+    def _init_framework(self) -> None:
         self.from_env = False
         self._active = False
 
@@ -260,7 +215,7 @@ class LightningCocktail(CocktailCore):
             self._restore(self._stored, pl_module, trainer.global_step, moved=root / BASE_FOLDER)
             return
         self._align_ranks(trainer, pl_module)
-        if self.snapshot_on_disk:
+        if self._engine.snapshot.storage == "disk":
             self._promote_pending(pending, root / BASE_FOLDER)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
@@ -281,11 +236,8 @@ class LightningCocktail(CocktailCore):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if not self._active or not self._engine.has_snapshot:
             return
-        if self._last_step == trainer.global_step and self._history:
-            entry = self._history[-1]
-        else:
-            self._ensure_probes(trainer, pl_module)
-            entry = self._decide(trainer.global_step, pl_module)
+        self._ensure_probes(trainer, pl_module)
+        entry = self._decision_at(trainer.global_step, pl_module)
         if trainer.is_global_zero:
             root = _root(trainer)
             if self.save_resilient:
@@ -323,8 +275,8 @@ class LightningCocktail(CocktailCore):
 
     def _align_ranks(self, trainer: Any, pl_module: Any) -> None:
         """Under DDP: if a rank's θ₀ differs from rank 0's, snapshot the live (already broadcast) weights again."""
-        if trainer.world_size <= 1:
-            return
+        if trainer.world_size <= 1 or self._engine.snapshot.storage == "none":
+            return  # one process, or LoRA: nothing copied (the frozen base weights are rank 0's after DDP's broadcast)
         mine = _checksum(self._engine.snapshot.items())
         reference = trainer.strategy.broadcast(mine, src=0)
         if trainer.strategy.reduce_boolean_decision(mine != reference, all=False):
@@ -357,7 +309,8 @@ class LightningCocktail(CocktailCore):
         if self._probes_ready:
             return
         self._probes_ready = True
-        if not (self._general or self._target):
+        target_sets = self._target_sets()
+        if not (self._general or target_sets):
             return
         if self._score_fn is None and not pl_module.automatic_optimization:
             raise UsageError(
@@ -366,7 +319,7 @@ class LightningCocktail(CocktailCore):
             )
         collate, batch_size = _validation_batching(trainer)
         general = {n: _batches(d, collate, batch_size, n) for n, d in self._general.items()}
-        target = {n: _batches(d, collate, batch_size, n) for n, d in self._target.items()}
+        target = {n: _batches(d, collate, batch_size, n) for n, d in target_sets.items()}
         lm = _transformers_model(pl_module, language_model=True)
         dict_batches = all(_RAW not in b for batches in general.values() for b in batches)
         view = _ProbeModule(pl_module, lm if dict_batches else None)
@@ -379,16 +332,33 @@ class LightningCocktail(CocktailCore):
             with_kl=view.lm is not None,
         )
 
+    def _default_target(self) -> dict[str, Any]:
+        """The datasets of the Trainer's validation dataloaders (``val``, or ``val_<i>`` / ``val_<name>``)."""
+        loaders = getattr(self._trainer, "val_dataloaders", None)
+        if isinstance(loaders, torch.utils.data.DataLoader):
+            loaders = {"val": loaders}
+        elif isinstance(loaders, (list, tuple)):
+            loaders = {f"val_{i}": loader for i, loader in enumerate(loaders)}
+        elif isinstance(loaders, Mapping):
+            loaders = {f"val_{name}": loader for name, loader in loaders.items()}
+        else:
+            return {}
+        return {
+            name: loader.dataset
+            for name, loader in loaders.items()
+            if isinstance(loader, torch.utils.data.DataLoader) and hasattr(loader.dataset, "__len__")
+        }
+
     def _log(self, entry: Mapping[str, Any]) -> None:
-        metrics = {f"cocktail/{k}": v for k, v in scalars(entry).items()}
+        logs = metrics(entry)
         trainer, module = self._trainer, self._module
         if self._in_epoch_end:
             sync = trainer.world_size > 1  # every rank holds the same numbers: the mean is each of them
-            for key, value in metrics.items():
+            for key, value in logs.items():
                 module.log(key, value, on_step=False, on_epoch=True, sync_dist=sync)
         elif trainer is not None and trainer.is_global_zero:
             for lightning_logger in trainer.loggers:
-                lightning_logger.log_metrics(metrics, step=trainer.global_step)
+                lightning_logger.log_metrics(logs, step=trainer.global_step)
 
     # ------------------------------------------------------------------ output
     def _write_companion(self, checkpoint_path: Any) -> None:
@@ -409,28 +379,25 @@ class LightningCocktail(CocktailCore):
             shutil.rmtree(folder)
 
     def _write_folder(self, folder: Path, step: int, entry: Mapping[str, Any] | None) -> Path:
-        """The resilient folder: the engine's weights and ``cocktail.json``, all state-dict keys, ``hf/``."""
+        """The resilient folder: every ``state_dict`` key of the module at θ(α), ``cocktail.json``, and ``hf/`` when
+        the module holds a transformers model. With a PEFT LoRA model the weights file is the module's state dict
+        with the adapter scaled by α, and ``hf/`` the merged model plus the α-scaled adapter (``hf/adapter/``)."""
         module = self._module
         entry = entry or self._current_entry()
-        alpha = entry["alpha"]
+        lora = isinstance(self._engine, LoraEngine)
         hf_model = _transformers_model(module)
+        tokenizer = _tokenizer(module, self._trainer)
         with atomic_dir(folder, overwrite=True) as tmp:
-            inner = self._write(module, tmp / "engine", step, entry=entry)
+            options = {"merged": False} if lora else {"dedupe_tied": False}
+            inner = self._write(module, tmp / "engine", step, entry=entry, **options)
             for path in inner.iterdir():
                 os.replace(path, tmp / path.name)
             inner.rmdir()
-            keys = list(module.state_dict().keys())
-            with CheckpointReader(tmp) as reader:
-                complete = set(reader.keys()) == set(keys)
-            if complete and hf_model is None:
-                return Path(os.path.abspath(folder))
-            with self._engine.swapped(module, alpha):  # the live module holds θ(α) in this block
-                if not complete:  # tied parameters were written once: write every key, as the state dict has
-                    _write_state_dict(tmp, module.state_dict(), self.max_shard_size, alpha)
-                if hf_model is not None:
+            if lora:
+                self._write(module, tmp / HF_FOLDER, step, entry=entry, tokenizer=tokenizer)
+            elif hf_model is not None:
+                with self._engine.swapped(module, entry["alpha"]):  # the live module holds θ(α) in this block
                     hf_model.save_pretrained(str(tmp / HF_FOLDER), max_shard_size=self.max_shard_size)
-            if hf_model is not None:
-                tokenizer = _tokenizer(module, self._trainer)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(str(tmp / HF_FOLDER))
                 for name in (COCKTAIL_FILE, "README.md"):
@@ -670,47 +637,16 @@ def _tokenizer(module: Any, trainer: Any) -> Any | None:
     return None
 
 
-def _write_state_dict(
-    folder: Path, state: Mapping[str, torch.Tensor], max_shard_size: int | str, alpha: float
-) -> None:
-    """Replace the weights in ``folder`` with ``state`` (every key, tied tensors under each of their names)."""
-    for old in [*folder.glob("model*.safetensors"), folder / "model.safetensors.index.json"]:
-        old.unlink(missing_ok=True)
-    plan = {key: TensorInfo(t.dtype, tuple(t.shape)) for key, t in state.items()}
-    meta = {"resilient_tune": __version__, "alpha": repr(alpha)}
-    limit = parse_size(max_shard_size)
-    with StreamingWriter(folder, plan, max_shard_size=limit, metadata=meta) as writer:
-        for key, tensor in state.items():
-            writer.write(key, tensor.detach().to("cpu"))
-
-
 _BASES, _IMPORT_ERROR = callback_bases("lightning.pytorch")
 
 
 class CocktailCallback(LightningCocktail, *_BASES):  # type: ignore[misc]
     """Lightning (``lightning.pytorch``) callback writing resilient (LM-Cocktail) checkpoints.
 
-    ``Trainer(callbacks=[CocktailCallback()])`` (α = 0.5), ``CocktailCallback(alpha=0.3)``, or
-    ``CocktailCallback(policy="budget", general_data=examples, drift_budget=0.05)``. See the module docs for
-    what is written where; the arguments are those of :class:`LightningCocktail`.
-
-    Args:
-        alpha: Weight of the fine-tuned model in ``[0, 1]`` (the ``fixed`` policy).
-        policy: ``fixed`` | ``budget`` | a policy object.
-        drift_budget: For ``budget``: allowed relative increase of the general-probe loss.
-        general_data: General probes (dataset, DataLoader, or dict of them).
-        target_data: Target probes (same forms).
-        peers: Peer checkpoints (a later increment).
-        method: Merge method name (``linear`` by default).
-        method_options: Options of the merge method.
-        score_fn: ``score_fn(pl_module, batch) -> loss``; default: ``training_step``'s loss.
-        snapshot_device: Where the in-memory θ₀ lives.
-        snapshot_dtype: Storage dtype of θ₀ (``bf16``, ``fp16``).
-        snapshot_on_disk: Keep θ₀ on disk in ``<default_root_dir>/resilient_base/``.
-        save_resilient: Write resilient folders.
-        kl_top_k: Tokens per position kept for the KL probe.
-        max_shard_size: Shard size of the written weights.
-        seed: Seed of random merge methods.
+    ``Trainer(callbacks=[CocktailCallback()])`` (α = 0.5), ``CocktailCallback(alpha=0.3)``,
+    ``CocktailCallback(policy="budget", general_data=examples, drift_budget=0.05)`` or
+    ``CocktailCallback(policy="cocktail", peers=[...])``. See the module docs for what is written where and
+    :class:`~resilient_tune.integrations._common.CocktailCore` for the arguments.
     """
 
     _package = "lightning.pytorch"

@@ -25,6 +25,12 @@ use, built on that fact:
     sub-folder because ``from_pretrained`` of a folder holding ``adapter_config.json`` would load the adapter on
     top of the merged weights.
 
+``model`` may be the PEFT model itself (the Hugging Face ``Trainer``'s case) or a module holding one (a
+``LightningModule`` with ``self.model = get_peft_model(...)``); every trainable parameter of ``model`` must belong to
+the adapter. :meth:`LoraEngine.write` with ``merged=False`` writes the third form, ``model``'s own
+``state_dict()`` keys with the adapter scaled by α (each ``lora_B`` weight × α, ``modules_to_save`` mixed): loaded
+into the same PEFT-wrapped module with ``load_state_dict`` it computes ``θ₀ + α·Δ``.
+
 Supported: one active LoRA adapter on ``Linear`` / ``Conv1D`` / ``Embedding`` / ``Conv`` layers (``lora_bias``
 included), plus ``modules_to_save``. Refused with a message: DoRA and other LoRA variants (scaling the adapter is
 not θ₀ + α·Δ for them), several active adapters, merged adapters, other PEFT methods, trainable parameters that
@@ -36,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,14 +51,28 @@ from typing import Any
 import torch
 
 from resilient_tune import __version__
-from resilient_tune.card import model_card
-from resilient_tune.checkpoint import StreamingWriter, TensorInfo, atomic_dir, copy_support_files, parse_size
-from resilient_tune.engine import CocktailEngine, Drift, _layer_of, check_alpha, check_weights
+from resilient_tune.checkpoint import StreamingWriter, TensorInfo
+from resilient_tune.engine import (
+    CocktailEngine,
+    Drift,
+    _layer_of,
+    check_alpha,
+    check_weights,
+    write_model_folder,
+)
 from resilient_tune.errors import UsageError
 from resilient_tune.merging import merge_tensor
-from resilient_tune.recipe import COCKTAIL_FILE, Recipe, cocktail_document
+from resilient_tune.recipe import Recipe, cocktail_document
 
-__all__ = ["ADAPTER_FOLDER", "LoraBase", "LoraEngine", "engine_for", "is_peft_model"]
+__all__ = [
+    "ADAPTER_FOLDER",
+    "FORMAT",
+    "LoraBase",
+    "LoraEngine",
+    "engine_for",
+    "find_peft_model",
+    "is_peft_model",
+]
 
 ADAPTER_FOLDER = "adapter"
 FORMAT = "resilient-tune/peft-lora"
@@ -65,14 +84,24 @@ def is_peft_model(model: Any) -> bool:
     return hasattr(model, "peft_config") and isinstance(getattr(model, "peft_config", None), Mapping)
 
 
+def find_peft_model(model: torch.nn.Module) -> torch.nn.Module | None:
+    """``model`` if it is a PEFT model, else the outermost PEFT model inside it (e.g. in a ``LightningModule``), else
+    ``None``."""
+    for _, module in model.named_modules():
+        if is_peft_model(module):
+            return module
+    return None
+
+
 def engine_for(model: torch.nn.Module, engine: Any) -> Any:
-    """The engine to use for ``model``: a :class:`LoraEngine` configured like ``engine`` for a PEFT model, else the
-    :class:`~resilient_tune.engine.CocktailEngine` ``engine`` was made from (``engine`` itself usually).
+    """The engine to use for ``model``: a :class:`LoraEngine` configured like ``engine`` when ``model`` is or holds a
+    PEFT model, else the :class:`~resilient_tune.engine.CocktailEngine` ``engine`` was made from (``engine`` itself
+    usually).
 
     Call it at train begin; ``engine`` may be a previous run's :class:`LoraEngine` (its template is reused).
     """
     template = engine.template if isinstance(engine, LoraEngine) else engine
-    if not is_peft_model(model):
+    if find_peft_model(model) is None:
         return template
     if isinstance(engine, LoraEngine):
         return LoraEngine.from_engine(template)
@@ -183,7 +212,7 @@ class LoraEngine:
         """Check ``model`` (see the module docs for what is refused) and note its adapter; copies nothing."""
         adapter, layers, wrappers = _inspect(model)
         names = [n for n, p in model.named_parameters() if p.requires_grad]
-        config = model.peft_config[adapter]
+        config = self._peft(model).peft_config[adapter]
         self._base = LoraBase(adapter, names, getattr(config, "base_model_name_or_path", None))
         self._layers, self._wrappers = layers, wrappers
         return self._base
@@ -299,37 +328,41 @@ class LoraEngine:
         alpha: float | None = None,
         *,
         metadata: Mapping[str, Any] | None = None,
-        support_from: str | os.PathLike[str] | None = None,
-        tokenizer: Any = None,
-        overwrite: bool = False,
-        max_shard_size: int | str = "5GB",
         weights: Sequence[float] | None = None,
+        dedupe_tied: bool = True,
+        merged: bool = True,
+        **files: Any,
     ) -> Path:
-        """Write the merged full model and the α-scaled adapter (``adapter/``) to ``folder``, atomically.
+        """Write the resilient model to ``folder``, atomically.
 
-        Args: as :meth:`CocktailEngine.write <resilient_tune.engine.CocktailEngine.write>`. ``support_from`` is a
-        folder whose config/tokenizer files are copied (the Trainer's checkpoint holds the tokenizer; the base
-        model's ``config.json`` comes from ``model.config`` when the folder has none).
+        ``merged=True`` (default): the merged full model (the base model's keys, ``from_pretrained``-loadable) and
+        the α-scaled adapter in ``adapter/``. ``merged=False``: ``model.state_dict()`` under its own keys with the
+        adapter scaled by α (every key; for ``load_state_dict`` of the same PEFT-wrapped module), no ``adapter/``.
+
+        Args: as :meth:`CocktailEngine.write <resilient_tune.engine.CocktailEngine.write>`; ``files`` are its
+        ``support_from``, ``tokenizer``, ``overwrite`` and ``max_shard_size``. ``support_from`` is a folder whose
+        config/tokenizer files are copied (the Trainer's checkpoint holds the tokenizer; the base model's
+        ``config.json`` comes from ``model.config`` when the folder has none). ``dedupe_tied=False`` writes every
+        alias of a tied tensor in the merged form.
         """
         alpha = self.alpha if alpha is None else check_alpha(alpha)
         if weights is not None:
             check_weights(weights, count=1)
         self._check(model)
-        shard_bytes = parse_size(max_shard_size)
-        plan = {
-            k: TensorInfo(t.dtype, tuple(t.shape)) for k, t in self._merged_items(model, alpha, lazy=True)
-        }
-        doc = self._document(model, alpha, metadata)
-        with atomic_dir(folder, overwrite=overwrite) as tmp:
-            meta = {"resilient_tune": __version__, "alpha": repr(alpha)}
-            with StreamingWriter(tmp, plan, max_shard_size=shard_bytes, metadata=meta) as writer:
-                for key, tensor in self._merged_items(model, alpha):
-                    writer.write(key, tensor)
-            self._write_adapter(model, tmp / ADAPTER_FOLDER, alpha)
-            _write_support(model, tmp, support_from, tokenizer)
-            (tmp / COCKTAIL_FILE).write_text(json.dumps(doc, indent=2) + "\n")
-            (tmp / "README.md").write_text(model_card(doc))
-        return Path(os.path.abspath(folder))
+        peft_model = self._peft(model)
+        if merged:
+            items = lambda lazy: self._merged_items(peft_model, alpha, dedupe=dedupe_tied, lazy=lazy)  # noqa: E731
+            adapter = lambda tmp: self._write_adapter(peft_model, tmp / ADAPTER_FOLDER, alpha)  # noqa: E731
+        else:
+            items, adapter = lambda lazy: self._scaled_items(model, alpha, lazy=lazy), None
+        return write_model_folder(
+            folder,
+            items,
+            self._document(peft_model, alpha, metadata, merged=merged),
+            config_from=_base_model(peft_model),
+            extra_files=adapter,
+            **files,
+        )
 
     # ---------------------------------------------------------------- internals
     def _check(self, model: torch.nn.Module) -> None:
@@ -344,6 +377,16 @@ class LoraEngine:
                 f"({self._base.adapter!r} -> {adapter!r}); switching adapters mid-run is not supported"
             )
         self._layers, self._wrappers = layers, wrappers
+
+    @staticmethod
+    def _peft(model: torch.nn.Module) -> torch.nn.Module:
+        """The PEFT model that is or is inside ``model`` (checked by :func:`_inspect` already)."""
+        found = find_peft_model(model)
+        if found is None:
+            raise UsageError(
+                f"{type(model).__name__} holds no PEFT model; use CocktailEngine for full fine-tuning"
+            )
+        return found
 
     def _copy_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
         adapter = self.snapshot.adapter
@@ -390,6 +433,33 @@ class LoraEngine:
                 else:  # a modules_to_save copy, mixed with its frozen original
                     yield key, _mix(value.to("cpu"), kind[1].detach(), alpha, key)
 
+    def _scaled_items(
+        self, model: torch.nn.Module, alpha: float, *, lazy: bool = False
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(key, tensor)`` of ``model.state_dict()`` (every key) with the adapter scaled by α: each ``lora_B``
+        weight (and bias) × α, since ``scaling·(α·B)@A = α·Δ``, and ``modules_to_save`` copies mixed with their
+        frozen originals. Everything else is the live (frozen base) tensor. ``lazy``: no arithmetic."""
+        adapter = self.snapshot.adapter
+        scaled: set[int] = set()
+        for _, layer in self._layers:
+            for key in ("lora_B", "lora_embedding_B"):
+                scaled.update(id(p) for p in _params_of(getattr(layer, key, None), adapter))
+        originals = {
+            id(p): original.get_parameter(name)
+            for trained, original in self._copy_pairs()
+            for name, p in trained.named_parameters()
+            if p.is_floating_point()
+        }
+        with torch.no_grad():
+            for key, value in model.state_dict(keep_vars=True).items():
+                tensor = value.detach()
+                if lazy or (id(value) not in scaled and id(value) not in originals):
+                    yield key, tensor
+                elif id(value) in scaled:
+                    yield key, (tensor.float() * alpha).to(tensor.dtype)
+                else:
+                    yield key, _mix(tensor.to("cpu"), originals[id(value)].detach(), alpha, key)
+
     def _write_adapter(self, model: torch.nn.Module, folder: Path, alpha: float) -> None:
         """``adapter_model.safetensors`` (``modules_to_save`` mixed) and ``adapter_config.json`` with
         ``lora_alpha`` × α."""
@@ -409,7 +479,7 @@ class LoraEngine:
         config.save_pretrained(str(folder))
 
     def _document(
-        self, model: torch.nn.Module, alpha: float, metadata: Mapping[str, Any] | None
+        self, model: torch.nn.Module, alpha: float, metadata: Mapping[str, Any] | None, *, merged: bool = True
     ) -> dict[str, Any]:
         base = self.snapshot
         ingredients = [
@@ -427,10 +497,14 @@ class LoraEngine:
             "peft": {
                 "type": "LORA",
                 "adapter": base.adapter,
-                "adapter_folder": ADAPTER_FOLDER,
+                "adapter_folder": ADAPTER_FOLDER if merged else None,
                 "lora_alpha": config.lora_alpha,
                 "lora_alpha_scaled": config.lora_alpha * alpha,
-                "note": "adapter/ is the adapter scaled by alpha (lora_alpha x alpha); model.safetensors is merged",
+                "note": (
+                    "adapter/ is the adapter scaled by alpha (lora_alpha x alpha); model.safetensors is merged"
+                    if merged
+                    else "model.safetensors is the PEFT-wrapped module's state dict with each lora_B x alpha"
+                ),
             },
         }
         for key, value in (metadata or {}).items():
@@ -452,10 +526,13 @@ def _inspect(model: torch.nn.Module) -> tuple[str, list[tuple[str, Any]], list[t
     from peft.utils import ModulesToSaveWrapper
     from peft.utils.other import AuxiliaryTrainingWrapper
 
-    if not is_peft_model(model):
+    outer = model
+    found = find_peft_model(model)
+    if found is None:
         raise UsageError(
-            f"{type(model).__name__} is not a PEFT model; use CocktailEngine for full fine-tuning"
+            f"{type(model).__name__} is not (and holds no) PEFT model; use CocktailEngine for full fine-tuning"
         )
+    model = found
     active = getattr(model, "active_adapters", None)
     active = list((active() if callable(active) else active) or [])  # a method on transformers' adapter mixin
     if len(active) != 1:
@@ -500,7 +577,7 @@ def _inspect(model: torch.nn.Module) -> tuple[str, list[tuple[str, Any]], list[t
                 f"{name!r} is a {type(module).__name__} (e.g. trainable_token_indices): not supported by the LoRA "
                 "path; use modules_to_save for the embedding instead"
             )
-    for name, p in model.named_parameters():
+    for name, p in outer.named_parameters():
         if p.requires_grad and id(p) not in owned:
             raise UsageError(
                 f"trainable parameter {name!r} is neither a LoRA weight nor in modules_to_save (bias='all' or "
@@ -585,20 +662,3 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
 def _clean(name: str) -> str:
     """A PEFT module name as the base model calls it (``base_model.model.`` prefix removed)."""
     return name.removeprefix("base_model.model.")
-
-
-def _write_support(model: torch.nn.Module, folder: Path, support_from: Any, tokenizer: Any) -> None:
-    if support_from is not None:
-        copy_support_files(support_from, folder)
-    base = _base_model(model)
-    config = getattr(base, "config", None)
-    if not (folder / "config.json").exists() and hasattr(config, "to_json_file"):
-        config.to_json_file(str(folder / "config.json"))
-    generation = getattr(base, "generation_config", None)
-    if not (folder / "generation_config.json").exists() and hasattr(generation, "to_json_file"):
-        generation.to_json_file(str(folder / "generation_config.json"))
-    has_tokenizer = any(
-        (folder / n).exists() for n in ("tokenizer_config.json", "tokenizer.json", "vocab.txt")
-    )
-    if tokenizer is not None and not has_tokenizer and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(str(folder))

@@ -10,7 +10,7 @@ training it writes ``output_dir/resilient/`` and ``output_dir/cocktail_report.js
 With ``general_data`` (a few dozen examples the model must not forget, tokenized like the eval data) each
 evaluation also runs probes: the general loss of candidate mixes (swapped into the live model in place and
 restored bit-exactly), ``KL(base ‖ fine-tuned)`` on the general tokens, and the weight-space drift; the policy
-(``fixed`` or ``budget``) chooses α.
+(``fixed``, ``budget`` or ``cocktail``) chooses α.
 
 Peers and the ``cocktail`` policy
 ---------------------------------
@@ -59,33 +59,27 @@ with or without ``restore_callback_states_from_checkpoint``.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
-import os
 import uuid
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from resilient_tune.engine import CocktailEngine
-from resilient_tune.errors import IncompatibleModelsError, UsageError
+from resilient_tune.errors import UsageError
 from resilient_tune.integrations._common import (
     BASE_FOLDER,
+    CONFIG_FIELDS,
     REPORT_FILE,
     RESILIENT_FOLDER,
     CocktailCore,
     ScoreFn,
+    metrics,
     scalars,
 )
-from resilient_tune.integrations.peft import FORMAT as LORA_FORMAT
-from resilient_tune.integrations.peft import engine_for
-from resilient_tune.policy import CocktailPolicy, Decision, Policy, choose
-from resilient_tune.probes import ProbeResult, ingredient_losses
-from resilient_tune.report import PLOT_FILE, plot_history
 
 try:
     from transformers import TrainerCallback
@@ -102,98 +96,31 @@ __all__ = ["CocktailCallback"]
 logger = logging.getLogger(__name__)
 
 _LIVE: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
-_CONFIG_FIELDS = ("_engine", "_policy", "_general", "_target", "_score_fn", "save_resilient", "kl_top_k")
-_CONFIG_FIELDS += ("snapshot_on_disk", "max_shard_size")
-TARGET_DEFAULT_EXAMPLES = 64  # target examples taken from each eval dataset when target_data is not given
 
 
 class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
     """Hugging Face ``Trainer`` callback writing resilient (LM-Cocktail) checkpoints; see the module docs.
 
-    Args:
-        alpha: Weight of the fine-tuned model in ``[0, 1]`` for the ``fixed`` policy (0.5 by default).
-        policy: ``"fixed"`` (default), ``"budget"`` (needs ``general_data``), ``"cocktail"`` (peer weights from
-            target examples, α fixed), or a policy object with ``choose(evaluate) -> Decision``.
-        drift_budget: For ``budget``: allowed relative increase of the general-probe loss over the base's
-            (default 0.05 = 5%).
-        general_data: General probes: a dataset (``datasets.Dataset``, a torch dataset or a list of example
-            dicts) tokenized like the Trainer's eval data, or a dict ``name -> dataset``. Batched with the Trainer's
-            collator and eval batch size, once, at train begin.
-        target_data: Target probes (the new skill), same format; logged as ``cocktail/target_loss``. With
-            ``policy="cocktail"`` it defaults to the first 64 examples of each eval dataset.
-        peers: Checkpoint folders of peer models (same architecture, fine-tuned on other domains).
-        temperature: For ``cocktail``: the softmax temperature τ of the peer weights (5.0, the reference's).
-        method: Merge method (any registered name; ``linear`` by default).
-        method_options: Options of the merge method (``density``, ``lambda``, ...).
-        score_fn: ``score_fn(model, batch) -> scalar loss`` for the probes; by default the model's own loss, or
-            the Trainer's ``compute_loss`` when the Trainer overrides it (custom objectives, label smoothing).
-        snapshot_device: Where the in-memory snapshot θ₀ lives (``"cpu"``).
-        snapshot_dtype: Storage dtype of θ₀: ``None`` (same as the parameters), ``"bf16"`` or ``"fp16"``.
-        snapshot_on_disk: Keep θ₀ on disk in ``output_dir/resilient_base/`` (about zero resident memory).
-        save_resilient: Write ``checkpoint-N/resilient/`` and ``output_dir/resilient/``.
-        kl_top_k: Keep the base's ``k`` most likely tokens per position for the KL probe (``None``: all).
-        max_shard_size: Shard size of the written weights.
-        seed: Seed of random merge methods (DARE).
+    The arguments (``alpha``, ``policy``, ``general_data``, ``peers``, ...) are documented on
+    :class:`~resilient_tune.integrations._common.CocktailCore`, the constructor every ``CocktailCallback`` shares.
+    Here ``general_data`` / ``target_data`` are tokenized example dicts batched with the Trainer's collator and eval
+    batch size (once, at train begin), and the probes use the Trainer's ``compute_loss`` when the Trainer overrides
+    it (custom objectives, label smoothing).
 
     Raises:
         ImportError: transformers is not installed (``pip install 'resilient-tune[hf]'``).
-        UsageError: Bad arguments: α outside ``[0, 1]``, an unknown policy or method, ``budget`` without
-            ``general_data``, empty or malformed probe data, ...
+        UsageError: Bad arguments (see ``CocktailCore``).
     """
 
-    def __init__(
-        self,
-        alpha: float = 0.5,
-        *,
-        policy: str | Policy = "fixed",
-        drift_budget: float | None = None,
-        general_data: Any = None,
-        target_data: Any = None,
-        peers: Sequence[str | os.PathLike[str]] | None = None,
-        temperature: float | None = None,
-        method: str = "linear",
-        method_options: Mapping[str, float] | None = None,
-        score_fn: ScoreFn | None = None,
-        snapshot_device: str | torch.device = "cpu",
-        snapshot_dtype: str | torch.dtype | None = None,
-        snapshot_on_disk: bool = False,
-        save_resilient: bool = True,
-        kl_top_k: int | None = 32,
-        max_shard_size: int | str = "5GB",
-        seed: int = 0,
-    ) -> None:
+    _eval_data = "an eval_dataset"
+
+    def _check_installed(self) -> None:
         if _IMPORT_ERROR is not None:
             raise ImportError(
                 "CocktailCallback needs transformers; install it with: pip install 'resilient-tune[hf]'"
             ) from _IMPORT_ERROR
-        policy = _cocktail_policy(policy, alpha, temperature, drift_budget)
-        self._configure(
-            alpha,
-            policy=policy,
-            drift_budget=drift_budget,
-            general_data=general_data,
-            target_data=target_data,
-            method=method,
-            method_options=method_options,
-            score_fn=score_fn,
-            snapshot_device=snapshot_device,
-            snapshot_dtype=snapshot_dtype,
-            snapshot_on_disk=snapshot_on_disk,
-            save_resilient=save_resilient,
-            kl_top_k=kl_top_k,
-            max_shard_size=max_shard_size,
-            seed=seed,
-        )
-        if peers:  # the engine mixes them in; built here as _configure builds the engine without peers
-            self._engine = CocktailEngine(
-                alpha,
-                method,
-                method_options,
-                seed=seed,
-                snapshot_device=snapshot_device,
-                snapshot_dtype=snapshot_dtype,
-                peers=peers,
-            )
+
+    def _init_framework(self) -> None:
         self._token = uuid.uuid4().hex
         _LIVE[self._token] = self
 
@@ -212,13 +139,7 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
         attributes; setting ``_origin`` copies the configuration (probe data, policy, ...) from the callback
         being replaced, which cannot be stored as JSON.
         """
-        return {
-            "args": {},
-            "attributes": {
-                "_origin": self._token,
-                "_resume_state": {**self._run_state(), "cocktail": self._cocktail_state()},
-            },
-        }
+        return {"args": {}, "attributes": {"_origin": self._token, "_resume_state": self._run_state()}}
 
     @property
     def _origin(self) -> str:
@@ -242,7 +163,7 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
             )
             return
         source._config_taken = True
-        for name in _CONFIG_FIELDS:
+        for name in CONFIG_FIELDS:
             setattr(self, name, getattr(source, name))
 
     # ------------------------------------------------------------------ events
@@ -251,18 +172,19 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
         self._trainer = self._trainer or _find_trainer()
         if model is None:
             raise UsageError("the Trainer passed no model to CocktailCallback.on_train_begin")
-        stored = _stored_state(state)
         if state.global_step > 0:
-            self._resume(args, state, model, stored)
+            self._restore(
+                _stored_state(state), model, state.global_step, moved=Path(args.output_dir) / BASE_FOLDER
+            )
         else:
             self._begin(args, state, model)
         self._build_probes(args, model)
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        self._decide_before_save(args, state, control, model)
+        self._decide_before_save(state, control, model)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        self._decide_before_save(args, state, control, model)
+        self._decide_before_save(state, control, model)
 
     def on_evaluate(
         self,
@@ -285,10 +207,8 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if not self.save_resilient or model is None or not self._engine.has_snapshot:
             return
-        if self._last_step != state.global_step:
-            self._decide(
-                state.global_step, model, log=False
-            )  # a save without an evaluation (state lands one save late)
+        # a save without an evaluation: decide now (the state saved before on_save lands one save late)
+        self._decision_at(state.global_step, model, log=False)
         if not state.is_world_process_zero:
             return
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -297,7 +217,13 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
                 "CocktailCallback: %s not found; resilient weights not written for this save", checkpoint
             )
             return
-        self._save_resilient(model, checkpoint / RESILIENT_FOLDER, state, support_from=checkpoint, **kwargs)
+        self._write(
+            model,
+            checkpoint / RESILIENT_FOLDER,
+            state.global_step,
+            support_from=checkpoint,
+            tokenizer=kwargs.get("processing_class"),
+        )
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if model is None or not self._engine.has_snapshot:
@@ -306,14 +232,15 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
         if state.is_world_process_zero:
             output = Path(args.output_dir)
             if self.save_resilient:
-                self._save_resilient(model, output / RESILIENT_FOLDER, state, entry=entry, **kwargs)
+                tokenizer = kwargs.get("processing_class")
+                self._write(
+                    model, output / RESILIENT_FOLDER, state.global_step, entry=entry, tokenizer=tokenizer
+                )
             self._write_report(output / REPORT_FILE, entry)
-            self._write_plot(output / PLOT_FILE)
 
     # ------------------------------------------------------------------ run lifecycle
     def _reset_run(self) -> None:
         self._trainer: Any = getattr(self, "_trainer", None)
-        self._ingredient_losses: list[float] | None = None
         super()._reset_run()
 
     def _begin(self, args: Any, state: Any, model: torch.nn.Module) -> None:
@@ -325,34 +252,9 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
                 "snapshot_on_disk with several processes needs a rank-0 write and a barrier (a later "
                 "increment); keep the snapshot in memory (snapshot_dtype='bf16' halves it)"
             )
-        self._engine = engine_for(model, self._engine)  # a LoraEngine (no snapshot) for PEFT LoRA models
         self._take_snapshot(model, base_dir)
-        if self._engine.snapshot.storage == "none":
-            self._snapshot_state = self._engine.snapshot.state()  # LoRA: θ₀ stays in the model
         if not self.snapshot_on_disk and saves and state.is_world_process_zero:
             self._persist_snapshot(base_dir)
-
-    def _resume(
-        self, args: Any, state: Any, model: torch.nn.Module, stored: Mapping[str, Any] | None
-    ) -> None:
-        self._engine = engine_for(model, self._engine)
-        snapshot = (stored or {}).get("snapshot") or {}
-        if (
-            snapshot.get("format") == LORA_FORMAT
-        ):  # nothing to reload: the frozen base weights are in the model
-            self._engine.begin(model)
-            self._snapshot_state = dict(snapshot)
-            self._history = [
-                dict(e) for e in stored.get("history", []) if e.get("step", 0) <= state.global_step
-            ]
-            if stored.get("base_general_loss") is not None:
-                self._base_result = ProbeResult(float(stored["base_general_loss"]), None, 0)
-        else:
-            self._restore(stored, model, state.global_step, moved=Path(args.output_dir) / BASE_FOLDER)
-        cocktail = (stored or {}).get("cocktail") or {}
-        self._check_peers(cocktail.get("peers"))
-        if cocktail.get("ingredient_losses") is not None:
-            self._ingredient_losses = [float(x) for x in cocktail["ingredient_losses"]]
 
     def _build_probes(self, args: Any, model: torch.nn.Module) -> None:
         if (self._general or self._target) and self._trainer is None:
@@ -361,82 +263,20 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
                 "call callback.bind(trainer) before trainer.train()"
             )
         general = {name: _batches(self._trainer, args, data, name) for name, data in self._general.items()}
-        target_sets = self._target or self._default_target()
-        target = {n: _batches(self._trainer, args, d, n) for n, d in target_sets.items()}
-        with self._base_weights():  # the KL reference is the base itself, not a base/peer mix
-            self._set_probes(model, general, target, self._score_fn or _trainer_score_fn(self._trainer))
+        target = {n: _batches(self._trainer, args, d, n) for n, d in self._target_sets().items()}
+        self._set_probes(model, general, target, self._score_fn or _trainer_score_fn(self._trainer))
 
     def _default_target(self) -> dict[str, Any]:
-        """The first examples of each eval dataset, when the policy needs target examples and none were given."""
-        if not getattr(self._policy, "needs_ingredient_losses", False):
-            return {}
+        """The Trainer's eval datasets (``eval`` or ``eval_<name>``)."""
         datasets = getattr(self._trainer, "eval_dataset", None)
         if datasets is None:
-            raise UsageError(
-                f"policy {self._policy.name!r} weighs the base and the peers by their loss on target examples: "
-                "pass target_data (a few dozen tokenized examples of the new task) or give the Trainer an "
-                f"eval_dataset (its first {TARGET_DEFAULT_EXAMPLES} examples are used)"
-            )
+            return {}
         if isinstance(datasets, Mapping):
-            return {f"eval_{name}": _head(d, TARGET_DEFAULT_EXAMPLES) for name, d in datasets.items()}
-        return {"eval": _head(datasets, TARGET_DEFAULT_EXAMPLES)}
-
-    @contextlib.contextmanager
-    def _base_weights(self) -> Iterator[None]:
-        """Within the block the engine's α = 0 mix is the base alone (weight 1 on the base, 0 on each peer)."""
-        saved = self._engine.weights
-        if self._engine.num_peers:
-            self._engine.set_weights((1.0,) + (0.0,) * self._engine.num_peers)
-        try:
-            yield
-        finally:
-            self._engine.weights = saved
-
-    def _check_peers(self, stored: Any) -> None:
-        """On resume: the peers must be the ones the run started with (same paths and contents)."""
-        peers = self._engine.peers
-        now = peers.identities() if peers is not None else []
-        if stored is not None and list(stored) != now:
-            raise IncompatibleModelsError(
-                f"the peers changed since the run started (then: {stored}; now: {now}); the α/weight history "
-                "refers to the original peers: pass the same peer checkpoints, or start a new run"
-            )
+            return {f"eval_{name}": d for name, d in datasets.items()}
+        return {"eval": datasets}
 
     # ------------------------------------------------------------------ decisions
-    def _decide(self, step: int, model: torch.nn.Module, *, log: bool = True) -> dict[str, Any]:
-        """The shared decision, with the policy given the ingredient losses it needs and its weights applied to
-        the engine before the chosen mix is measured; the weights of base and peers join the entry."""
-        configured = self._policy
-        self._policy = _AppliedPolicy(configured, self._engine, lambda: self._losses_of_ingredients(model))
-        try:
-            entry = super()._decide(step, model, log=False)
-        finally:
-            self._policy = configured
-        if self._engine.num_peers:
-            labels = ["base", *(f"peer{i}" for i in range(1, self._engine.num_peers + 1))]
-            entry.update({f"weight_{label}": w for label, w in zip(labels, self._engine.weights)})
-            entry["weights"] = list(self._engine.weights)
-        if log:
-            self._log(entry)
-        return entry
-
-    def _losses_of_ingredients(self, model: torch.nn.Module) -> list[float]:
-        """``Lᵢ`` of the base and each peer on the target probes, measured once per run."""
-        if self._ingredient_losses is None:
-            self._ingredient_losses = ingredient_losses(
-                self._engine, model, self._target_batches, score_fn=self._score, scorer=self._probe_module
-            )
-            self._passes += len(self._ingredient_losses) * len(self._target_batches)
-        return self._ingredient_losses
-
-    def _cocktail_state(self) -> dict[str, Any]:
-        peers = self._engine.peers
-        return {
-            "ingredient_losses": self._ingredient_losses,
-            "peers": peers.identities() if peers is not None else [],
-        }
-
-    def _decide_before_save(self, args: Any, state: Any, control: Any, model: Any) -> None:
+    def _decide_before_save(self, state: Any, control: Any, model: Any) -> None:
         """A save coming without an evaluation: decide now, so that the saved state already holds this α."""
         if (
             model is None
@@ -445,8 +285,7 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
             or control.should_evaluate
         ):
             return
-        if self._last_step != state.global_step:
-            self._decide(state.global_step, model)
+        self._decision_at(state.global_step, model)
 
     def _final_entry(self, args: Any, state: Any, model: torch.nn.Module) -> dict[str, Any]:
         best = getattr(state, "best_global_step", None)
@@ -456,9 +295,7 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
                 if entry["step"] == best:
                     self._engine.alpha = entry["alpha"]
                     return entry
-        if self._last_step == state.global_step and self._history:
-            return self._history[-1]
-        return self._decide(state.global_step, model)
+        return self._decision_at(state.global_step, model)
 
     def _root_prefix(self, metrics: Mapping[str, Any]) -> str | None:
         """The metric prefix to add keys under, or ``None`` when this is not the last of several eval datasets."""
@@ -474,79 +311,14 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ output
     def _log(self, entry: Mapping[str, Any]) -> None:
-        logs = {f"cocktail/{k}": v for k, v in scalars(entry).items()}
+        logs = metrics(entry)
         if self._trainer is not None and hasattr(self._trainer, "log"):
             self._trainer.log(logs)
         else:
             logger.info("cocktail metrics: %s", logs)
 
-    def _save_resilient(
-        self,
-        model: torch.nn.Module,
-        folder: Path,
-        state: Any,
-        *,
-        entry: Mapping[str, Any] | None = None,
-        support_from: Path | None = None,
-        processing_class: Any = None,
-        **_: Any,
-    ) -> None:
-        self._write(
-            model,
-            folder,
-            state.global_step,
-            entry=entry,
-            support_from=support_from,
-            tokenizer=processing_class,
-        )
-
-    def _write_plot(self, path: Path) -> None:
-        try:
-            plot_history(self._history, path)  # warns (no error) without matplotlib
-        except Exception as exc:  # a plot must never fail the run
-            logger.warning("CocktailCallback: the report plot %s was not drawn: %s", path, exc)
-
-
-class _AppliedPolicy:
-    """The configured policy for one decision: given the ingredient losses it needs, its weights applied."""
-
-    def __init__(self, policy: Policy, engine: Any, losses: Callable[[], list[float]]) -> None:
-        self._policy, self._engine, self._losses = policy, engine, losses
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._policy, name)
-
-    def choose(self, evaluate: Any) -> Decision:
-        decision = choose(self._policy, evaluate, ingredient_losses=self._losses)
-        if decision.weights is not None:
-            self._engine.set_weights(decision.weights)
-        return decision
-
 
 # ---------------------------------------------------------------------------- helpers
-def _cocktail_policy(
-    policy: str | Policy, alpha: float, temperature: float | None, drift_budget: float | None
-) -> str | Policy:
-    """``policy="cocktail"`` as an object carrying α and the temperature; other names pass through."""
-    if policy != "cocktail":
-        if temperature is not None:
-            raise UsageError(f"temperature applies to policy='cocktail' only; got policy={policy!r}")
-        return policy
-    if drift_budget is not None:
-        raise UsageError("drift_budget applies to policy='budget' only; got policy='cocktail'")
-    return CocktailPolicy(alpha, temperature=5.0 if temperature is None else temperature)
-
-
-def _head(dataset: Any, n: int) -> Any:
-    """The first ``n`` examples of a dataset (``datasets.Dataset``, a list, or any torch dataset)."""
-    count = min(n, len(dataset))
-    if hasattr(dataset, "select"):
-        return dataset.select(range(count))
-    if isinstance(dataset, (list, tuple)):
-        return dataset[:count]
-    return torch.utils.data.Subset(dataset, range(count))
-
-
 def _find_trainer(*, quiet: bool = False) -> Any | None:
     """The ``transformers.Trainer`` whose method is on the call stack (the one firing the current event)."""
     from transformers import Trainer

@@ -17,32 +17,10 @@ from resilient_tune.errors import UsageError  # noqa: E402
 from resilient_tune.integrations.transformers import CocktailCallback  # noqa: E402
 from resilient_tune.probes import probe_loss  # noqa: E402
 
-VOCAB, LENGTH = 64, 8
+from ._tiny import BAD_OPTIONS, state, tiny_gpt2, token_examples  # noqa: E402
 
-
-def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=LENGTH,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
-    return transformers.GPT2LMHeadModel(config)
-
-
-def _examples(n: int, seed: int, narrow: bool) -> list[dict[str, list[int]]]:
-    """``narrow``: one repeated pattern (the fine-tuning task); else uniform random tokens (general data)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        if narrow:
-            start = int(torch.randint(0, 4, (1,), generator=g))
-            ids = [(start + 3 * i) % 12 for i in range(LENGTH)]
-        else:
-            ids = torch.randint(0, VOCAB, (LENGTH,), generator=g).tolist()
-        out.append({"input_ids": ids, "attention_mask": [1] * LENGTH, "labels": list(ids)})
-    return out
-
-
+_model, _state = tiny_gpt2, state
+_examples = token_examples
 TRAIN, EVAL, GENERAL = _examples(32, 0, True), _examples(8, 1, True), _examples(16, 2, False)
 
 
@@ -79,10 +57,6 @@ def _run(out: Path, callback=None, *, eval_dataset=None, model=None, resume=None
     )
     trainer.train(resume_from_checkpoint=resume)
     return trainer
-
-
-def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _assert_mix(folder: Path, base: dict, tuned: dict) -> float:
@@ -205,18 +179,9 @@ def test_resume_without_callback_state_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"alpha": 1.5}, UsageError, "outside"),
-        ({"policy": "greedy"}, UsageError, "fixed, cocktail, budget"),
-        ({"policy": "budget"}, UsageError, "needs general_data"),
-        ({"policy": "fixed", "drift_budget": 0.1}, UsageError, "budget"),
+        *BAD_OPTIONS,
         ({"general_data": [1, 2, 3]}, UsageError, "dict of tokenized fields"),
-        ({"general_data": []}, UsageError, "empty"),
         ({"general_data": "text"}, UsageError, "pass a dataset"),
-        ({"method": "soup"}, UsageError, "linear"),
-        ({"peers": ["/no/such/model"]}, UsageError, "does not exist"),
-        ({"policy": "fixed", "temperature": 2.0}, UsageError, "cocktail"),
-        ({"policy": "cocktail", "temperature": 0.0}, UsageError, "temperature"),
-        ({"policy": "cocktail", "drift_budget": 0.1}, UsageError, "budget"),
     ],
 )
 def test_bad_input_fails_at_construction(kwargs, error, match):

@@ -17,29 +17,13 @@ from resilient_tune.errors import IncompatibleModelsError  # noqa: E402
 from resilient_tune.integrations.transformers import CocktailCallback  # noqa: E402
 from resilient_tune.probes import probe_loss  # noqa: E402
 
-from .test_hf_callback import EVAL, GENERAL, TRAIN, _model, _run, _state  # noqa: E402
+from ._tiny import save_peers  # noqa: E402
+from .test_hf_callback import EVAL, GENERAL, _model, _run, _state  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def peers(tmp_path_factory) -> list[Path]:
-    """Two peers of the test model's architecture: an "expert" trained a little on the target task, and another
-    initialisation."""
-    root = tmp_path_factory.mktemp("peers")
-    config = _model().config
-    torch.manual_seed(5)
-    expert = transformers.GPT2LMHeadModel(config)
-    optimizer = torch.optim.AdamW(expert.parameters(), lr=3e-2)
-    batch = transformers.default_data_collator(TRAIN)
-    for _ in range(15):
-        optimizer.zero_grad()
-        expert(**batch).loss.backward()
-        optimizer.step()
-    torch.manual_seed(6)
-    other = transformers.GPT2LMHeadModel(config)
-    folders = [root / "expert", root / "other"]
-    for model, folder in zip((expert, other), folders):
-        model.save_pretrained(folder)
-    return folders
+    return save_peers(tmp_path_factory.mktemp("peers"))
 
 
 def _losses_by_hand(folders: list[Path]) -> list[float]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -15,24 +14,9 @@ from resilient_tune.engine import CocktailEngine  # noqa: E402
 from resilient_tune.errors import UsageError  # noqa: E402
 from resilient_tune.integrations.peft import LoraEngine, engine_for  # noqa: E402
 
-VOCAB, LENGTH = 64, 8
+from ._tiny import LENGTH, VOCAB, lora, oracle, tiny_gpt2  # noqa: E402
 
-
-def _gpt2() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=LENGTH,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
-    return transformers.GPT2LMHeadModel(config)
-
-
-def _lora(**kw) -> torch.nn.Module:
-    options = dict(
-        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, lora_dropout=0.0
-    )
-    options.update(kw)
-    return peft.get_peft_model(_gpt2(), peft.LoraConfig(**options))
+_gpt2, _lora, _oracle = tiny_gpt2, lora, oracle
 
 
 def _train_a_bit(model: torch.nn.Module) -> None:
@@ -42,24 +26,6 @@ def _train_a_bit(model: torch.nn.Module) -> None:
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.2 * torch.randn(p.shape, generator=g))
-
-
-def _oracle(model: torch.nn.Module, alpha: float) -> dict[str, torch.Tensor]:
-    """θ₀ + α·Δ by peft's own merge: scale every LoRA scaling by α, mix modules_to_save copies, merge_and_unload."""
-    from peft.tuners.lora import LoraLayer
-    from peft.utils import ModulesToSaveWrapper
-
-    clone = copy.deepcopy(model)
-    with torch.no_grad():
-        for module in clone.modules():
-            if isinstance(module, LoraLayer):
-                module.scaling = {k: v * alpha for k, v in module.scaling.items()}
-            if isinstance(module, ModulesToSaveWrapper):
-                trained, original = module.modules_to_save["default"], module.original_module
-                for name, p in trained.named_parameters():
-                    base = original.get_parameter(name)
-                    p.copy_(base + alpha * (p - base))
-    return {k: v.detach().clone() for k, v in clone.merge_and_unload().state_dict().items()}
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, object]:

@@ -18,6 +18,8 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from resilient_tune.errors import UsageError  # noqa: E402
 from resilient_tune.integrations.lightning import CocktailCallback  # noqa: E402
 
+from ._tiny import BAD_OPTIONS, tiny_gpt2, token_examples  # noqa: E402
+
 torch.set_num_threads(1)
 
 
@@ -214,7 +216,6 @@ def test_resume_without_callback_state_is_refused(tmp_path):
 
 # ---------------------------------------------------------------------------- transformers model inside
 transformers = pytest.importorskip("transformers")
-VOCAB, LENGTH = 64, 8
 
 
 class TinyLM(L.LightningModule):
@@ -222,12 +223,7 @@ class TinyLM(L.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        config = transformers.GPT2Config(
-            vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=LENGTH,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-        )  # fmt: skip
-        self.model = transformers.GPT2LMHeadModel(config)
+        self.model = tiny_gpt2()
 
     def training_step(self, batch, batch_idx):
         return self.model(**batch).loss
@@ -240,16 +236,7 @@ class TinyLM(L.LightningModule):
 
 
 def _tokens(n: int, seed: int, narrow: bool) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        if narrow:
-            start = int(torch.randint(0, 4, (1,), generator=g))
-            ids = torch.tensor([(start + 3 * i) % 12 for i in range(LENGTH)])
-        else:
-            ids = torch.randint(0, VOCAB, (LENGTH,), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones(LENGTH, dtype=torch.long), "labels": ids})
-    return out
+    return token_examples(n, seed, narrow, tensors=True)
 
 
 def test_transformers_module_gets_an_hf_folder(tmp_path):
@@ -333,16 +320,9 @@ def test_probes_follow_the_precision_plugin(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"alpha": 1.5}, UsageError, "outside"),
-        ({"policy": "greedy"}, UsageError, "fixed, cocktail, budget"),
-        ({"policy": "budget"}, UsageError, "needs general_data"),
-        ({"policy": "fixed", "drift_budget": 0.1}, UsageError, "budget"),
-        ({"general_data": []}, UsageError, "empty"),
+        *BAD_OPTIONS,
         ({"general_data": 3}, UsageError, "DataLoader"),
         ({"general_data": "/no/such/file.jsonl"}, UsageError, "cannot read"),
-        ({"method": "soup"}, UsageError, "linear"),
-        ({"max_shard_size": "lots"}, UsageError, "5GB"),
-        ({"peers": ["/some/model"]}, NotImplementedError, "peers"),
     ],
 )
 def test_bad_input_fails_at_construction(kwargs, error, match):

@@ -78,6 +78,24 @@ def test_options_are_parsed(tmp_path):
     )
 
 
+def test_peers_and_temperature_from_the_environment(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    env = {
+        "RESILIENT_TUNE": "1",
+        "RESILIENT_TUNE_POLICY": "cocktail",
+        "RESILIENT_TUNE_PEERS": f"{tmp_path / 'a'}:{tmp_path / 'b'}",
+        "RESILIENT_TUNE_TEMPERATURE": "0.5",
+    }
+    options = options_from_env(env)
+    assert options["peers"] == [str(tmp_path / "a"), str(tmp_path / "b")] and options["temperature"] == 0.5
+    assert options_from_env({**env, "RESILIENT_TUNE_PEERS": f"{tmp_path / 'a'},{tmp_path / 'b'}"}) == options
+    callback = CocktailCallback(**options)
+    assert callback.engine.num_peers == 2 and callback._policy.temperature == 0.5
+    with pytest.raises(UsageError, match=r"RESILIENT_TUNE_PEERS=.*no such path"):
+        options_from_env({**env, "RESILIENT_TUNE_PEERS": str(tmp_path / "missing")})
+
+
 @pytest.mark.parametrize(
     ("env", "match"),
     [
