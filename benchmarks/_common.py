@@ -178,17 +178,19 @@ def busy_cpu_seconds() -> float | None:
 
 
 def wait_for_idle(
-    threshold_cores: float = 0.3, max_wait_s: float = 120.0, window_s: float = 2.0
+    threshold_cores: float = 0.3, max_wait_s: float = 120.0, window_s: float = 2.0, windows: int = 3
 ) -> float | None:
-    """Wait until other processes use less than ``threshold_cores`` cores, measured over ``window_s`` seconds.
+    """Wait until other processes use less than ``threshold_cores`` cores in ``windows`` consecutive windows.
 
     On a shared machine a benchmark run next to someone's test suite measures the test suite. This waits
-    for a quiet window (up to ``max_wait_s``) before a timed run; it never kills anything.
+    (up to ``max_wait_s``) until the machine has been quiet for ``windows x window_s`` seconds in a row
+    before a timed run; bursty neighbours pass one short quiet window too easily. It never kills anything.
 
     Returns:
         The load (busy cores) of the last window; None when ``/proc/stat`` is unavailable.
     """
     deadline = time.monotonic() + max_wait_s
+    quiet = 0
     while True:
         before = busy_cpu_seconds()
         time.sleep(window_s)
@@ -196,7 +198,8 @@ def wait_for_idle(
         if before is None or after is None:
             return None
         load = (after - before) / window_s
-        if load < threshold_cores or time.monotonic() >= deadline:
+        quiet = quiet + 1 if load < threshold_cores else 0
+        if quiet >= windows or time.monotonic() >= deadline:
             return round(load, 2)
 
 

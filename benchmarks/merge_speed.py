@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -775,6 +776,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; exit status 0 when every tool ran and the outputs agree, 1 otherwise, 2 on setup errors."""
     args = _parse_args(argv)
+    # `kill` (SIGTERM) unwinds like Ctrl-C, so the output folders are removed on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
