@@ -6,20 +6,48 @@ Every function works without a process group (a single process: world size 1, ra
 - :func:`on_rank_zero`: run a side effect (a write) on rank 0 only, then let every rank learn whether it worked,
   with one collective that every rank makes. A failure on rank 0 then raises on every rank (the other ranks get
   an error naming rank 0's) instead of leaving them blocked in the next collective of the training loop.
-- :func:`mean_across_ranks`: the mean of a number over the ranks, so that decisions made from measured numbers
-  (the budget policy's search) take the same path on every rank.
+- :func:`mean_across_ranks`, :func:`sum_across_ranks`: numbers agreed over the ranks, so that decisions made from
+  measured numbers (the budget policy's search) take the same path on every rank, and norms of sharded
+  parameters add up.
+
+Sharded parameters (merging is elementwise, so every rank merges its own shard and nothing is gathered until a
+checkpoint is written):
+
+- FSDP2 (``torch.distributed.fsdp.fully_shard``): parameters are ``DTensor`` objects; :func:`local_tensor` is
+  ``p.to_local()``, a view of the rank's shard (an in-place write reaches the next forward's all-gather).
+- DeepSpeed ZeRO-3: parameters are empty placeholders; :func:`local_tensor` is ``p.ds_tensor``, the rank's flat
+  partition of the flattened (zero-padded) parameter.
+
+:func:`local_part` cuts the same shard out of a full tensor (a peer's), :func:`global_shape` is the parameter's
+full shape, and :func:`full_state_dict` gathers a merged model for writing: every rank must call it (it is a
+collective); rank 0 gets the full ``state_dict`` on the CPU, the others ``{}``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
 from . import errors
 
-__all__ = ["RankZeroError", "is_rank_zero", "mean_across_ranks", "on_rank_zero", "rank", "world_size"]
+__all__ = [
+    "RankZeroError",
+    "full_state_dict",
+    "global_shape",
+    "is_rank_zero",
+    "is_sharded",
+    "is_sharded_model",
+    "local_part",
+    "local_tensor",
+    "mean_across_ranks",
+    "on_rank_zero",
+    "rank",
+    "reshard",
+    "sum_across_ranks",
+    "world_size",
+]
 
 T = TypeVar("T")
 
@@ -93,6 +121,144 @@ def mean_across_ranks(value: float) -> float:
     tensor = torch.tensor([float(value)], dtype=torch.float64, device=_device())
     torch.distributed.all_reduce(tensor)
     return float(tensor.item()) / world_size()
+
+
+def sum_across_ranks(values: list[float]) -> list[float]:
+    """Elementwise sums of ``values`` over the ranks (``values`` itself without a process group); every rank must
+    call it with a list of the same length."""
+    if not _active() or world_size() == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=_device())
+    torch.distributed.all_reduce(tensor)
+    return [float(x) for x in tensor.tolist()]
+
+
+# ---------------------------------------------------------------------------- sharded parameters
+def _is_dtensor(p: Any) -> bool:
+    return type(p).__name__ == "DTensor" or hasattr(p, "_local_tensor")
+
+
+def _is_zero3(p: Any) -> bool:
+    return hasattr(p, "ds_tensor") and hasattr(p, "ds_shape")
+
+
+def is_sharded(p: torch.Tensor) -> bool:
+    """Whether ``p`` holds only this rank's shard (an FSDP2 ``DTensor`` or a ZeRO-3 partitioned parameter)."""
+    return _is_dtensor(p) or _is_zero3(p)
+
+
+def is_sharded_model(model: torch.nn.Module) -> bool:
+    """Whether any parameter of ``model`` is sharded (then writing it is a collective: see :func:`full_state_dict`)."""
+    return any(is_sharded(p) for p in model.parameters())
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Reshard every FSDP2 module of ``model`` (a no-op for others), so that its registered parameters are the
+    ``DTensor`` shards even right after a forward that left them unsharded."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2 has no FSDP2 modules
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def local_tensor(p: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds for parameter ``p``: its shard (a view: in-place writes change the parameter), or
+    ``p`` itself when it is not sharded."""
+    if _is_dtensor(p):
+        return p.to_local()  # type: ignore[attr-defined]
+    if _is_zero3(p):
+        return p.ds_tensor  # type: ignore[attr-defined]
+    return p
+
+
+def global_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The full shape of parameter ``p`` (a ZeRO-3 placeholder's own shape is empty)."""
+    if _is_zero3(p):
+        return tuple(p.ds_shape)  # type: ignore[attr-defined]
+    return tuple(p.shape)
+
+
+def local_part(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """The piece of ``full`` (a full-size tensor of ``p``'s shape, e.g. a peer's) that this rank's shard of ``p``
+    holds, in the layout of :func:`local_tensor`.
+
+    FSDP2 / DTensor: for each ``Shard(dim)`` placement, ``torch.chunk(full, mesh size, dim)`` and this rank's
+    coordinate (an empty slice past the last chunk), as ``DTensor`` shards; ``Replicate`` keeps the whole.
+    ZeRO-3: the flattened tensor, zero-padded to ``world_size × partition size``, sliced at this rank's partition.
+
+    Raises:
+        UsageError: ``full`` has another shape, a placement other than ``Shard``/``Replicate`` (a partial sum), or
+            the cut does not have the shard's shape.
+    """
+    if not is_sharded(p):
+        return full
+    if tuple(full.shape) != global_shape(p):
+        raise errors.UsageError(
+            f"a full tensor of shape {tuple(full.shape)} cannot be cut into a shard of a {global_shape(p)} parameter"
+        )
+    local = local_tensor(p)
+    if _is_zero3(p):
+        size = local.numel()
+        flat = full.reshape(-1)
+        padded = torch.cat([flat, flat.new_zeros(max(0, size * world_size() - flat.numel()))])
+        part = padded[rank() * size : (rank() + 1) * size]
+    else:
+        part = full
+        coordinate = p.device_mesh.get_coordinate() or []  # type: ignore[attr-defined]
+        for mesh_dim, placement in enumerate(p.placements):  # type: ignore[attr-defined]
+            if placement.is_replicate():
+                continue
+            if not placement.is_shard():
+                raise errors.UsageError(
+                    f"parameter placement {placement} (a partial sum) has no local slice; shard or replicate it"
+                )
+            chunks = torch.chunk(part, p.device_mesh.size(mesh_dim), dim=placement.dim)  # type: ignore[attr-defined]
+            index = coordinate[mesh_dim]
+            part = chunks[index] if index < len(chunks) else part.narrow(placement.dim, 0, 0)
+    if tuple(part.shape) != tuple(local.shape):
+        raise errors.UsageError(
+            f"the cut of a {global_shape(p)} tensor has shape {tuple(part.shape)} but this rank's shard is "
+            f"{tuple(local.shape)}; the sharding layout is not one resilient-tune knows (FSDP2 Shard/Replicate, ZeRO-3)"
+        )
+    return part
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Gather ``model``'s full ``state_dict`` on rank 0's CPU (``{}`` on the other ranks). Every rank must call it.
+
+    FSDP2: ``get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))``.
+    ZeRO-3: each partitioned parameter is gathered in turn with ``deepspeed.zero.GatheredParameters([p])`` (all
+    ranks, the same order) and copied to rank 0's CPU, so at most one full parameter is materialised at a time.
+    Neither: ``model.state_dict()`` on rank 0 (detached CPU copies).
+    """
+    params = list(model.parameters())
+    if any(_is_dtensor(p) for p in params):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return dict(get_model_state_dict(model, options=options))
+    if any(_is_zero3(p) for p in params):
+        return _zero3_state_dict(model)
+    if not is_rank_zero():
+        return {}
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _zero3_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    import deepspeed  # only reached with ZeRO-3 parameters, i.e. with deepspeed installed
+
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if _is_zero3(value):
+            with deepspeed.zero.GatheredParameters([value], modifier_rank=None):
+                if is_rank_zero():
+                    out[key] = value.detach().to("cpu", copy=True)
+        elif is_rank_zero():
+            out[key] = value.detach().to("cpu", copy=True)
+    return out
 
 
 def _device() -> torch.device:

@@ -43,6 +43,16 @@ import torch
 from . import __version__
 from .card import model_card
 from .checkpoint import StreamingWriter, TensorInfo, atomic_dir, copy_support_files, parse_size
+from .distributed import (
+    full_state_dict,
+    is_sharded,
+    is_sharded_model,
+    local_part,
+    local_tensor,
+    on_rank_zero,
+    reshard,
+    sum_across_ranks,
+)
 from .errors import UsageError
 from .merging import get_method, layer_depths, merge_tensor, resolve_options
 from .recipe import COCKTAIL_FILE, Recipe, cocktail_document
@@ -174,6 +184,9 @@ class CocktailEngine:
         self._snapshot: Snapshot | None = None
         self._depths: dict[str, float] = {}  # LiNeS depths of the snapshot's parameters, computed once
         self._depths_of: Snapshot | None = None
+        self._sharded: dict[
+            str, torch.nn.Parameter
+        ] = {}  # sharded parameters, to cut peers' tensors to the shard
 
     # ---------------------------------------------------------------- snapshot
     @property
@@ -258,7 +271,7 @@ class CocktailEngine:
             if index == 0:
                 return self.snapshot.get(name)
             assert self._peers is not None
-            return self._peers.get(index - 1, name)
+            return self._peer_loader(index - 1, name)()
 
         with self._swap(model, value) as swapped:
             yield swapped
@@ -343,7 +356,7 @@ class CocktailEngine:
         self._mix_weights(alpha, weights)  # validate before touching the model
         self._open_peers(model)
         if alpha == 1.0 and not self._spec.needs_base:
-            self.snapshot.check(model)
+            self._params(model)
             yield model
             return
         with self._swap(model, lambda name, live: self.merged_tensor(name, live, alpha, weights)) as swapped:
@@ -354,7 +367,7 @@ class CocktailEngine:
         self, model: torch.nn.Module, value: Callable[[str, torch.Tensor], torch.Tensor]
     ) -> Iterator[torch.nn.Module]:
         """Write ``value(name, live_cpu_copy)`` into each trainable parameter; restore from the scratch on exit."""
-        params = self.snapshot.check(model)
+        params = [(name, local_tensor(p)) for name, p in self._params(model)]  # shards of sharded parameters
         scratch: dict[str, torch.Tensor] = {}
         try:
             with torch.no_grad():
@@ -364,6 +377,7 @@ class CocktailEngine:
                     p.copy_(value(name, live))
             yield model
         finally:
+            reshard(model)  # FSDP2: drop parameters a forward left unsharded (they hold the swapped values)
             with torch.no_grad():
                 for name, p in params:
                     if name in scratch:
@@ -377,24 +391,34 @@ class CocktailEngine:
 
         Non-trainable entries (frozen parameters, buffers) are the model's own tensors (detached, not copied);
         tied parameters appear under every name, merged once. ``model`` is not modified. ``weights``: of the
-        base and the peers (default :attr:`weights`).
+        base and the peers (default :attr:`weights`). A sharded model is gathered (every rank must call it): the
+        full dict on rank 0's CPU, ``{}`` elsewhere.
         """
         alpha = self.alpha if alpha is None else alpha
+        if is_sharded_model(model):
+            with self.swapped(model, alpha, weights):
+                return full_state_dict(model)
         return dict(self._iter_state(model, alpha, dedupe=False, weights=weights))
 
     def drift(self, model: torch.nn.Module) -> Drift:
-        """Weight-space drift ``‖θₜ − θ₀‖`` of the trainable parameters, total and per layer."""
-        params = self.snapshot.check(model)
+        """Weight-space drift ``‖θₜ − θ₀‖`` of the trainable parameters, total and per layer.
+
+        With a sharded model each rank sums its shards and the sums are added over the ranks (a collective: every
+        rank must call it)."""
+        params = self._params(model)
         per_layer: dict[str, float] = {}
         total_sq = base_sq = 0.0
         with torch.no_grad():
             for name, p in params:
                 base = self.snapshot.get(name).to("cpu", torch.float32)
-                delta_sq = float((p.detach().to("cpu", torch.float32) - base).pow(2).sum())
+                delta_sq = float((local_tensor(p).detach().to("cpu", torch.float32) - base).pow(2).sum())
                 total_sq += delta_sq
                 base_sq += float(base.pow(2).sum())
                 group = _layer_of(name)
                 per_layer[group] = per_layer.get(group, 0.0) + delta_sq
+        if self._sharded:
+            total_sq, base_sq, *layers = sum_across_ranks([total_sq, base_sq, *per_layer.values()])
+            per_layer = dict(zip(per_layer, layers))
         total = math.sqrt(total_sq)
         relative = total / math.sqrt(base_sq) if base_sq > 0 else 0.0
         return Drift(total, relative, {k: math.sqrt(v) for k, v in per_layer.items()})
@@ -438,12 +462,17 @@ class CocktailEngine:
             dedupe_tied: Write tied tensors once (``True``, as ``save_pretrained``); ``False`` writes every key of
                 ``model.state_dict()`` (what ``load_state_dict`` of the same module expects, e.g. Lightning's).
 
+        A sharded model (FSDP2, ZeRO-3) is written collectively: **every rank must call this**. Each rank swaps
+        θ(α) into its own shards (no gather to merge), the merged model is gathered once to rank 0's CPU
+        (:func:`resilient_tune.distributed.full_state_dict`), rank 0 writes, and every rank learns whether the
+        write worked (a failure on rank 0 raises on every rank). ``support_from`` is read on rank 0 only.
+
         Returns:
             The written folder.
         """
         alpha = self.alpha if alpha is None else check_alpha(alpha)
         mix = self._ingredient_weights(weights)
-        params = self.snapshot.check(model)
+        params = self._params(model)
         self._open_peers(model)
         doc = cocktail_document(
             self.recipe_for(alpha, mix),
@@ -451,16 +480,25 @@ class CocktailEngine:
             version=__version__,
             extra=self._extra(metadata, alpha, params, mix),
         )
-        return write_model_folder(
-            folder,
-            lambda lazy: self._iter_state(model, alpha, dedupe=dedupe_tied, lazy=lazy, weights=mix),
-            doc,
-            config_from=model,
-            support_from=support_from,
-            tokenizer=tokenizer,
-            overwrite=overwrite,
-            max_shard_size=max_shard_size,
+        files: dict[str, Any] = {
+            "config_from": model,
+            "support_from": support_from,
+            "tokenizer": tokenizer,
+            "overwrite": overwrite,
+            "max_shard_size": max_shard_size,
+        }
+        if not self._sharded:
+            items = lambda lazy: self._iter_state(model, alpha, dedupe=dedupe_tied, lazy=lazy, weights=mix)  # noqa: E731
+            return write_model_folder(folder, items, doc, **files)
+        with self.swapped(model, alpha, mix):  # every rank: θ(α) in its shards, then one gather
+            gathered = full_state_dict(model)
+        keys = _state_keys(model, dedupe=dedupe_tied)
+        state = {k: v for k, v in gathered.items() if k in keys}
+        on_rank_zero(
+            lambda: write_model_folder(folder, lambda lazy: iter(state.items()), doc, **files),
+            f"writing {folder}",
         )
+        return Path(os.path.abspath(folder))
 
     # ---------------------------------------------------------------- internals
     def _iter_state(
@@ -508,6 +546,14 @@ class CocktailEngine:
         others = w[1:] if self._spec.needs_base else w
         return (alpha, *(rest * x for x in others))
 
+    def _params(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+        """The model's trainable parameters paired with the snapshot (sharded ones noted, FSDP2 modules resharded
+        first so that their registered parameters are the shards)."""
+        reshard(model)
+        params = self.snapshot.check(model)
+        self._sharded = {name: p for name, p in params if is_sharded(p)}
+        return params
+
     def _open_peers(self, model: torch.nn.Module) -> None:
         if self._peer_specs and self._peers is None:
             self._peers = PeerCheckpoints.open(self._peer_specs, model, allow_pickle=self._allow_pickle)
@@ -515,7 +561,11 @@ class CocktailEngine:
     def _peer_loader(self, index: int, name: str) -> Callable[[], torch.Tensor]:
         if self._peers is None:
             raise UsageError("the peers are not open yet; call begin(model) or attach(snapshot, model) first")
-        return self._peers.loader(index, name)
+        loader = self._peers.loader(index, name)
+        param = self._sharded.get(name)
+        if param is None:
+            return loader
+        return lambda: local_part(param, loader())  # the peer's piece matching this rank's shard
 
     def _ingredients(self, alpha: float, weights: Sequence[float]) -> list[dict[str, Any]]:
         snap = self.snapshot
@@ -545,6 +595,17 @@ class CocktailEngine:
                 raise UsageError(f"metadata key {key!r} is set by the engine in cocktail.json; rename it")
             extra[key] = value
         return extra
+
+
+def _state_keys(model: torch.nn.Module, *, dedupe: bool) -> set[str]:
+    """The ``state_dict`` keys to write: all, or (``dedupe``) one per parameter/buffer object (tied ones once)."""
+    keys, seen = set(), set()
+    for key, value in model.state_dict(keep_vars=True).items():
+        if dedupe and id(value) in seen:
+            continue
+        seen.add(id(value))
+        keys.add(key)
+    return keys
 
 
 def _check_peers(peers: Sequence[ModelLike] | None) -> list[ModelLike]:

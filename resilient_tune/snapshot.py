@@ -31,6 +31,7 @@ import torch
 
 from . import __version__
 from .checkpoint import CheckpointReader, StreamingWriter, TensorInfo, atomic_dir
+from .distributed import global_shape, is_sharded, local_tensor, rank, world_size
 from .errors import IncompatibleModelsError, UsageError
 from .recipe import normalize_dtype_name
 from .sources import ModelLike, TensorSource, open_source
@@ -45,30 +46,18 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """The ``(name, parameter)`` pairs of ``model`` with ``requires_grad=True``, in registration order.
 
+    Sharded parameters (FSDP2 ``DTensor``, DeepSpeed ZeRO-3) are returned as they are: the snapshot, the swap and
+    the merge work on each rank's shard (:func:`resilient_tune.distributed.local_tensor`).
+
     Raises:
-        NotImplementedError: The parameters are sharded (FSDP2 ``DTensor``) or partitioned (DeepSpeed ZeRO-3
-            placeholders): those paths come in a later increment; or the model is a PEFT model (use
-            :class:`~resilient_tune.integrations.peft.LoraEngine`).
+        NotImplementedError: The model is a PEFT model (use :class:`~resilient_tune.integrations.peft.LoraEngine`).
     """
-    _refuse_unsupported(model)
-    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-
-
-def _refuse_unsupported(model: torch.nn.Module) -> None:
     if hasattr(model, "peft_config"):
         raise NotImplementedError(
             "PEFT models need no snapshot: with LoRA θ₀ + α·Δ is the adapter scaled by α. Use "
             "resilient_tune.integrations.peft.LoraEngine (CocktailCallback picks it for PEFT models by itself)"
         )
-    for name, p in model.named_parameters():
-        if type(p.data).__name__ == "DTensor" or hasattr(p, "_local_tensor"):
-            raise NotImplementedError(
-                f"parameter {name!r} is a sharded DTensor (FSDP2); shard-local snapshots come in a later increment"
-            )
-        if hasattr(p, "ds_numel"):
-            raise NotImplementedError(
-                f"parameter {name!r} is a DeepSpeed ZeRO-3 placeholder; the gather path comes in a later increment"
-            )
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
 class Snapshot:
@@ -76,9 +65,13 @@ class Snapshot:
 
     Build one with :meth:`take` (from a live model) or :meth:`load` (from :meth:`state`).
 
+    Of a sharded model (FSDP2 ``DTensor`` or ZeRO-3 parameters) it holds this rank's shards only: names are the
+    parameters', shapes the local shards' (merging is elementwise, so every rank merges its own part).
+
     Attributes:
         folder: Where the on-disk copy lives (the storage itself when ``storage == "disk"``, or a persisted copy
             of an in-memory snapshot, see :meth:`persist`); ``None`` if there is none.
+        shard: ``{"rank": r, "world_size": n}`` when the snapshot holds rank ``r``'s shards, else ``None``.
     """
 
     def __init__(
@@ -89,6 +82,7 @@ class Snapshot:
         reader: CheckpointReader | None = None,
         folder: Path | None = None,
         source_dtypes: Mapping[str, torch.dtype] | None = None,
+        shard: Mapping[str, int] | None = None,
     ) -> None:
         """Internal: use :meth:`take` or :meth:`load`."""
         if (tensors is None) == (reader is None):
@@ -100,6 +94,9 @@ class Snapshot:
         self._reader = reader
         self.folder = folder
         self._source_dtypes = dict(source_dtypes or {k: v.dtype for k, v in self._specs.items()})
+        self.shard = (
+            None if shard is None else dict(shard)
+        )  # {"rank", "world_size"} of a sharded model's shard
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -126,7 +123,7 @@ class Snapshot:
 
         Raises:
             UsageError: No trainable parameters, a bad dtype, or ``folder`` exists without ``overwrite``.
-            NotImplementedError: sharded/partitioned parameters (a later increment) or a PEFT model (LoraEngine).
+            NotImplementedError: A PEFT model (use LoraEngine).
         """
         params = trainable_parameters(model)
         if not params:
@@ -134,17 +131,25 @@ class Snapshot:
                 "the model has no trainable parameters (requires_grad=True); there is nothing to snapshot"
             )
         target = _storage_dtype(dtype)
-        source_dtypes = {name: p.dtype for name, p in params}
-        specs = {name: TensorInfo(_cast_dtype(p.dtype, target), tuple(p.shape)) for name, p in params}
+        local = [(name, local_tensor(p)) for name, p in params]  # a rank's shard of a sharded parameter
+        source_dtypes = {name: t.dtype for name, t in local}
+        specs = {name: TensorInfo(_cast_dtype(t.dtype, target), tuple(t.shape)) for name, t in local}
+        shard = _shard_of(params)
         if folder is not None:
-            stored = _write_folder(Path(folder), specs, source_dtypes, ((n, p) for n, p in params), overwrite)
-            return cls(specs, reader=CheckpointReader(stored), folder=stored, source_dtypes=source_dtypes)
+            stored = _write_folder(Path(folder), specs, source_dtypes, iter(local), overwrite)
+            return cls(
+                specs,
+                reader=CheckpointReader(stored),
+                folder=stored,
+                source_dtypes=source_dtypes,
+                shard=shard,
+            )
         dev = torch.device(device)
         tensors = {
-            name: p.detach().to(device=dev, dtype=specs[name].dtype, copy=True).contiguous()
-            for name, p in params
+            name: t.detach().to(device=dev, dtype=specs[name].dtype, copy=True).contiguous()
+            for name, t in local
         }
-        return cls(specs, tensors=tensors, source_dtypes=source_dtypes)
+        return cls(specs, tensors=tensors, source_dtypes=source_dtypes, shard=shard)
 
     @classmethod
     def load(cls, state: Mapping[str, Any], *, device: str | torch.device | None = None) -> Snapshot:
@@ -167,6 +172,13 @@ class Snapshot:
                 "this snapshot was held in memory and never persisted, so it cannot be reopened; "
                 "call Snapshot.persist(folder) before saving its state"
             )
+        shard = state.get("shard")
+        if shard is not None and shard != {"rank": rank(), "world_size": world_size()}:
+            raise UsageError(
+                f"snapshot folder {folder} holds the shards of rank {shard.get('rank')} of {shard.get('world_size')}, "
+                f"not this process's (rank {rank()} of {world_size()}); a sharded run's base cannot be reloaded "
+                "by another rank: resume without CocktailCallback, or restart the run"
+            )
         reader = CheckpointReader(folder)
         try:
             names = list(state["names"])
@@ -187,7 +199,7 @@ class Snapshot:
             raise
         specs = reader.specs()
         source = {n: _DTYPES.get(d, specs[n].dtype) for n, d in (state.get("source_dtypes") or {}).items()}
-        snap = cls(specs, reader=reader, folder=Path(folder), source_dtypes=source or None)
+        snap = cls(specs, reader=reader, folder=Path(folder), source_dtypes=source or None, shard=shard)
         if device is not None:
             snap = snap.to_memory(device)
         return snap
@@ -196,7 +208,13 @@ class Snapshot:
         """An in-memory copy on ``device`` (the on-disk folder, if any, is remembered as its persisted copy)."""
         dev = torch.device(device)
         tensors = {name: self.get(name).to(dev) for name in self._specs}
-        return Snapshot(self._specs, tensors=tensors, folder=self.folder, source_dtypes=self._source_dtypes)
+        return Snapshot(
+            self._specs,
+            tensors=tensors,
+            folder=self.folder,
+            source_dtypes=self._source_dtypes,
+            shard=self.shard,
+        )
 
     def persist(self, folder: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Write an in-memory snapshot to ``folder`` (atomically) so that :meth:`state` can be reloaded later.
@@ -283,9 +301,10 @@ class Snapshot:
                     "the set of trainable parameters changed since the snapshot was taken"
                 )
         for name, p in params:
-            if tuple(p.shape) != self._specs[name].shape:
+            shape = tuple(local_tensor(p).shape)  # a rank's shard of a sharded parameter
+            if shape != self._specs[name].shape:
                 raise IncompatibleModelsError(
-                    f"parameter {name!r} has shape {tuple(p.shape)} but {self._specs[name].shape} in the base "
+                    f"parameter {name!r} has shape {shape} but {self._specs[name].shape} in the base "
                     "snapshot; the model is not the one the snapshot was taken from"
                 )
         return params
@@ -306,6 +325,7 @@ class Snapshot:
             "source_dtypes": {n: _dtype_name(d) for n, d in self._source_dtypes.items()},
             "stored_bytes": self.stored_bytes,
             "fingerprint": fingerprint,
+            "shard": self.shard,
         }
 
     def close(self) -> None:
@@ -487,10 +507,18 @@ def _pair(
                 "peers must be checkpoints of the model's architecture — drop that peer or fine-tune the same model"
             )
         info = specs[found]
-        if info.shape != tuple(p.shape) or info.dtype.is_floating_point != p.is_floating_point():
+        shape = global_shape(p)
+        if info.shape != shape or info.dtype.is_floating_point != p.is_floating_point():
             raise IncompatibleModelsError(
                 f"{source.name}: {found!r} is {info.dtype} {info.shape} but the model's trainable parameter {name!r} "
-                f"is {p.dtype} {tuple(p.shape)}; peers must share the model's architecture and size"
+                f"is {p.dtype} {shape}; peers must share the model's architecture and size"
             )
         keys[name] = found
     return keys
+
+
+def _shard_of(params: Sequence[tuple[str, torch.nn.Parameter]]) -> dict[str, int] | None:
+    """``{"rank", "world_size"}`` when some parameter is sharded (the snapshot then holds this rank's shards)."""
+    if any(is_sharded(p) for _, p in params):
+        return {"rank": rank(), "world_size": world_size()}
+    return None

@@ -1,11 +1,12 @@
 """Programmatic use: ``Trainer(callbacks=[CocktailCallback(...)])`` on the tiny LM of ``lit_app.py``.
 
     python lit_train.py ROOT [--alpha 0.3] [--policy budget] [--max-steps 8] [--ddp] [--seed-per-rank]
-                             [--resume CKPT] [--seed 0]
+                             [--resume CKPT] [--seed 0] [--fail-write]
 
 Checkpoints every 2 steps (all kept) in ``ROOT/ckpts``. ``--ddp``: 2 processes on the CPU
 (``strategy="ddp", accelerator="cpu", devices=2``). Each process prints one JSON line: its rank, the α history and
-how many resilient folders it wrote (only global rank 0 may write).
+how many resilient folders it wrote (only global rank 0 may write). ``--fail-write`` makes the resilient writes
+fail (an injected ``OSError``); each rank then records the error it ended with in ``ROOT/rank<r>.error``, and writes it to ``ROOT/summary-rank<r>.json``.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ class CountingCallback(CocktailCallback):
     """CocktailCallback that counts the resilient folders this process writes."""
 
     writes = 0
+    fail = False
 
     def _write_folder(self, *args, **kwargs):
         self.writes += 1
+        if self.fail:
+            raise OSError(28, "No space left on device (injected by lit_train.py --fail-write)")
         return super()._write_folder(*args, **kwargs)
 
 
@@ -42,10 +46,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seed-per-rank", action="store_true")
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--fail-write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     general = tokens(16, 2, False) if args.policy == "budget" else None
     callback = CountingCallback(alpha=args.alpha, policy=args.policy, general_data=general)
+    callback.fail = args.fail_write
     every = ModelCheckpoint(dirpath=args.root / "ckpts", every_n_train_steps=2, save_top_k=-1)
     distributed = (
         {"strategy": "ddp", "accelerator": "cpu", "devices": 2} if args.ddp else {"accelerator": "cpu"}
@@ -61,13 +67,19 @@ def main() -> None:
         **distributed,
     )
     module = TinyLM(seed=args.seed, seed_per_rank=args.seed_per_rank)
-    trainer.fit(module, datamodule=TokenData(), ckpt_path=args.resume)
+    try:
+        trainer.fit(module, datamodule=TokenData(), ckpt_path=args.resume)
+    except BaseException as exc:  # each rank records how it ended (the tests read it)
+        (args.root / f"rank{trainer.global_rank}.error").write_text(f"{type(exc).__name__}: {exc}\n")
+        raise
     summary = {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
         "writes": callback.writes,
         "history": [{"step": h["step"], "alpha": h["alpha"]} for h in callback.history],
     }
+    # one file per rank: the ranks' stdout lines may interleave under load
+    (args.root / f"summary-rank{trainer.global_rank}.json").write_text(json.dumps(summary))
     print("SUMMARY " + json.dumps(summary), flush=True)
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from resilient_tune.checkpoint import parse_size
+from resilient_tune.distributed import is_sharded_model, mean_across_ranks, on_rank_zero, world_size
 from resilient_tune.engine import CocktailEngine, check_alpha
 from resilient_tune.errors import IncompatibleModelsError, UsageError
 from resilient_tune.integrations.peft import FORMAT as LORA_FORMAT
@@ -246,6 +247,11 @@ class CocktailCore:
             UsageError: A PEFT model the LoRA path does not support (DoRA, several adapters, ...).
             NotImplementedError: Peers with a PEFT LoRA model.
         """
+        if self.snapshot_on_disk and world_size() > 1:
+            raise NotImplementedError(
+                "snapshot_on_disk with several processes needs per-rank folders (a later increment); keep the "
+                "snapshot in memory (snapshot_dtype='bf16' halves it)"
+            )
         self._engine = engine_for(model, self._engine)
         if self.snapshot_on_disk and not isinstance(self._engine, LoraEngine):
             self._engine.snapshot_dir = base_dir
@@ -256,9 +262,17 @@ class CocktailCore:
         self._note_snapshot()
 
     def _persist_snapshot(self, base_dir: Path) -> None:
-        """Give an in-memory θ₀ an on-disk copy in ``base_dir`` so that a resumed run can reload it (one process)."""
-        if self._engine.snapshot.storage == "memory":
-            self._engine.snapshot.persist(base_dir, overwrite=True)
+        """Give an in-memory θ₀ an on-disk copy in ``base_dir`` so that a resumed run can reload it (the process
+        that writes checkpoints calls it). A sharded model's snapshot (this rank's shards) is not persisted: its
+        runs cannot be resumed with their base yet."""
+        snapshot = self._engine.snapshot
+        if getattr(snapshot, "shard", None) is not None:
+            logger.info(
+                "CocktailCallback: the base of a sharded model is not persisted; a resume will be refused"
+            )
+            return
+        if snapshot.storage == "memory":
+            snapshot.persist(base_dir, overwrite=True)
         self._note_snapshot()
 
     def _note_snapshot(self) -> None:
@@ -478,9 +492,10 @@ class CocktailCore:
     def _losses_of_ingredients(self, model: torch.nn.Module) -> list[float]:
         """``Lᵢ`` of the base and each peer (as stored) on the target probes, measured once per run."""
         if self._ingredient_losses is None:
-            self._ingredient_losses = ingredient_losses(
+            losses = ingredient_losses(
                 self._engine, model, self._target_batches, score_fn=self._score, scorer=self._probe_module
             )
+            self._ingredient_losses = [mean_across_ranks(x) for x in losses]
             self._passes += len(self._ingredient_losses) * len(self._target_batches)
         return self._ingredient_losses
 
@@ -493,8 +508,9 @@ class CocktailCore:
                 result = probe(scorer, batches, score_fn=self._score, base=self._base_refs.get(name))
                 losses.append(result.loss)
                 kls.append(result.kl)
-        kl = None if any(k is None for k in kls) else sum(kls) / len(kls)
-        return ProbeResult(sum(losses) / len(losses), kl, sum(len(b) for b in self._batches.values()))
+        kl = None if any(k is None for k in kls) else mean_across_ranks(sum(kls) / len(kls))
+        loss = mean_across_ranks(sum(losses) / len(losses))  # every rank decides from the same numbers
+        return ProbeResult(loss, kl, sum(len(b) for b in self._batches.values()))
 
     def _probe_target(self, model: torch.nn.Module, alpha: float) -> float:
         scorer = self._probe_module if self._probe_module is not None else model
@@ -503,7 +519,7 @@ class CocktailCore:
             for batches in self._target_batches.values():
                 self._passes += 1
                 losses.append(_loss(probe(scorer, batches, score_fn=self._score)))
-        return sum(losses) / len(losses)
+        return mean_across_ranks(sum(losses) / len(losses))
 
     # ------------------------------------------------------------------ output
     def _current_entry(self) -> Mapping[str, Any]:
@@ -526,25 +542,45 @@ class CocktailCore:
         entry: Mapping[str, Any] | None = None,
         support_from: Path | None = None,
         tokenizer: Any = None,
+        collective: bool = True,
         **options: Any,
-    ) -> Path:
+    ) -> Path | None:
         """Write the resilient model at the α of ``entry`` (default: the last decision) to ``folder``, atomically;
-        ``options`` go to the engine's ``write`` (``dedupe_tied``, ``merged``)."""
+        ``options`` go to the engine's ``write`` (``dedupe_tied``, ``merged``).
+
+        With ``collective`` (default) **every rank calls it**: rank 0 writes and every rank learns the outcome (a
+        failure on rank 0 raises on every rank instead of leaving the others blocked); a sharded model is merged
+        shard by shard and gathered once for rank 0 to write. ``collective=False``: only the calling process writes
+        (a caller that runs on rank 0 alone, as Lightning's checkpoint IO; no sharded models).
+
+        Returns:
+            The folder on the process that wrote it, ``None`` elsewhere.
+        """
         entry = entry or self._current_entry()
-        return self._engine.write(
-            model,
-            folder,
-            entry["alpha"],
-            metadata=self._metadata(step, entry),
-            support_from=support_from,
-            tokenizer=tokenizer,
-            overwrite=True,
-            max_shard_size=self.max_shard_size,
-            **options,
-        )
+
+        def write() -> Path:
+            support = support_from if support_from is None or support_from.is_dir() else None
+            return self._engine.write(
+                model,
+                folder,
+                entry["alpha"],
+                metadata=self._metadata(step, entry),
+                support_from=support,
+                tokenizer=tokenizer,
+                overwrite=True,
+                max_shard_size=self.max_shard_size,
+                **options,
+            )
+
+        if collective and is_sharded_model(model):
+            return write()  # the engine gathers on every rank and writes on rank 0
+        if collective:
+            return on_rank_zero(write, f"writing {folder}")
+        return write()
 
     def _write_report(self, path: Path, final: Mapping[str, Any]) -> None:
-        """``path`` (JSON: policy, recipe, final decision, snapshot size, history) and the PNG plot beside it."""
+        """``path`` (JSON: policy, recipe, final decision, snapshot size, history) and the PNG plot beside it; the
+        calling process writes (rank 0)."""
         snap = self._engine.snapshot
         report = {
             "format": "resilient-tune/cocktail-report",

@@ -26,7 +26,10 @@ What it does, by Lightning hook
   validation at that step gets a decision first, so the state and the files agree.
 - every checkpoint save, on global rank 0: ``<ckpt stem>.resilient/`` next to ``<ckpt stem>.ckpt``; removed when
   ``ModelCheckpoint`` removes the ``.ckpt`` (both go through the strategy's ``remove_checkpoint``).
-- ``on_train_end``, on global rank 0: ``<default_root_dir>/resilient/`` and ``<default_root_dir>/cocktail_report.json``.
+  Under DDP a failed companion write is held on rank 0 and raised on every rank at the next batch or validation
+  start (``on_train_batch_start`` / ``on_validation_start``), so no rank is left waiting.
+- ``on_train_end``, written on global rank 0, the outcome agreed on every rank: ``<default_root_dir>/resilient/``,
+  ``<default_root_dir>/cocktail_report.json`` and ``cocktail_report.png``.
 
 A resilient folder holds ``model.safetensors`` (the merged ``pl_module.state_dict()``, same keys, tied parameters
 under every name), ``cocktail.json``, a model card ``README.md`` and, when the module holds a transformers model,
@@ -62,6 +65,7 @@ from typing import Any
 import torch
 
 from resilient_tune.checkpoint import atomic_dir
+from resilient_tune.distributed import on_rank_zero
 from resilient_tune.errors import UsageError
 from resilient_tune.integrations._common import (
     BASE_FOLDER,
@@ -140,6 +144,8 @@ class LightningCocktail(CocktailCore):
         self._in_epoch_end = False
         self._io: _ResilientCheckpointIO | None = None
         self._warned_remote = False
+        self._deferred: tuple[str, Exception] | None = None  # a rank-0 write that failed, not yet agreed on
+        self._saves_to_agree = 0
 
     # ------------------------------------------------------------------ Lightning: state
     @property
@@ -159,7 +165,11 @@ class LightningCocktail(CocktailCore):
             self._ensure_probes(trainer, self._module)
             self._decide(trainer.global_step, self._module, log=False)
         if self._snapshot_state is None and trainer is not None and trainer.is_global_zero:
-            self._persist_snapshot(_root(trainer) / BASE_FOLDER)  # the first checkpoint: keep θ₀ for a resume
+            base_dir = _root(trainer) / BASE_FOLDER  # the first checkpoint: keep θ₀ for a resume
+            self._rank_zero(
+                lambda: self._persist_snapshot(base_dir), f"writing the base snapshot to {base_dir}"
+            )
+        self._saves_to_agree += 1  # every rank: a checkpoint (and its companion on rank 0) is being saved
         return self._run_state()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -196,11 +206,6 @@ class LightningCocktail(CocktailCore):
         self._reset_run()
         self._trainer, self._module = trainer, pl_module
         root = _root(trainer)
-        if self.snapshot_on_disk and trainer.world_size > 1:
-            raise NotImplementedError(
-                "snapshot_on_disk with several processes needs a rank-0 write and a barrier (a later "
-                "increment); keep the snapshot in memory (snapshot_dtype='bf16' halves it)"
-            )
         # a resume is only known after this hook: an on-disk θ₀ goes to a pending folder until on_train_start
         self._take_snapshot(pl_module, root / (BASE_FOLDER + _PENDING))
         self._io = _ResilientCheckpointIO.install(trainer.strategy, self)
@@ -236,14 +241,26 @@ class LightningCocktail(CocktailCore):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if not self._active or not self._engine.has_snapshot:
             return
+        self._agree(force=True)
         self._ensure_probes(trainer, pl_module)
         entry = self._decision_at(trainer.global_step, pl_module)
-        if trainer.is_global_zero:
-            root = _root(trainer)
+        root = _root(trainer)
+
+        def write() -> None:
             if self.save_resilient:
                 self._write_folder(root / RESILIENT_FOLDER, trainer.global_step, entry)
             self._write_report(root / REPORT_FILE, entry)
-        trainer.strategy.barrier("resilient_tune.on_train_end")
+
+        on_rank_zero(
+            write, f"writing {root / RESILIENT_FOLDER}"
+        )  # every rank waits for (and learns) the outcome
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._agree()
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.sanity_checking:
+            self._agree()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit" and self._io is not None:
@@ -268,9 +285,10 @@ class LightningCocktail(CocktailCore):
             strategy_class = getattr(package.strategies, name, None)
             if strategy_class is not None and isinstance(trainer.strategy, strategy_class):
                 raise NotImplementedError(
-                    f"CocktailCallback does not support {name} yet: sharded parameters need shard-local snapshots "
-                    "and a gather to write (a later increment; see docs/lightning.md). Use strategy='ddp' or a "
-                    "single device."
+                    f"the Lightning CocktailCallback does not support {name} yet: its checkpoint companions are "
+                    "written from the strategy's CheckpointIO, which runs on rank 0 alone, while sharded parameters "
+                    "need every rank in the gather (the engine itself merges FSDP2/ZeRO-3 shards; see "
+                    "docs/distributed.md). Use strategy='ddp' or a single device."
                 )
 
     def _align_ranks(self, trainer: Any, pl_module: Any) -> None:
@@ -371,7 +389,39 @@ class LightningCocktail(CocktailCore):
                 logger.warning("CocktailCallback: %s is not a local path; no resilient copy", checkpoint_path)
                 self._warned_remote = True
             return
-        self._write_folder(folder, self._trainer.global_step, None)
+        self._rank_zero(
+            lambda: self._write_folder(folder, self._trainer.global_step, None), f"writing {folder}"
+        )
+
+    def _rank_zero(self, action: Any, what: str) -> None:
+        """Run a write on rank 0 from a hook only rank 0 runs (checkpoint IO). With several processes a failure is
+        held, not raised here (the other ranks wait in Lightning's barrier after the save), and raised on every rank
+        by :meth:`_agree` at the next hook they all run."""
+        if self._trainer is None or self._trainer.world_size <= 1:
+            action()
+            return
+        try:
+            action()
+        except Exception as exc:
+            logger.error(
+                "CocktailCallback: %s failed on rank 0: %s (stopping every rank at the next step)", what, exc
+            )
+            self._deferred = self._deferred or (what, exc)
+
+    def _agree(self, *, force: bool = False) -> None:
+        """After a checkpoint save (or with ``force``), every rank learns whether rank 0's writes worked; a failure
+        is raised on every rank (rank 0 its own error, the others the same error class or ``RankZeroError``)."""
+        if not self._active or (not force and not self._saves_to_agree):
+            return
+        self._saves_to_agree = 0
+        what = self._deferred[0] if self._deferred else "writing a checkpoint's resilient files"
+
+        def held_error() -> None:
+            if self._deferred is not None:
+                error, self._deferred = self._deferred[1], None
+                raise error
+
+        on_rank_zero(held_error, what)
 
     def _remove_companion(self, checkpoint_path: Any) -> None:
         folder = _companion(checkpoint_path)
@@ -389,12 +439,12 @@ class LightningCocktail(CocktailCore):
         tokenizer = _tokenizer(module, self._trainer)
         with atomic_dir(folder, overwrite=True) as tmp:
             options = {"merged": False} if lora else {"dedupe_tied": False}
-            inner = self._write(module, tmp / "engine", step, entry=entry, **options)
+            inner = self._write(module, tmp / "engine", step, entry=entry, collective=False, **options)
             for path in inner.iterdir():
                 os.replace(path, tmp / path.name)
             inner.rmdir()
             if lora:
-                self._write(module, tmp / HF_FOLDER, step, entry=entry, tokenizer=tokenizer)
+                self._write(module, tmp / HF_FOLDER, step, entry=entry, tokenizer=tokenizer, collective=False)
             elif hf_model is not None:
                 with self._engine.swapped(module, entry["alpha"]):  # the live module holds θ(α) in this block
                     hf_model.save_pretrained(str(tmp / HF_FOLDER), max_shard_size=self.max_shard_size)

@@ -69,6 +69,7 @@ from typing import Any
 
 import torch
 
+from resilient_tune.distributed import on_rank_zero
 from resilient_tune.errors import UsageError
 from resilient_tune.integrations._common import (
     BASE_FOLDER,
@@ -209,15 +210,8 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
             return
         # a save without an evaluation: decide now (the state saved before on_save lands one save late)
         self._decision_at(state.global_step, model, log=False)
-        if not state.is_world_process_zero:
-            return
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not checkpoint.is_dir():
-            logger.warning(
-                "CocktailCallback: %s not found; resilient weights not written for this save", checkpoint
-            )
-            return
-        self._write(
+        self._write(  # every rank: rank 0 writes (a sharded model is gathered first), all agree on the outcome
             model,
             checkpoint / RESILIENT_FOLDER,
             state.global_step,
@@ -229,14 +223,13 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
         if model is None or not self._engine.has_snapshot:
             return
         entry = self._final_entry(args, state, model)
-        if state.is_world_process_zero:
-            output = Path(args.output_dir)
-            if self.save_resilient:
-                tokenizer = kwargs.get("processing_class")
-                self._write(
-                    model, output / RESILIENT_FOLDER, state.global_step, entry=entry, tokenizer=tokenizer
-                )
-            self._write_report(output / REPORT_FILE, entry)
+        output = Path(args.output_dir)
+        if self.save_resilient:
+            tokenizer = kwargs.get("processing_class")
+            self._write(model, output / RESILIENT_FOLDER, state.global_step, entry=entry, tokenizer=tokenizer)
+        on_rank_zero(
+            lambda: self._write_report(output / REPORT_FILE, entry), f"writing {output / REPORT_FILE}"
+        )
 
     # ------------------------------------------------------------------ run lifecycle
     def _reset_run(self) -> None:
@@ -247,14 +240,9 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
         base_dir = Path(args.output_dir) / BASE_FOLDER
         strategy = getattr(args, "save_strategy", "steps")
         saves = getattr(strategy, "value", strategy) != "no"
-        if self.snapshot_on_disk and getattr(args, "world_size", 1) > 1:
-            raise NotImplementedError(
-                "snapshot_on_disk with several processes needs a rank-0 write and a barrier (a later "
-                "increment); keep the snapshot in memory (snapshot_dtype='bf16' halves it)"
-            )
         self._take_snapshot(model, base_dir)
-        if not self.snapshot_on_disk and saves and state.is_world_process_zero:
-            self._persist_snapshot(base_dir)
+        if not self.snapshot_on_disk and saves:
+            on_rank_zero(lambda: self._persist_snapshot(base_dir), f"writing the base snapshot to {base_dir}")
 
     def _build_probes(self, args: Any, model: torch.nn.Module) -> None:
         if (self._general or self._target) and self._trainer is None:

@@ -1,0 +1,85 @@
+"""resilient_tune.distributed in one process: no process group, and the shard arithmetic of ZeRO-3 partitions
+(2-process FSDP2/DDP runs are in integrations/hf/)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import resilient_tune.distributed as distributed
+from resilient_tune.engine import CocktailEngine
+from resilient_tune.errors import UsageError
+
+
+def test_without_a_process_group_everything_is_local():
+    assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_rank_zero()
+    assert distributed.on_rank_zero(lambda: 7, "computing") == 7
+    with pytest.raises(OSError, match="disk"):
+        distributed.on_rank_zero(lambda: (_ for _ in ()).throw(OSError("disk full")), "writing")
+    assert distributed.mean_across_ranks(2.5) == 2.5 and distributed.sum_across_ranks([1.0, 2.0]) == [
+        1.0,
+        2.0,
+    ]
+    plain = torch.nn.Linear(3, 2)
+    assert not distributed.is_sharded_model(plain) and distributed.local_tensor(plain.weight) is plain.weight
+    full = distributed.full_state_dict(plain)
+    assert full.keys() == plain.state_dict().keys() and full["weight"] is not plain.weight
+
+
+class _Zero3Param(torch.nn.Parameter):
+    """A stand-in for a DeepSpeed ZeRO-3 parameter: an empty placeholder with ``ds_shape`` and this rank's flat
+    partition in ``ds_tensor`` (partition size ``ceil(numel / world)``; the flattened tensor zero-padded)."""
+
+
+def _zero3(full: torch.Tensor, rank: int, world: int) -> torch.nn.Parameter:
+    size = -(-full.numel() // world)
+    padded = torch.cat([full.reshape(-1), full.new_zeros(size * world - full.numel())])
+    p = _Zero3Param(torch.empty(0))
+    p.ds_shape = tuple(full.shape)
+    p.ds_tensor = padded[rank * size : (rank + 1) * size].clone()
+    return p
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_zero3_local_part_is_the_partition_of_the_flattened_tensor(monkeypatch, rank):
+    monkeypatch.setattr(distributed, "rank", lambda: rank)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    full = torch.arange(15.0).reshape(5, 3)
+    p = _zero3(full, rank, 2)
+    assert distributed.is_sharded(p) and distributed.global_shape(p) == (5, 3)
+    assert distributed.local_tensor(p) is p.ds_tensor
+    other = full * 10  # e.g. a peer's tensor
+    expected = [0, 10, 20, 30, 40, 50, 60, 70] if rank == 0 else [80, 90, 100, 110, 120, 130, 140, 0]
+    assert distributed.local_part(p, other).tolist() == expected  # the last partition is zero-padded
+    with pytest.raises(UsageError, match=r"shape \(3, 5\)"):
+        distributed.local_part(p, other.T)
+
+
+def test_engine_merges_zero3_partitions_in_place(monkeypatch, tmp_path):
+    """The engine's snapshot, swap and peers work on ``ds_tensor`` (rank 1 of 2, simulated)."""
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    torch.manual_seed(0)
+    base = {"weight": torch.randn(5, 3), "bias": torch.randn(5)}
+    peer = {k: torch.randn_like(v) for k, v in base.items()}
+    model = torch.nn.Module()
+    for name, value in base.items():
+        model.register_parameter(name, _zero3(value, 1, 2))
+    from safetensors.torch import save_file
+
+    save_file(peer, str(tmp_path / "peer.safetensors"))
+    engine = CocktailEngine(alpha=0.25, peers=[tmp_path / "peer.safetensors"], weights=[0.6, 0.4])
+    engine.begin(model)
+    assert engine.snapshot.nbytes == (8 + 3) * 4  # this rank's partitions only
+    with torch.no_grad():
+        for p in model.parameters():
+            p.ds_tensor.add_(1.0)  # "training" moves the partition
+    live = {n: p.ds_tensor.clone() for n, p in model.named_parameters()}
+    with engine.swapped(model, 0.25):
+        for name, p in model.named_parameters():
+            start = _zero3(base[name], 1, 2).ds_tensor
+            cut = distributed.local_part(p, peer[name])
+            expected = 0.25 * live[name] + 0.75 * (0.6 * start + 0.4 * cut)
+            torch.testing.assert_close(p.ds_tensor, expected, rtol=0, atol=1e-6)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.ds_tensor, live[name])  # restored bit-exactly
