@@ -25,10 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).parent))
-from stdlib_pairs import Pairs, build_pairs
-
 import resilient_tune as rt
+from resilient_tune.demo.data import Pairs, build_pairs
 
 
 def embed(model, tokenizer, texts: list[str], batch_size: int = 64) -> torch.Tensor:

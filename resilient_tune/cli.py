@@ -90,7 +90,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--steps", type=int, metavar="N", help="optimizer steps (default: the documented recipe, 95)"
     )
     d.add_argument("--seed", type=int, help="seed of data order and dropout (default 0)")
-    d.add_argument("--lr", type=float, metavar="LR", help="learning rate (default 1e-4)")
+    d.add_argument("--lr", type=float, metavar="LR", help="learning rate (default 5e-4)")
     d.add_argument(
         "--drift-budget", type=float, metavar="B", help="budget policy: allowed general-loss increase (0.05)"
     )

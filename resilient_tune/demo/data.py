@@ -7,9 +7,10 @@ Two retrieval tasks over the docstrings of public functions, classes and methods
   (``smtplib.SMTP.connect``);
 - **general** (what the model must not forget): a docstring's first sentence -> the rest of that docstring.
 
-Splits are by top-level package (a stable CRC-32 hash of its name): target and general text come from different
-packages, so nothing the model is tuned on leaks into the general test. Repeated first sentences (inherited or
-copied docstrings) are dropped everywhere. The text depends on the Python version (and on which optional modules
+Target and general text come from different top-level packages (a stable CRC-32 hash of the package name: 70% of
+packages target, 30% general), so nothing the model is tuned on leaks into the general test. Within the target
+packages, test pairs are other objects of the same packages (a hash of the qualified name): the new skill is
+knowing those packages' APIs. Repeated first sentences (inherited or copied docstrings) are dropped everywhere. The text depends on the Python version (and on which optional modules
 import on the machine): :func:`fingerprint` identifies the data, and the demo records it with its results.
 """
 
@@ -42,7 +43,8 @@ _SKIP = {
     "test", "encodings",
 }  # fmt: skip
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
-_TRAIN_BUCKETS, _TEST_BUCKETS = range(5), range(5, 7)  # crc32(package) % 10: 0-4 train, 5-6 test, 7-9 general
+_TARGET_PACKAGES = 7  # crc32(package) % 10 < 7: target packages; the rest: general
+_TEST_SHARE = 17  # crc32(qualname) % 100 < 17: a target test pair (about 400 of them)
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,10 @@ def _bucket(package: str) -> int:
     return zlib.crc32(package.encode()) % 10
 
 
+def _is_test(qualname: str) -> bool:
+    return zlib.crc32(qualname.encode()) % 100 < _TEST_SHARE
+
+
 def build_pairs(
     max_target_train: int = 2400, max_test: int = 400, max_general: int = 425
 ) -> dict[str, Pairs]:
@@ -193,9 +199,10 @@ def build_pairs(
         max_general: Cap on general pairs (rest of the docstring at least 5 words).
     """
     rows = _rows(stdlib_docs())
-    train = [r for r in rows if _bucket(r[0].package) in _TRAIN_BUCKETS][:max_target_train]
-    test = [r for r in rows if _bucket(r[0].package) in _TEST_BUCKETS][:max_test]
-    general = [r for r in rows if _bucket(r[0].package) >= _TEST_BUCKETS.stop and len(r[2].split()) >= 5]
+    target = [r for r in rows if _bucket(r[0].package) < _TARGET_PACKAGES]
+    train = [r for r in target if not _is_test(r[0].qualname)][:max_target_train]
+    test = [r for r in target if _is_test(r[0].qualname)][:max_test]
+    general = [r for r in rows if _bucket(r[0].package) >= _TARGET_PACKAGES and len(r[2].split()) >= 5]
     general = general[:max_general]
     return {
         "target_train": Pairs([r[1] for r in train], [r[0].qualname for r in train]),
@@ -213,9 +220,9 @@ def demo_data(
 ) -> DemoData:
     """The encoder demo's splits (see :class:`DemoData`).
 
-    ``target_probe`` is the last ``probe`` target pairs of the training packages (held out from training);
-    ``general_probe`` takes every ``k``-th general pair (spread over the general packages), ``general_test`` the
-    others, capped at ``general_test``.
+    Each probe takes every ``k``-th pair of the set it is held out from (spread over its packages):
+    ``target_probe`` from the target training pairs, ``general_probe`` from the general pairs; ``target_train``
+    and ``general_test`` are the other pairs, capped.
 
     Args:
         target_train: Cap on target training pairs.
@@ -223,20 +230,24 @@ def demo_data(
         general_test: Cap on general test pairs.
         probe: Pairs in each probe set.
     """
-    pairs = build_pairs(target_train + probe, target_test, 10**9)
-    train = pairs["target_train"]
-    cut = max(0, len(train) - probe)
-    general = pairs["general"]
-    step = max(2, len(general) // max(1, probe))
-    picked = set(range(0, len(general), step)[:probe])
-    rest = [i for i in range(len(general)) if i not in picked][:general_test]
+    pairs = build_pairs(10**9, target_test, 10**9)
+    target_probe, train = _spread(pairs["target_train"], probe)
+    general_probe, general = _spread(pairs["general"], probe)
     return DemoData(
-        target_train=Pairs(train.queries[:cut], train.passages[:cut]),
-        target_probe=Pairs(train.queries[cut:], train.passages[cut:]),
+        target_train=train.head(target_train),
+        target_probe=target_probe,
         target_test=pairs["target_test"],
-        general_probe=_take(general, sorted(picked)),
-        general_test=_take(general, rest),
+        general_probe=general_probe,
+        general_test=general.head(general_test),
     )
+
+
+def _spread(pairs: Pairs, n: int) -> tuple[Pairs, Pairs]:
+    """Every ``k``-th of ``pairs`` (``n`` of them, spread evenly) and the others, both in their order."""
+    step = max(2, len(pairs) // max(1, n))
+    picked = set(range(0, len(pairs), step)[:n])
+    rest = [i for i in range(len(pairs)) if i not in picked]
+    return _take(pairs, sorted(picked)), _take(pairs, rest)
 
 
 def _take(pairs: Pairs, indices: list[int]) -> Pairs:

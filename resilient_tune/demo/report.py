@@ -306,6 +306,7 @@ def _plot_alpha(ax: Any, history: Sequence[Mapping[str, Any]]) -> None:
     if dx:
         twin = ax.twinx()
         twin.plot(dx, dy, color="C7", linewidth=1)
+        twin.set_ylim(bottom=0)
         twin.set_ylabel("‖θₜ − θ₀‖ / ‖θ₀‖ (grey)", color="C7")
 
 
