@@ -67,19 +67,9 @@ def plot_history(
         UsageError: An entry has no ``step`` or no ``alpha``.
     """
     rows = _checked(history)
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        warnings.warn(
-            "matplotlib is not installed, so the report plot was not drawn (the JSON report was written); "
-            "install it with: pip install 'resilient-tune[demo]'",
-            UserWarning,
-            stacklevel=2,
-        )
+    figure = new_figure("the report plot", figsize=(7.0, 5.5), dpi=110)
+    if figure is None:
         return None
-    figure = Figure(figsize=(7.0, 5.5), dpi=110, layout="constrained")
-    FigureCanvasAgg(figure)
     top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=(3, 2))
     steps = [row["step"] for row in rows]
     drawn = 0
@@ -112,6 +102,34 @@ def plot_history(
         twin.plot(*zip(*drift), color="C7", linewidth=1, label="‖θₜ − θ₀‖ / ‖θ₀‖")
         twin.set_ylabel("relative drift", color="C7")
     figure.suptitle(title or "resilient-tune: probes and alpha over steps", fontsize=10)
+    return save_figure(figure, path)
+
+
+def new_figure(what: str, **figure_kw: Any) -> Any | None:
+    """A matplotlib ``Figure`` on the Agg canvas (no display needed), or ``None`` when matplotlib is missing.
+
+    Args:
+        what: What would have been drawn, for the warning (e.g. ``"report.png"``).
+        figure_kw: ``Figure`` arguments (``figsize``, ``dpi``); the layout is ``"constrained"``.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        warnings.warn(
+            f"matplotlib is not installed, so {what} was not drawn (the JSON report was written); "
+            "install it with: pip install 'resilient-tune[demo]'",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
+    figure = Figure(layout="constrained", **figure_kw)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_figure(figure: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``figure`` as a PNG atomically (temp file beside ``path``, then rename); returns the path."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")

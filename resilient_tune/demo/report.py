@@ -19,12 +19,12 @@ import json
 import math
 import os
 import uuid
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from ..report import new_figure, save_figure
 
 __all__ = [
     "DEMO_FORMAT",
@@ -225,34 +225,16 @@ def write_plot(
     Returns:
         The PNG's path, or ``None`` (with a warning naming the extra) when matplotlib is not installed.
     """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        warnings.warn(
-            "matplotlib is not installed, so report.png was not drawn (report.json was written); install it "
-            "with: pip install 'resilient-tune[demo]'",
-            UserWarning,
-            stacklevel=2,
-        )
+    figure = new_figure("report.png", figsize=(13.0, 4.2), dpi=100)
+    if figure is None:
         return None
-    figure = Figure(figsize=(13.0, 4.2), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
     losses, alphas, tradeoff = figure.subplots(1, 3)
     history = report.get("history") or []
     _plot_losses(losses, history, (report.get("policy") or {}).get("drift_budget"))
     _plot_alpha(alphas, history)
     _plot_curve(tradeoff, report)
     figure.suptitle(_title(report), fontsize=10)
-    target = Path(path) if path is not None else Path(run_dir) / PLOT_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        figure.savefig(tmp, format="png")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    return save_figure(figure, Path(path) if path is not None else Path(run_dir) / PLOT_FILE)
 
 
 def _title(report: Mapping[str, Any]) -> str:
