@@ -8,6 +8,7 @@ therefore grows with the largest tensor, not with the model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import queue
@@ -136,6 +137,8 @@ def merge(
         raise UsageError(f"method {spec.name!r} takes no base model; drop base= or use a task-vector method")
     shard_bytes = parse_size(max_shard_size)
     dest = check_destination(out, overwrite=overwrite) if out is not None else None
+    for rel in extra_files or {}:
+        _extra_path(Path("."), rel)  # refuse paths outside the folder before any work
 
     with _open_all(models, base, allow_pickle) as (sources, base_src):
         everyone = [*sources, base_src] if base_src is not None else list(sources)
@@ -154,7 +157,7 @@ def merge(
         ingredients = [_identity(s, "model", w) for s, w in zip(sources, final_weights)]
         if base_src is not None:
             ingredients.append(_identity(base_src, "base", None))
-        recipe_used = Recipe(**{**_fields(recipe), "weights": tuple(final_weights)})
+        recipe_used = dataclasses.replace(recipe, weights=tuple(final_weights))
         doc = cocktail_document(recipe_used, ingredients, version=__version__, extra=metadata)
         with atomic_dir(dest, overwrite=overwrite) as tmp:
             with StreamingWriter(
@@ -170,12 +173,6 @@ def merge(
             for rel, content in (extra_files or {}).items():
                 _write_extra(tmp, rel, content)
         return dest
-
-
-def _fields(recipe: Recipe) -> dict[str, Any]:
-    return {
-        name: getattr(recipe, name) for name in ("method", "weights", "options", "normalize", "dtype", "seed")
-    }
 
 
 @contextlib.contextmanager
@@ -361,12 +358,17 @@ def _set_config_dtype(config: Path, dtype_name: str) -> None:
     config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _write_extra(folder: Path, rel: str, content: str | bytes) -> None:
+def _extra_path(folder: Path, rel: str) -> Path:
     path = (folder / rel).resolve()
     if folder.resolve() not in path.parents:
         raise UsageError(
             f"extra file {rel!r} would be written outside the output folder; use a relative path inside it"
         )
+    return path
+
+
+def _write_extra(folder: Path, rel: str, content: str | bytes) -> None:
+    path = _extra_path(folder, rel)
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(content, bytes):
         path.write_bytes(content)
