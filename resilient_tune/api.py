@@ -111,7 +111,14 @@ def merge(
         IncompatibleModelsError: keys or shapes differ between ingredients.
         NonFiniteError: NaN/Inf in an input or the result; nothing is written.
     """
+    _check_flags(normalize=normalize, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress)
     if recipe is None:
+        if isinstance(weights, (str, bytes)):
+            raise UsageError(
+                f"weights={weights!r} is a string; pass a sequence of numbers, one per model, e.g. [0.5, 0.5]"
+            )
+        if options is not None and not isinstance(options, Mapping):
+            raise UsageError(f"options={options!r} must be a mapping such as {{'density': 0.5}}")
         opts = dict(options or {})
         for name, value in method_options.items():
             opts["lambda" if name == "lambda_" else name] = value
@@ -123,11 +130,13 @@ def merge(
             dtype=None if dtype is None else str(dtype),
             seed=seed,
         )
+    elif not isinstance(recipe, Recipe):
+        raise UsageError(
+            f"recipe is a {type(recipe).__name__}; pass a resilient_tune.Recipe (Recipe.from_dict(d) reads a dict)"
+        )
     elif weights is not None or options or method_options:
         raise UsageError("pass either recipe= or method/weights/options, not both")
-    models = list(models) if not isinstance(models, (str, os.PathLike)) else [models]
-    if not models:
-        raise UsageError("no models to merge; pass at least one checkpoint path, state dict or module")
+    models = _model_list(models)
     spec = get_method(recipe.method)
     if spec.needs_base and base is None:
         raise UsageError(
@@ -139,6 +148,9 @@ def merge(
     dest = check_destination(out, overwrite=overwrite) if out is not None else None
     for rel in extra_files or {}:
         _extra_path(Path("."), rel)  # refuse paths outside the folder before any work
+    if dest is not None:
+        _check_not_an_input(dest, models, base)
+        _check_json_metadata(metadata)
 
     with _open_all(models, base, allow_pickle) as (sources, base_src):
         everyone = [*sources, base_src] if base_src is not None else list(sources)
@@ -173,6 +185,51 @@ def merge(
             for rel, content in (extra_files or {}).items():
                 _write_extra(tmp, rel, content)
         return dest
+
+
+def _check_flags(**flags: object) -> None:
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise UsageError(f"{name}={value!r} must be True or False (a bool, not {type(value).__name__})")
+
+
+def _model_list(models: object) -> list[Any]:
+    if isinstance(models, (str, os.PathLike, Mapping, torch.nn.Module)):
+        return [models]
+    if not isinstance(models, Sequence):
+        raise UsageError(
+            f"models is a {type(models).__name__}; pass a list of checkpoint paths, state dicts or modules"
+        )
+    if not models:
+        raise UsageError("no models to merge; pass at least one checkpoint path, state dict or module")
+    return list(models)
+
+
+def _check_not_an_input(dest: Path, models: Sequence[Any], base: Any) -> None:
+    """Refuse an output folder that is, or contains, a checkpoint being merged (``overwrite`` would delete it)."""
+    labelled = [(f"models[{i}]", model) for i, model in enumerate(models)] + [("base", base)]
+    for label, model in labelled:
+        if not isinstance(model, (str, os.PathLike)):
+            continue
+        source = Path(os.path.abspath(os.path.expanduser(model)))
+        if dest == source or dest in source.parents:
+            raise UsageError(
+                f"destination {dest} is or contains the input checkpoint {label} ({source}); replacing it would "
+                "destroy an ingredient; choose an output folder outside every input"
+            )
+
+
+def _check_json_metadata(metadata: Mapping[str, Any] | None) -> None:
+    if metadata is None:
+        return
+    if not isinstance(metadata, Mapping):
+        raise UsageError(f"metadata is a {type(metadata).__name__}; pass a dict of JSON-able values")
+    try:
+        json.dumps(dict(metadata))
+    except (TypeError, ValueError) as exc:
+        raise UsageError(
+            f"metadata is not JSON-serialisable ({exc}); pass str, number, list or dict values"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .checkpoint import check_destination
 from .errors import UsageError
 from .merging import validate_weights
+from .recipe import normalize_dtype_name
 from .weights import (
     _check_model_type,
     _check_names,
@@ -83,6 +85,7 @@ def mix_models(
     _check_model_type(model_type)
     names = _check_names(model_names_or_paths)
     mix_weights = validate_weights(weights, len(names))
+    _check_output(output_path, dtype=dtype, overwrite=overwrite)
     options = {
         "trust_remote_code": trust_remote_code,
         "dtype": dtype,
@@ -142,6 +145,7 @@ def mix_models_with_data(
     examples = example_data if example_data is not None else example_ata
     _check_model_type(model_type)
     names = _check_names(model_names_or_paths)
+    _check_output(output_path, dtype=dtype, overwrite=overwrite)  # before the (slow) auto weights
     auto = compute_auto_weights(
         names,
         model_type,
@@ -219,6 +223,13 @@ def _mix(
         )
     model.cocktail_weights = list(weights)
     return model
+
+
+def _check_output(output_path: str | os.PathLike | None, *, dtype: object, overwrite: bool) -> None:
+    """Refuse a bad dtype or an unusable ``output_path`` before any model is loaded or scored."""
+    normalize_dtype_name(dtype)
+    if output_path is not None:
+        check_destination(output_path, overwrite=overwrite)
 
 
 def _dtype_of(state: Mapping[str, torch.Tensor]) -> torch.dtype | str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,18 +74,19 @@ class Recipe:
 
         get_method(self.method)  # unknown name -> UsageError listing the valid ones
         if self.weights is not None:
-            weights = tuple(float(w) for w in self.weights)
-            bad = [w for w in weights if not math.isfinite(w)]
-            if bad:
-                raise UsageError(
-                    f"weights must be finite numbers, got {list(weights)}; remove the NaN/Inf values"
-                )
+            weights = _finite_weights(self.weights)
             object.__setattr__(self, "weights", weights)
+        if not isinstance(self.options, Mapping):
+            raise UsageError(
+                f"options={self.options!r} must be a mapping of option name -> number, e.g. {{'density': 0.5}}"
+            )
+        if not isinstance(self.normalize, bool):
+            raise UsageError(f"normalize={self.normalize!r} must be True or False")
         resolve_options(self.method, self.options)  # validates names and ranges
         object.__setattr__(self, "options", dict(self.options))
         object.__setattr__(self, "dtype", normalize_dtype_name(self.dtype))
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise UsageError(f"seed must be an int, got {self.seed!r}")
+            raise UsageError(f"seed must be an int, got {self.seed!r}; pass a whole number such as seed=0")
 
     def resolved_options(self) -> dict[str, float]:
         """The method's default options overlaid with :attr:`options`."""
@@ -106,6 +108,11 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
         """Inverse of :meth:`to_dict` (also reads the ``recipe`` entry of a ``cocktail.json``)."""
+        if not isinstance(data, Mapping):
+            raise UsageError(
+                f"a recipe must be a JSON object, got {type(data).__name__}; pass the 'recipe' entry of a "
+                "cocktail.json or a dict with method, weights, options, normalize, dtype, seed"
+            )
         data = data.get("recipe", data)
         unknown = set(data) - {"method", "weights", "options", "normalize", "dtype", "seed"}
         if unknown:
@@ -119,7 +126,7 @@ class Recipe:
             options=dict(data.get("options") or {}),
             normalize=bool(data.get("normalize", False)),
             dtype=data.get("dtype"),
-            seed=int(data.get("seed", 0)),
+            seed=data.get("seed", 0),
         )
 
     def to_json(self) -> str:
@@ -127,7 +134,27 @@ class Recipe:
 
     @classmethod
     def from_json(cls, text: str) -> Recipe:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise UsageError(
+                f"the recipe is not valid JSON ({exc}); pass the text of a cocktail.json"
+            ) from None
+        return cls.from_dict(data)
+
+
+def _finite_weights(weights: object) -> tuple[float, ...]:
+    """The weights as a tuple of floats; a string, a non-number or NaN/Inf is a UsageError."""
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise UsageError(f"weights={weights!r} must be a sequence of numbers, one per model, e.g. (0.5, 0.5)")
+    values = []
+    for i, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real):
+            raise UsageError(f"weights[{i}] is {w!r}; pass a real number for every model")
+        values.append(float(w))
+    if not all(math.isfinite(w) for w in values):
+        raise UsageError(f"weights must be finite numbers, got {values}; remove the NaN/Inf values")
+    return tuple(values)
 
 
 def cocktail_document(

@@ -77,7 +77,10 @@ class _MemorySource:
     def __init__(self, state: Mapping[str, torch.Tensor], name: str) -> None:
         for key, value in state.items():
             if not isinstance(value, torch.Tensor):
-                raise UsageError(f"{name}: value of {key!r} is a {type(value).__name__}, not a torch.Tensor")
+                raise UsageError(
+                    f"{name}: value of {key!r} is a {type(value).__name__}, not a torch.Tensor; pass a state dict of "
+                    "tensors such as model.state_dict()"
+                )
         self._state = state
         self.name = name
         self.folder: Path | None = None

@@ -58,7 +58,9 @@ class CheckpointReader:
     def __init__(self, path: str | os.PathLike[str], *, allow_pickle: bool = False) -> None:
         given = Path(path).expanduser()
         if not given.exists():
-            raise CheckpointFormatError(f"no such file or folder: {given}")
+            raise CheckpointFormatError(
+                f"no such file or folder: {given}; pass an existing checkpoint folder or .safetensors file"
+            )
         self.path = given.resolve()
         layout = locate(self.path, allow_pickle=allow_pickle)
         self.folder, self.files, self.format = layout.folder, layout.files, layout.format

@@ -38,11 +38,15 @@ _SIZE_UNITS = {
 _SIZE_PATTERN = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
 
 
-def parse_size(size: int | str) -> int:
+def parse_size(size: int | str, *, name: str = "max_shard_size") -> int:
     """Parse a byte size: an int, or a string such as ``"5GB"`` (10**9), ``"500MB"``, ``"2GiB"`` (2**30), ``"1.5GB"``.
 
     Units (case-insensitive): B, KB, MB, GB, TB (powers of 1000) and KiB, MiB, GiB, TiB (powers of 1024); a bare
     number is bytes. Fractions round down to whole bytes.
+
+    Args:
+        size: The size to parse.
+        name: The argument's name, for messages.
 
     Returns:
         The size in bytes, at least 1.
@@ -58,11 +62,11 @@ def parse_size(size: int | str) -> int:
         value = int(Fraction(match[1]) * _SIZE_UNITS[match[2].upper()])
     else:
         raise UsageError(
-            f"invalid size {size!r}; pass a number of bytes or a string like '5GB', '500MB', '2GiB' "
-            "(units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+            f"{name}={size!r} is an invalid size; pass a number of bytes or a string like '5GB', '500MB', "
+            "'2GiB' (units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
         )
     if value < 1:
-        raise UsageError(f"size {size!r} is {value} bytes; pass a size of at least 1 byte")
+        raise UsageError(f"{name}={size!r} is {value} bytes; pass a size of at least 1 byte, e.g. '5GB'")
     return value
 
 

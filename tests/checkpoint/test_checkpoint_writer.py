@@ -158,7 +158,7 @@ def test_exception_inside_with_writes_no_index(tmp_path: Path) -> None:
         ({"filename": "model.bin"}, "ending in .safetensors"),
         ({"filename": "sub/model.safetensors"}, "plain file name"),
         ({"filename": ".safetensors"}, "needs a name"),
-        ({"max_shard_size": "5 parsecs"}, "invalid size"),
+        ({"max_shard_size": "5 parsecs"}, "an invalid size"),
         ({"max_shard_size": 0}, "at least 1 byte"),
     ],
 )
