@@ -179,3 +179,74 @@ def test_resume_in_a_new_process(tmp_path):
         assert a["alpha"] == pytest.approx(b["alpha"], abs=1e-6)
     base = _weights(first, "theta0.safetensors")
     _assert_mix(second / "resilient", base, _weights(second, "final.safetensors"))
+
+
+# ---------------------------------------------------------------- FSDP2 (ModelParallelStrategy + fully_shard)
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory):
+    """One 2-process FSDP2 run with the budget policy (checkpoints at steps 2, 4, 6, 8)."""
+    root = tmp_path_factory.mktemp("fsdp2")
+    _run([str(HERE / "lit_sharded.py"), str(root), "--policy", "budget"], timeout=600)
+    return root
+
+
+def test_fsdp2_merges_shards_and_writes_full_companions(fsdp2_run):
+    summaries = _summaries(fsdp2_run)
+    assert sorted(summaries) == [0, 1]
+    assert summaries[0]["sharded"] == ["DTensor"]  # the parameters really were sharded
+    assert summaries[0]["history"] == summaries[1]["history"]  # every rank made the same decisions
+    assert [h["step"] for h in summaries[0]["history"]] == [2, 4, 6, 8]
+    base = _weights(fsdp2_run, "theta0.safetensors")
+    alpha = _assert_mix(fsdp2_run / "resilient", base, _weights(fsdp2_run, "final.safetensors"))
+    assert alpha == summaries[0]["history"][-1]["alpha"]
+    ckpts = sorted((fsdp2_run / "ckpts").glob("*.ckpt"))
+    assert len(ckpts) == 4
+    for ckpt in ckpts:
+        weights = torch.load(ckpt, weights_only=False)["state_dict"]
+        _assert_mix(ckpt.with_name(ckpt.stem + ".resilient"), base, weights)
+    report = json.loads((fsdp2_run / "cocktail_report.json").read_text())
+    assert [h["alpha"] for h in report["history"]] == [h["alpha"] for h in summaries[0]["history"]]
+
+
+def test_fsdp2_resume_is_refused_with_the_reason(fsdp2_run, tmp_path):
+    ckpt = next(iter(sorted((fsdp2_run / "ckpts").glob("*step=4.ckpt"))))
+    args = [
+        sys.executable,
+        str(HERE / "lit_sharded.py"),
+        str(tmp_path),
+        "--resume",
+        str(ckpt),
+        "--max-steps",
+        "10",
+    ]
+    done = subprocess.run(
+        args, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert done.returncode != 0
+    for rank in (0, 1):
+        error = (tmp_path / f"rank{rank}.error").read_text()
+        assert "sharded run keeps its base" in error and "strategy='ddp'" in error
+
+
+def test_fsdp2_failed_write_stops_every_rank_without_partial_output(tmp_path):
+    args = [sys.executable, str(HERE / "lit_sharded.py"), str(tmp_path), "--fail-write"]
+    done = subprocess.run(
+        args, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert done.returncode != 0
+    assert "No space left" in (tmp_path / "rank0.error").read_text()
+    assert "No space left" in (tmp_path / "rank1.error").read_text()  # rank 1 learned it: no hang
+    assert not list((tmp_path / "ckpts").glob("*.resilient*"))  # no partial companion, no temp folder
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_deepspeed_zero3_partitions_are_merged_locally_and_gathered_to_write(tmp_path):
+    pytest.importorskip("deepspeed")
+    _run([str(HERE / "lit_sharded.py"), str(tmp_path), "--deepspeed", "--policy", "budget"], timeout=900)
+    summaries = _summaries(tmp_path)
+    assert summaries[0]["history"] == summaries[1]["history"]
+    base = _weights(tmp_path, "theta0.safetensors")
+    alpha = _assert_mix(tmp_path / "resilient", base, _weights(tmp_path, "final.safetensors"))
+    assert alpha == summaries[0]["history"][-1]["alpha"]
+    assert len(list((tmp_path / "ckpts").glob("*.resilient"))) == 4

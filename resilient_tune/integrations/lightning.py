@@ -14,7 +14,10 @@ What it does, by Lightning hook
 -------------------------------
 - ``setup(stage="fit")``: snapshots θ₀ (the trainable parameters of the ``LightningModule``) before a checkpoint
   is restored and before the strategy wraps the module; wraps the strategy's ``CheckpointIO`` so that every
-  checkpoint file gets its resilient companion (below).
+  checkpoint file gets its resilient companion (below). Under ``ModelParallelStrategy`` (FSDP2) and
+  ``DeepSpeedStrategy`` the snapshot waits for ``on_fit_start``: the module is built and sharded in
+  ``configure_model`` / the strategy's setup, and restored from a checkpoint only after ``on_fit_start``; each rank
+  then keeps its own shards of θ₀ (no gather).
 - ``on_load_checkpoint`` / ``load_state_dict``: a resumed run takes back its own base snapshot and α history
   (the resumed weights are never taken as the base; resuming from a checkpoint without that state is refused).
 - ``on_train_start``: fresh runs under DDP check that every rank holds rank 0's θ₀ (DDP broadcasts rank 0's
@@ -30,6 +33,12 @@ What it does, by Lightning hook
   start (``on_train_batch_start`` / ``on_validation_start``), so no rank is left waiting.
 - ``on_train_end``, written on global rank 0, the outcome agreed on every rank: ``<default_root_dir>/resilient/``,
   ``<default_root_dir>/cocktail_report.json`` and ``cocktail_report.png``.
+
+Sharded strategies (``ModelParallelStrategy`` with ``fully_shard``; ``DeepSpeedStrategy``) save checkpoints on
+every rank, so companions are written from a wrapper of ``strategy.save_checkpoint``: every rank merges its own
+shards in place, the merged model is gathered once to rank 0's CPU, rank 0 writes, and every rank learns the outcome
+(a failed write raises on every rank). ``FSDPStrategy`` (FSDP1) is refused with a pointer to ``ModelParallelStrategy``.
+A sharded run keeps θ₀ in memory only, so it cannot be resumed with its base (a resume is refused).
 
 A resilient folder holds ``model.safetensors`` (the merged ``pl_module.state_dict()``, same keys, tied parameters
 under every name), ``cocktail.json``, a model card ``README.md`` and, when the module holds a transformers model,
@@ -64,8 +73,9 @@ from typing import Any
 
 import torch
 
-from resilient_tune.checkpoint import atomic_dir
-from resilient_tune.distributed import on_rank_zero
+from resilient_tune.checkpoint import atomic_dir, open_checkpoint
+from resilient_tune.distributed import is_sharded_model, on_rank_zero
+from resilient_tune.engine import write_model_folder
 from resilient_tune.errors import UsageError
 from resilient_tune.integrations._common import (
     BASE_FOLDER,
@@ -87,7 +97,16 @@ HF_FOLDER = "hf"
 _PENDING = ".pending"
 _RAW = "__resilient_tune_batch__"  # wraps a batch that is not a dict, so that the probes can carry it
 _ADAPTERS = {"lightning.pytorch": "lightning", "pytorch_lightning": "pytorch_lightning"}
-_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+# strategies whose save_checkpoint runs on every rank (their parameters may be sharded): companions are written
+# collectively from a wrapper of strategy.save_checkpoint, not from the rank-0 CheckpointIO
+_COLLECTIVE = ("ModelParallelStrategy", "DeepSpeedStrategy")
+_REFUSED = {
+    "FSDPStrategy": (
+        "FSDPStrategy (FSDP1: flattened parameters the merge cannot address) is not supported; use FSDP2 through "
+        "ModelParallelStrategy (call torch.distributed.fsdp.fully_shard in configure_model), e.g. "
+        "Trainer(strategy=ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)), or strategy='ddp'"
+    ),
+}
 
 
 def callback_bases(package: str) -> tuple[tuple[type, ...], ImportError | None]:
@@ -146,6 +165,8 @@ class LightningCocktail(CocktailCore):
         self._warned_remote = False
         self._deferred: tuple[str, Exception] | None = None  # a rank-0 write that failed, not yet agreed on
         self._saves_to_agree = 0
+        self._collective = False  # a strategy that saves on every rank (see _COLLECTIVE)
+        self._saver: _CollectiveSave | None = None
 
     # ------------------------------------------------------------------ Lightning: state
     @property
@@ -205,10 +226,19 @@ class LightningCocktail(CocktailCore):
             return
         self._reset_run()
         self._trainer, self._module = trainer, pl_module
-        root = _root(trainer)
-        # a resume is only known after this hook: an on-disk θ₀ goes to a pending folder until on_train_start
-        self._take_snapshot(pl_module, root / (BASE_FOLDER + _PENDING))
+        self._collective = _strategy_named(trainer, self._package, _COLLECTIVE) is not None
+        if not self._collective:
+            # a resume is only known after this hook: an on-disk θ₀ goes to a pending folder until on_train_start
+            self._take_snapshot(pl_module, _root(trainer) / (BASE_FOLDER + _PENDING))
         self._io = _ResilientCheckpointIO.install(trainer.strategy, self)
+        if self._collective:
+            self._saver = _CollectiveSave.install(trainer.strategy, self)
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Sharded strategies: snapshot θ₀ now, after ``configure_model`` and the strategy's setup built and sharded
+        the module, and before a checkpoint is restored (these strategies restore after ``on_fit_start``)."""
+        if self._active and self._collective:
+            self._take_snapshot(pl_module, _root(trainer) / (BASE_FOLDER + _PENDING))
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if not self._active:
@@ -216,10 +246,17 @@ class LightningCocktail(CocktailCore):
         root = _root(trainer)
         pending = root / (BASE_FOLDER + _PENDING)
         if self._stored is not None or trainer.ckpt_path is not None:
+            if self._collective and is_sharded_model(pl_module):
+                raise UsageError(
+                    f"resuming from {trainer.ckpt_path}: a sharded run keeps its base θ₀ in memory only (each rank its "
+                    "own shards), so CocktailCallback cannot take it back yet; start a new run, or train with "
+                    "strategy='ddp' to be able to resume"
+                )
             self._drop_pending(pending)
             self._restore(self._stored, pl_module, trainer.global_step, moved=root / BASE_FOLDER)
             return
-        self._align_ranks(trainer, pl_module)
+        if not self._collective:  # sharded: each rank's θ₀ shards differ by design
+            self._align_ranks(trainer, pl_module)
         if self._engine.snapshot.storage == "disk":
             self._promote_pending(pending, root / BASE_FOLDER)
 
@@ -246,6 +283,14 @@ class LightningCocktail(CocktailCore):
         entry = self._decision_at(trainer.global_step, pl_module)
         root = _root(trainer)
 
+        if self._collective:  # every rank takes part in the gather
+            if self.save_resilient:
+                self._write_folder_collective(root / RESILIENT_FOLDER, trainer.global_step, entry)
+            on_rank_zero(
+                lambda: self._write_report(root / REPORT_FILE, entry), f"writing {root / REPORT_FILE}"
+            )
+            return
+
         def write() -> None:
             if self.save_resilient:
                 self._write_folder(root / RESILIENT_FOLDER, trainer.global_step, entry)
@@ -263,9 +308,14 @@ class LightningCocktail(CocktailCore):
             self._agree()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage == "fit" and self._io is not None:
+        if stage != "fit":
+            return
+        if self._io is not None:
             self._io.uninstall()
             self._io = None
+        if self._saver is not None:
+            self._saver.uninstall()
+            self._saver = None
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, "fit")
@@ -281,15 +331,11 @@ class LightningCocktail(CocktailCore):
                 f"this CocktailCallback is built on {self._package}, but the Trainer comes from {used} (Lightning does "
                 f"not mix the two packages); use: from resilient_tune.integrations.{right} import CocktailCallback"
             )
-        for name in _SHARDED:
-            strategy_class = getattr(package.strategies, name, None)
-            if strategy_class is not None and isinstance(trainer.strategy, strategy_class):
-                raise NotImplementedError(
-                    f"the Lightning CocktailCallback does not support {name} yet: its checkpoint companions are "
-                    "written from the strategy's CheckpointIO, which runs on rank 0 alone, while sharded parameters "
-                    "need every rank in the gather (the engine itself merges FSDP2/ZeRO-3 shards; see "
-                    "docs/distributed.md). Use strategy='ddp' or a single device."
-                )
+        refused = _strategy_named(trainer, self._package, tuple(_REFUSED))
+        if refused is not None:
+            raise NotImplementedError(
+                f"the Lightning CocktailCallback: {_REFUSED[refused]} (see docs/lightning.md)"
+            )
 
     def _align_ranks(self, trainer: Any, pl_module: Any) -> None:
         """Under DDP: if a rank's θ₀ differs from rank 0's, snapshot the live (already broadcast) weights again."""
@@ -380,8 +426,9 @@ class LightningCocktail(CocktailCore):
 
     # ------------------------------------------------------------------ output
     def _write_companion(self, checkpoint_path: Any) -> None:
-        """Write ``<stem>.resilient/`` next to a checkpoint file just saved (global rank 0)."""
-        if not self._active or not self.save_resilient or not self._engine.has_snapshot:
+        """Write ``<stem>.resilient/`` next to a checkpoint file just saved (global rank 0; sharded strategies
+        write from :meth:`_write_companion_collective` instead)."""
+        if not self._active or not self.save_resilient or not self._engine.has_snapshot or self._collective:
             return
         folder = _companion(checkpoint_path)
         if folder is None:
@@ -422,6 +469,72 @@ class LightningCocktail(CocktailCore):
                 raise error
 
         on_rank_zero(held_error, what)
+
+    def _write_companion_collective(self, checkpoint_path: Any) -> None:
+        """Sharded strategies, **every rank**: write ``<stem>.resilient/`` next to the checkpoint just saved."""
+        if not self._active or not self.save_resilient or not self._engine.has_snapshot:
+            return
+        folder = _companion(self._trainer.strategy.broadcast(checkpoint_path, src=0))
+        if folder is None:
+            if not self._warned_remote:
+                logger.warning("CocktailCallback: %s is not a local path; no resilient copy", checkpoint_path)
+                self._warned_remote = True
+            return
+        self._write_folder_collective(folder, self._trainer.global_step, None)
+
+    def _write_folder_collective(self, folder: Path, step: int, entry: Mapping[str, Any] | None) -> None:
+        """The resilient folder of a sharded module, **every rank calls it**: the same layout as
+        :meth:`_write_folder`. Each rank merges its own shards, one gather brings the merged module to rank 0's CPU,
+        rank 0 writes (``hf/`` is cut from the merged ``model.safetensors``), and a failure raises on every rank."""
+        module = self._module
+        entry = entry or self._current_entry()
+        if isinstance(self._engine, LoraEngine):
+            raise NotImplementedError(
+                "PEFT LoRA under a sharded Lightning strategy is not supported; use strategy='ddp' for LoRA runs"
+            )
+        staging: dict[str, Path] = {}
+        with contextlib.ExitStack() as stack:
+
+            def begin() -> None:
+                staging["tmp"] = stack.enter_context(atomic_dir(folder, overwrite=True))
+
+            on_rank_zero(begin, f"writing {folder}")  # a folder that cannot be made fails every rank here
+            tmp = Path(self._trainer.strategy.broadcast(str(staging.get("tmp", "")), src=0))
+            self._write(module, tmp / "engine", step, entry=entry, collective=True, dedupe_tied=False)
+            on_rank_zero(lambda: self._finish_folder(tmp), f"writing {folder}")
+
+    def _finish_folder(self, tmp: Path) -> None:
+        """Rank 0, sharded path: move the engine's files up to ``tmp`` and cut ``hf/`` (the transformers model inside
+        the module) out of the merged ``model.safetensors``."""
+        inner = tmp / "engine"
+        for path in inner.iterdir():
+            os.replace(path, tmp / path.name)
+        inner.rmdir()
+        hf_model = _transformers_model(self._module)
+        if hf_model is None:
+            return
+        prefix = next(name for name, sub in self._module.named_modules() if sub is hf_model)
+        prefix = f"{prefix}." if prefix else ""
+        doc = json.loads((tmp / COCKTAIL_FILE).read_text())
+        with open_checkpoint(tmp) as reader:
+            keys = [k for k in reader if k.startswith(prefix)]
+
+            def items(lazy: bool) -> Iterator[tuple[str, torch.Tensor]]:
+                for key in keys:  # lazily: shapes and dtypes only (the writer plans its header)
+                    info = reader.info(key)
+                    value = (
+                        torch.empty(info.shape, dtype=info.dtype, device="meta") if lazy else reader.get(key)
+                    )
+                    yield key[len(prefix) :], value
+
+            write_model_folder(
+                tmp / HF_FOLDER,
+                items,
+                doc,
+                config_from=hf_model,
+                tokenizer=_tokenizer(self._module, self._trainer),
+                max_shard_size=self.max_shard_size,
+            )
 
     def _remove_companion(self, checkpoint_path: Any) -> None:
         folder = _companion(checkpoint_path)
@@ -498,6 +611,30 @@ class _ResilientCheckpointIO:
         if name.startswith("__") or name in ("_inner", "_callback", "_strategy"):
             raise AttributeError(name)
         return getattr(self._inner, name)
+
+
+class _CollectiveSave:
+    """Wraps ``strategy.save_checkpoint`` of a strategy that saves on every rank (``ModelParallelStrategy``,
+    ``DeepSpeedStrategy``): after the checkpoint is saved, every rank writes its resilient companion together."""
+
+    def __init__(self, strategy: Any, callback: LightningCocktail) -> None:
+        self._strategy = strategy
+        self._callback = callback
+        self._inner = strategy.save_checkpoint
+
+    @classmethod
+    def install(cls, strategy: Any, callback: LightningCocktail) -> _CollectiveSave:
+        saver = cls(strategy, callback)
+        strategy.save_checkpoint = saver  # an instance attribute: the class method stays untouched
+        return saver
+
+    def uninstall(self) -> None:
+        if self._strategy.__dict__.get("save_checkpoint") is self:
+            del self._strategy.save_checkpoint
+
+    def __call__(self, checkpoint: dict[str, Any], filepath: Any, *args: Any, **kwargs: Any) -> None:
+        self._inner(checkpoint, filepath, *args, **kwargs)
+        self._callback._write_companion_collective(filepath)
 
 
 class _ProbeModule(torch.nn.Module):
@@ -599,6 +736,16 @@ def _from_files(data: Any) -> Any:
     if isinstance(data, Mapping):
         return {k: load_examples(v) if isinstance(v, (str, os.PathLike)) else v for k, v in data.items()}
     return data
+
+
+def _strategy_named(trainer: Any, package: str, names: tuple[str, ...]) -> str | None:
+    """The first of ``names`` (classes of ``<package>.strategies``) that ``trainer.strategy`` is an instance of."""
+    strategies = importlib.import_module(f"{package}.strategies")
+    for name in names:
+        strategy_class = getattr(strategies, name, None)
+        if strategy_class is not None and isinstance(trainer.strategy, strategy_class):
+            return name
+    return None
 
 
 def _root(trainer: Any) -> Path:

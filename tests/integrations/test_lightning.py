@@ -360,3 +360,14 @@ def test_missing_lightning_names_the_extra(monkeypatch):
     monkeypatch.setattr(CocktailCallback, "_import_error", ImportError("No module named 'lightning'"))
     with pytest.raises(ImportError, match=r"pip install 'resilient-tune\[lightning\]'"):
         CocktailCallback()
+
+
+def test_fsdp1_strategy_is_refused_with_the_fsdp2_way(tmp_path, monkeypatch):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    # Lightning builds FSDPStrategy only on GPUs: put one in a CPU Trainer to reach the callback's check
+    trainer = L.Trainer(default_root_dir=str(tmp_path), accelerator="cpu", devices=1, logger=False)
+    monkeypatch.setattr(trainer._accelerator_connector, "strategy", FSDPStrategy())
+    with pytest.raises(NotImplementedError, match=r"FSDPStrategy.*ModelParallelStrategy.*fully_shard"):
+        CocktailCallback().setup(trainer, Regressor(), "fit")
+    assert not list(tmp_path.iterdir())  # refused before anything was written
