@@ -159,6 +159,7 @@ def shell_commands(code: str) -> list[list[str]]:
     """The ``resilient-tune`` command lines of a shell block, as argv lists (program name dropped)."""
     commands = []
     for logical in code.replace("\\\n", " ").splitlines():
+        logical = logical.strip().removeprefix("$ ")  # a console prompt
         try:
             tokens = shlex.split(logical, comments=True)
         except ValueError:
@@ -295,13 +296,14 @@ def test_parser_of_the_page_format(tmp_path):
     page.write_text(
         "text\n\n<!-- docs-test: setup\nx = 1\n-->\n\n```python\ny = x + 1\n```\n\n"
         "<!-- docs-test: skip (needs 2 GPUs) -->\n```bash\ntorchrun --nproc_per_node 2 t.py\n```\n"
-        "```bash\nHF_HUB_OFFLINE=1 resilient-tune merge a b \\\n  --out c  # comment\npip install x\n```\n"
+        "```bash\nHF_HUB_OFFLINE=1 resilient-tune merge a b \\\n  --out c  # comment\npip install x\n"
+        "$ resilient-tune methods | head -3\n```\n"
     )
     setup, py, skipped, shell = parse_page(page)
     assert (setup.lang, setup.code) == ("setup", "x = 1\n")
     assert (py.lang, py.code, py.skip) == ("python", "y = x + 1\n", None)
     assert (skipped.lang, skipped.skip) == ("bash", "needs 2 GPUs")
-    assert shell_commands(shell.code) == [["merge", "a", "b", "--out", "c"]]
+    assert shell_commands(shell.code) == [["merge", "a", "b", "--out", "c"], ["methods"]]
     page.write_text("<!-- docs-test: skip () -->\n```python\npass\n```\n")
     with pytest.raises(AssertionError, match="needs a reason"):
         parse_page(page)
