@@ -416,3 +416,23 @@ def test_every_page_is_reachable():
     assert {"docs/index.md", "docs/quickstart.md"} <= readme
     for link in readme | {f"docs/{name}" for name in index | nav}:
         assert (ROOT / link).is_file() or Path(link).name in PENDING_PAGES, f"broken link {link}"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's (and mkdocs toc's, for ASCII headings) anchor of a heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
+
+
+def test_anchor_links_resolve():
+    anchors = {}
+    for page in PAGES:
+        prose = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+        anchors[page.resolve()] = {_slug(h) for h in re.findall(r"^#+ (.*)$", prose, re.M)}
+    broken = []
+    for page in PAGES:
+        for link, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", page.read_text(encoding="utf-8")):
+            target = (page.parent / link).resolve() if link else page.resolve()
+            if target in anchors and anchor not in anchors[target]:
+                broken.append(f"{_name(page)}: {link}#{anchor}")
+    assert not broken, f"links to headings that do not exist: {broken}"
