@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -159,13 +161,14 @@ class StreamingWriter:
                 f"{list(tensor.shape)}; convert it or fix the plan"
             )
         data = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
-        handle = self._handle(shard)
-        if planned.nbytes:
-            handle.seek(offset)
-            write_all(handle, byte_view(data))
-        self._remaining[shard].discard(key)
-        if not self._remaining[shard]:
-            self._finish(shard)
+        with _disk_errors(self.files[shard]):
+            handle = self._handle(shard)
+            if planned.nbytes:
+                handle.seek(offset)
+                write_all(handle, byte_view(data))
+            self._remaining[shard].discard(key)
+            if not self._remaining[shard]:
+                self._finish(shard)
 
     def close(self) -> list[Path]:
         """Finish: check every planned tensor was written, fsync the files and write the index if sharded.
@@ -189,10 +192,12 @@ class StreamingWriter:
             )
         for shard, remaining in enumerate(self._remaining):
             if not remaining and shard not in self._started:  # only for an empty plan
-                self._handle(shard)
-                self._finish(shard)
+                with _disk_errors(self.files[shard]):
+                    self._handle(shard)
+                    self._finish(shard)
         if self._index_path is not None:
-            self._write_index(self._index_path)
+            with _disk_errors(self._index_path):
+                self._write_index(self._index_path)
         self._closed = True
         return list(self.files)
 
@@ -240,6 +245,22 @@ class StreamingWriter:
             file.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
             file.flush()
             os.fsync(file.fileno())
+
+
+@contextlib.contextmanager
+def _disk_errors(path: Path) -> Iterator[None]:
+    """Re-raise an ``OSError`` while writing ``path`` (a full disk, a file-size limit, ...) naming the file and the fix.
+
+    The new error has the same ``errno`` (so the same ``OSError`` subclass) and chains the original.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            hint = "free disk space (or raise the file-size limit / quota) and run again"
+        else:
+            hint = "check that the folder is writable and has free space, then run again"
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}; {hint}") from exc
 
 
 def _split(plan: Mapping[str, TensorInfo], limit: int) -> list[list[str]]:
