@@ -19,7 +19,7 @@ with ``needs_ingredient_losses = True`` and take them as ``choose(evaluate, ingr
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Union, runtime_checkable
 
@@ -140,13 +140,17 @@ class BudgetPolicy:
 
     1. ``α = 0`` (the base's loss; the caller may cache it, it never changes) and ``α = 1`` (the fine-tuned
        model). If ``α = 1`` is within budget it is chosen.
-    2. Otherwise the bracket ``[lo, hi]`` (``lo`` within budget, ``hi`` over it) is narrowed by solving a power
-       law ``L(α) = L(0) + c·α^p`` fitted through the two nearest measured points (``p = 2`` from the first one:
-       the general loss of ``θ₀ + α·Δ`` grows roughly quadratically in α near the base), aiming just inside the
-       bound, every guess kept at least 10% of the bracket away from its ends; when the same end of the bracket
-       moves twice in a row the curve is not a power law there and the next guess bisects. It stops
-       when a measured α is within budget and uses at least ``1 − slack`` of the allowed increase, when the
-       bracket is narrower than ``tolerance``, or after ``max_passes`` passes in all.
+    2. Otherwise the bracket ``[lo, hi]`` (``lo`` within budget, ``hi`` over it) is narrowed by a fitted curve.
+       In normalised form ``g(α) = (L(α) − L(0)) / (L(1) − L(0))`` the loss is modelled as the quadratic
+       ``g(α) = b·α + (1 − b)·α²`` through both ends; ``b`` is fitted (least squares) to the measured points nearest
+       the bracket; before any interior point it comes from the previous decision's measurements (``previous``:
+       the curve moves little between two evaluations), else ``b = 0`` (a pure quadratic: the loss of
+       ``θ₀ + α·Δ`` grows roughly quadratically near the base). ``b < 0`` models the common dip of the general
+       loss below the base's at moderate α. The guess solves ``L(α) = aim``, just inside the bound, and is kept
+       at least 10% of the bracket away from its ends; when the same end of the bracket moves twice in a row, or
+       the fit has no root in the bracket, the next guess bisects. It stops when a measured α is within budget and
+       uses at least ``1 − slack`` of the allowed increase, when the bracket is narrower than ``tolerance``, or
+       after ``max_passes`` passes in all.
 
     The chosen α is always one that was *measured* within budget (or 0, the base itself), so the written model
     honours the budget on the probe data.
@@ -154,15 +158,17 @@ class BudgetPolicy:
     Args:
         drift_budget: Allowed relative increase of the general-probe loss, ``>= 0`` (``0.05`` = 5%).
         tolerance: Bracket width in α at which the search stops, in ``(0, 1)``.
-        slack: Accept a measured α whose loss increase is within this fraction below the bound, in ``(0, 1)``.
+        slack: Accept a measured α whose loss increase is within this fraction below the bound, in ``(0, 1)``
+            (0.25: any α using 75–100% of the allowed increase).
         max_passes: Cap on probe passes per decision (base and ``α = 1`` included), ``>= 2``.
     """
 
     name = "budget"
     needs_general_data = True
+    uses_previous = True
 
     def __init__(
-        self, drift_budget: float = 0.05, *, tolerance: float = 0.05, slack: float = 0.1, max_passes: int = 6
+        self, drift_budget: float = 0.05, *, tolerance: float = 0.05, slack: float = 0.25, max_passes: int = 6
     ) -> None:
         if (
             isinstance(drift_budget, bool)
@@ -185,7 +191,14 @@ class BudgetPolicy:
         self.slack = float(slack)
         self.max_passes = max_passes
 
-    def choose(self, evaluate: Evaluate | None, **_: Any) -> Decision:
+    def choose(self, evaluate: Evaluate | None, *, previous: Any = None, **_: Any) -> Decision:
+        """Search α (see the class docs).
+
+        Args:
+            evaluate: ``evaluate(alpha) -> general-probe loss`` (one probe pass).
+            previous: The previous decision of the run (a :class:`Decision` or its ``to_dict()``), whose measured
+                points give the curve's shape before this decision has measured any; ``None``: no prior.
+        """
         if evaluate is None:
             raise UsageError(
                 "the budget policy measures general-probe losses; pass an evaluate(alpha) function"
@@ -212,13 +225,14 @@ class BudgetPolicy:
 
         if top <= threshold:
             return decide(1.0, top, "the fine-tuned model is within the budget")
+        prior = _prior_shape(previous)
         (lo, f_lo), hi = (0.0, base), 1.0
         last_side = ""
         while len(measured) < self.max_passes and hi - lo > self.tolerance:
-            alpha = _next_guess(measured, lo, hi, base, aim, bisect=last_side == "repeat")
+            alpha = _next_guess(measured, lo, hi, aim, bisect=last_side == "repeat", prior=prior)
             loss = measure(alpha)
             side = "lo" if loss <= threshold else "hi"
-            # the same end moved twice in a row: the curve is not what regula falsi assumes, so bisect next
+            # the same end moved twice in a row: the fit is off there, so bisect next
             last_side = "repeat" if side == last_side else side
             if side == "lo":
                 lo, f_lo = alpha, loss
@@ -293,42 +307,106 @@ class CocktailPolicy:
         return f"CocktailPolicy(alpha={self.alpha}, temperature={self.temperature})"
 
 
+def _normalised(measured: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Interior points ``(α, g)`` with ``g = (L(α) − L(0)) / (L(1) − L(0))``; ``[]`` when the ends are missing or
+    ``L(1) <= L(0)``."""
+    ends = {a: f for a, f in measured if a in (0.0, 1.0)}
+    if len(ends) < 2 or ends[1.0] <= ends[0.0]:
+        return []
+    rise = ends[1.0] - ends[0.0]
+    return [(a, (f - ends[0.0]) / rise) for a, f in measured if 0.0 < a < 1.0]
+
+
+def _fit_b(points: Sequence[tuple[float, float]]) -> float | None:
+    """Least-squares ``b`` of ``g(α) = b·α + (1 − b)·α²`` through ``points`` (``None`` without any)."""
+    num = sum((a - a * a) * (g - a * a) for a, g in points)
+    den = sum((a - a * a) ** 2 for a, g in points)
+    return num / den if den > 0 else None
+
+
+def _prior_shape(previous: Any) -> float:
+    """``b`` fitted to the previous decision's measured points (0.0, a pure quadratic, without them)."""
+    if previous is None:
+        return 0.0
+    evaluated = (
+        previous.get("evaluated") if isinstance(previous, Mapping) else getattr(previous, "evaluated", ())
+    )
+    try:
+        points = _normalised([(float(a), float(f)) for a, f in evaluated or ()])
+    except (TypeError, ValueError):
+        return 0.0
+    b = _fit_b(points)
+    return 0.0 if b is None or not math.isfinite(b) else b
+
+
 def _next_guess(
     measured: list[tuple[float, float]],
     lo: float,
     hi: float,
-    base: float,
     aim: float,
     *,
     bisect: bool = False,
+    prior: float = 0.0,
 ) -> float:
-    """Next α to measure: a power law ``L(α) = base + c·α^p`` through the two measured points with a loss above
-    the base's that are nearest the bracket (``p = 2`` when there is only one), solved for ``L = aim``; kept 10%
-    of the bracket away from its ends. The midpoint when ``bisect`` or when no power law fits."""
+    """Next α to measure, solving a fitted curve for ``L(α) = aim`` in normalised form ``g``, kept 10% of the
+    bracket away from its ends; the midpoint when ``bisect`` or when the fit has no root in the bracket.
+
+    The curve: before any interior point, ``g(α) = b·α + (1 − b)·α²`` with ``b = prior``; once interior points
+    are measured and all lie above the base, a power law ``g = c·α^p`` through the two points nearest the
+    bracket (``α = 1`` included), which follows curves flatter or sharper than a quadratic; when one dips below
+    the base, the quadratic with ``b`` fitted to the two interior points nearest the bracket."""
     width = hi - lo
     guess = lo + 0.5 * width
-    above = sorted((a, f - base) for a, f in measured if a > 0 and f > base)
-    if not bisect and above:
-        near = sorted(above, key=lambda point: min(abs(point[0] - lo), abs(point[0] - hi)))[:2]
-        (a1, d1), (a2, d2) = (near[0], near[0]) if len(near) == 1 else sorted(near)
-        power = 2.0 if a1 == a2 or d1 == d2 else math.log(d2 / d1) / math.log(a2 / a1)
-        if power > 0 and aim > base:
-            guess = a2 * ((aim - base) / d2) ** (1.0 / power)
+    ends = {a: f for a, f in measured if a in (0.0, 1.0)}
+    points = _normalised(measured)
+    if not bisect and len(ends) == 2 and ends[1.0] > ends[0.0]:
+        target = (aim - ends[0.0]) / (ends[1.0] - ends[0.0])
+        closeness = lambda p: min(abs(p[0] - lo), abs(p[0] - hi))  # noqa: E731
+        if points and all(g > 0 for _, g in points):
+            (a1, g1), (a2, g2) = sorted(sorted([*points, (1.0, 1.0)], key=closeness)[:2])
+            power = math.log(g2 / g1) / math.log(a2 / a1) if g1 != g2 else 0.0
+            roots = [a2 * (target / g2) ** (1.0 / power)] if power > 0 and target > 0 else []
+        else:
+            fitted = _fit_b(sorted(points, key=closeness)[:2])
+            b = prior if fitted is None else fitted
+            roots = _roots(1.0 - b, b, -target)
+        inside = [r for r in roots if lo < r < hi]
+        if inside:
+            guess = max(inside)
     return min(max(guess, lo + 0.1 * width), hi - 0.1 * width)
 
 
+def _roots(a: float, b: float, c: float) -> list[float]:
+    """Real roots of ``a·x² + b·x + c`` (linear when ``a`` is ~0)."""
+    if abs(a) < 1e-12:
+        return [] if abs(b) < 1e-12 else [-c / b]
+    disc = b * b - 4.0 * a * c
+    if disc < 0:
+        return []
+    root = math.sqrt(disc)
+    return [(-b - root) / (2.0 * a), (-b + root) / (2.0 * a)]
+
+
 def choose(
-    policy: Policy, evaluate: Evaluate | None, *, ingredient_losses: IngredientLosses | None = None
+    policy: Policy,
+    evaluate: Evaluate | None,
+    *,
+    ingredient_losses: IngredientLosses | None = None,
+    previous: Decision | Mapping[str, Any] | None = None,
 ) -> Decision:
     """Ask ``policy`` for a decision, passing ``ingredient_losses`` only to the policies that declare
-    ``needs_ingredient_losses`` (so user policies with a plain ``choose(evaluate)`` keep working).
+    ``needs_ingredient_losses`` and ``previous`` (the run's previous decision, or its ``to_dict()``) only to those
+    that declare ``uses_previous`` (so user policies with a plain ``choose(evaluate)`` keep working).
 
     The caller applies the decision: ``alpha``, and ``weights`` when not ``None`` (e.g.
     ``engine.set_weights(decision.weights)``) before it measures or writes the chosen mix.
     """
+    options: dict[str, Any] = {}
     if getattr(policy, "needs_ingredient_losses", False):
-        return policy.choose(evaluate, ingredient_losses=ingredient_losses)  # type: ignore[call-arg]
-    return policy.choose(evaluate)
+        options["ingredient_losses"] = ingredient_losses
+    if getattr(policy, "uses_previous", False):
+        options["previous"] = previous
+    return policy.choose(evaluate, **options)  # type: ignore[call-arg]
 
 
 def get_policy(name: str | Policy, **options: Any) -> Policy:

@@ -83,3 +83,75 @@ def test_engine_merges_zero3_partitions_in_place(monkeypatch, tmp_path):
             torch.testing.assert_close(p.ds_tensor, expected, rtol=0, atol=1e-6)
     for name, p in model.named_parameters():
         assert torch.equal(p.ds_tensor, live[name])  # restored bit-exactly
+
+
+_TWO_RANKS = """
+import json, sys
+from pathlib import Path
+import torch, torch.distributed as dist
+from resilient_tune.integrations._common import CocktailCore
+
+rank, root = int(sys.argv[1]), Path(sys.argv[2])
+dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=2)
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 2)
+folder = root / "blocked" / "resilient"  # rank 0's write fails: "blocked" is a file
+outcomes = []
+for strict in (False, True):
+    core = CocktailCore(strict=strict)
+    core._take_snapshot(model, root / "base")
+    outcome = {"rank": rank, "strict": strict}
+    try:
+        outcome["returned"] = core._guarded(lambda: core._write(model, folder, 3), folder, 3)
+    except Exception as exc:
+        outcome["raised"] = f"{type(exc).__name__}: {exc}"
+    outcome["failures"] = core.save_failures
+    total = torch.ones(1)
+    dist.all_reduce(total)  # both ranks reach the next collective: nobody hangs
+    outcome["after"] = float(total)
+    outcomes.append(outcome)
+print(json.dumps(outcomes))
+dist.destroy_process_group()
+"""
+
+
+def test_a_failed_rank_zero_write_keeps_two_ranks_in_agreement(tmp_path):
+    """2 processes over gloo: rank 0's resilient write fails. Non-strict, both ranks record it and go on; strict,
+    both raise (rank 0 its own error, rank 1 the same class naming rank 0's). Both reach the next collective."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "blocked").write_text("not a folder")
+    script = tmp_path / "two_ranks.py"
+    script.write_text(_TWO_RANKS)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    outcomes = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail("a rank hung after rank 0's failed write")
+        assert proc.returncode == 0, err[-2000:]
+        outcomes += json.loads(out.strip().splitlines()[-1])
+    folder = str(tmp_path / "blocked" / "resilient")
+    assert len(outcomes) == 4 and all(o["after"] == 2.0 for o in outcomes)
+    for o in outcomes:
+        if o["strict"]:
+            assert o["raised"].startswith("UsageError") and "is a file" in o["raised"] and o["failures"] == []
+            assert ("rank 0 failed writing" in o["raised"]) == (o["rank"] == 1)
+        else:
+            assert o["returned"] is None and "raised" not in o
+            assert [f["path"] for f in o["failures"]] == [folder]
+            assert "is a file" in o["failures"][0]["error"]
+    assert (tmp_path / "blocked").read_text() == "not a folder"

@@ -29,14 +29,21 @@ import json
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from resilient_tune.checkpoint import parse_size
-from resilient_tune.distributed import is_sharded_model, mean_across_ranks, on_rank_zero, world_size
+from resilient_tune.distributed import (
+    is_rank_zero,
+    is_sharded_model,
+    mean_across_ranks,
+    on_rank_zero,
+    world_size,
+)
 from resilient_tune.engine import CocktailEngine, check_alpha
 from resilient_tune.errors import IncompatibleModelsError, UsageError
 from resilient_tune.integrations.peft import FORMAT as LORA_FORMAT
@@ -54,6 +61,7 @@ __all__ = [
     "TARGET_DEFAULT_EXAMPLES",
     "CocktailCore",
     "ScoreFn",
+    "check_writable",
     "head",
     "make_policy",
     "metrics",
@@ -77,11 +85,13 @@ CONFIG_FIELDS = (
     "kl_top_k",
     "snapshot_on_disk",
     "max_shard_size",
+    "strict",
 )
 """The attributes the constructor sets: a callback rebuilt by a framework copies them from the original."""
 
 ScoreFn = Callable[[torch.nn.Module, Mapping[str, Any]], Any]
 Batches = list[Any]
+T = TypeVar("T")
 
 
 class CocktailCore:
@@ -120,6 +130,11 @@ class CocktailCore:
         kl_top_k: Keep the base's ``k`` most likely tokens per position for the KL probe (``None``: all).
         max_shard_size: Shard size of the written weights (bytes or ``"5GB"``).
         seed: Seed of random merge methods (DARE).
+        strict: What a failed resilient save does (disk full, no permission, a non-finite merge result, ...).
+            ``False`` (default): it is logged loudly (``logger.error`` with the folder and the cause, the metric
+            ``cocktail/save_failed``, a record in the run state and the report) and training goes on; no
+            half-written folder is left. ``True``: the error is raised and stops the run. Under DDP every rank
+            takes the same path (rank 0's outcome is agreed by a collective), so no rank is left waiting.
 
     Raises:
         ImportError: The framework is not installed (the message names the extra to install).
@@ -152,6 +167,7 @@ class CocktailCore:
         kl_top_k: int | None = 32,
         max_shard_size: int | str = "5GB",
         seed: int = 0,
+        strict: bool = False,
     ) -> None:
         self._check_installed()
         alpha = check_alpha(alpha)
@@ -185,6 +201,7 @@ class CocktailCore:
         self.save_resilient = bool(save_resilient)
         self.kl_top_k = kl_top_k
         self.max_shard_size = max_shard_size
+        self.strict = bool(strict)
         self._reset_run()
         self._init_framework()
 
@@ -220,6 +237,11 @@ class CocktailCore:
         return list(self._history)
 
     @property
+    def save_failures(self) -> list[dict[str, Any]]:
+        """The resilient saves that failed in this run (``strict=False``): ``{"step", "path", "error"}`` each."""
+        return [dict(f) for f in self._save_failures]
+
+    @property
     def alpha(self) -> float:
         """The current α (the last decision's, or the policy's before any decision)."""
         return self._history[-1]["alpha"] if self._history else self._engine.alpha
@@ -237,6 +259,7 @@ class CocktailCore:
         self._probe_module: torch.nn.Module | None = None
         self._score: ScoreFn | None = None
         self._passes = 0
+        self._save_failures: list[dict[str, Any]] = []
 
     def _take_snapshot(self, model: torch.nn.Module, base_dir: Path) -> None:
         """Start a run on ``model``: pick the engine (a ``LoraEngine`` for a PEFT LoRA model, which copies nothing),
@@ -289,6 +312,7 @@ class CocktailCore:
             "snapshot": self._snapshot_state,
             "history": self._history,
             "base_general_loss": None if self._base_result is None else self._base_result.loss,
+            "save_failures": self._save_failures,
             "cocktail": {
                 "ingredient_losses": self._ingredient_losses,
                 "peers": peers.identities() if peers is not None else [],
@@ -346,6 +370,8 @@ class CocktailCore:
             self._engine.attach(Snapshot.load(snap_state, device=device), model)
         self._snapshot_state = snap_state
         self._history = [dict(e) for e in stored.get("history", []) if e.get("step", 0) <= step]
+        failures = stored.get("save_failures") or []
+        self._save_failures = [dict(f) for f in failures if f.get("step", 0) <= step]
         base_loss = stored.get("base_general_loss")
         if base_loss is not None:
             self._base_result = ProbeResult(float(base_loss), None, 0)
@@ -419,6 +445,10 @@ class CocktailCore:
                     name: base_log_probs(scorer, batches, top_k=self.kl_top_k)
                     for name, batches in self._batches.items()
                 }
+        if self._batches and self._base_result is None:
+            # the α = 0 pass every decision needs, made once per run and before training: bad probe data (no
+            # labels, a loss the model cannot compute) fails here rather than at the first evaluation
+            self._base_result = self._probe_general(model, 0.0)
 
     @contextlib.contextmanager
     def _base_weights(self) -> Iterator[None]:
@@ -448,8 +478,12 @@ class CocktailCore:
             return results[alpha]
 
         evaluate = (lambda a: _loss(measure(a))) if self._batches else None
+        previous = self._history[-1].get("decision") if self._history else None  # restored on resume too
         decision: Decision = choose(
-            self._policy, evaluate, ingredient_losses=lambda: self._losses_of_ingredients(model)
+            self._policy,
+            evaluate,
+            ingredient_losses=lambda: self._losses_of_ingredients(model),
+            previous=previous,
         )
         if decision.weights is not None and tuple(decision.weights) != tuple(self._engine.weights):
             self._engine.set_weights(decision.weights)  # before the chosen mix is measured (and written)
@@ -472,6 +506,10 @@ class CocktailCore:
             labels = ["base", *(f"peer{i}" for i in range(1, self._engine.num_peers + 1))]
             entry.update({f"weight_{label}": w for label, w in zip(labels, self._engine.weights)})
             entry["weights"] = list(self._engine.weights)
+        if self._save_failures:
+            entry["save_failed"] = len(
+                self._save_failures
+            )  # so far in this run; logged as cocktail/save_failed
         entry["probe_passes"] = self._passes - passes_before
         entry["snapshot_bytes"] = self._engine.snapshot.nbytes
         entry["decision"] = decision.to_dict()
@@ -578,6 +616,40 @@ class CocktailCore:
             return on_rank_zero(write, f"writing {folder}")
         return write()
 
+    def _guarded(self, action: Callable[[], T], path: Path, step: int) -> T | None:
+        """Run a resilient save; what a failure does depends on ``strict``.
+
+        ``strict=True``: the error propagates. ``strict=False``: it is logged loudly (``logger.error`` on rank 0 with
+        ``path`` and the cause, a warning on the other ranks), recorded in :attr:`save_failures` (kept in the run
+        state and the report), announced through :meth:`_on_save_failed`, and ``None`` is returned so that
+        training goes on. ``action`` must fail alike on every rank that calls it (a collective write such as
+        :meth:`_write` does: rank 0's outcome is agreed first), so that the ranks stay in step.
+        """
+        try:
+            return action()
+        except Exception as exc:
+            if self.strict:
+                raise
+            record = {"step": int(step), "path": str(path), "error": f"{type(exc).__name__}: {exc}"}
+            self._save_failures.append(record)
+            if is_rank_zero():
+                logger.error(
+                    "CocktailCallback: the resilient save to %s at step %d FAILED: %s. Training continues without "
+                    "it; fix the cause (free disk space, permissions, non-finite weights) or pass strict=True to "
+                    "stop the run on such errors",
+                    path,
+                    step,
+                    record["error"],
+                    exc_info=exc,
+                )
+            else:
+                logger.warning("CocktailCallback: the resilient save to %s failed: %s", path, record["error"])
+            self._on_save_failed(record)
+            return None
+
+    def _on_save_failed(self, record: Mapping[str, Any]) -> None:
+        """Hook: announce a failed save (the adapters log ``cocktail/save_failed``). Must not be a collective."""
+
     def _write_report(self, path: Path, final: Mapping[str, Any]) -> None:
         """``path`` (JSON: policy, recipe, final decision, snapshot size, history) and the PNG plot beside it; the
         calling process writes (rank 0)."""
@@ -593,6 +665,7 @@ class CocktailCore:
                 "stored_bytes": snap.stored_bytes,
             },
             "history": self._history,
+            "save_failures": self._save_failures,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -670,6 +743,25 @@ def probe_sets(
                 "{'input_ids': [...], 'attention_mask': [...], 'labels': [...]}"
             )
     return sets
+
+
+def check_writable(folder: Path) -> None:
+    """Check that files can be created in ``folder`` (created if missing), before any work starts.
+
+    Raises:
+        UsageError: It cannot be created or written to (names the folder, the cause and the fix).
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe_file = tempfile.mkstemp(prefix=".resilient-write-check-", dir=folder)
+        os.close(handle)
+        os.unlink(probe_file)
+    except OSError as exc:
+        raise UsageError(
+            f"the output folder {folder} is not writable ({type(exc).__name__}: {exc}); CocktailCallback writes the "
+            "resilient checkpoints there: fix its permissions or free space, pass a writable output folder, or "
+            "set save_resilient=False"
+        ) from exc
 
 
 def head(dataset: Any, n: int) -> Any:

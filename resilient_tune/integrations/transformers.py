@@ -78,6 +78,7 @@ from resilient_tune.integrations._common import (
     RESILIENT_FOLDER,
     CocktailCore,
     ScoreFn,
+    check_writable,
     metrics,
     scalars,
 )
@@ -173,6 +174,9 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
         self._trainer = self._trainer or _find_trainer()
         if model is None:
             raise UsageError("the Trainer passed no model to CocktailCallback.on_train_begin")
+        if self.save_resilient:  # before any work: a run must not train for hours and then fail to save
+            output = Path(args.output_dir)
+            on_rank_zero(lambda: check_writable(output), f"checking that {output} is writable")
         if state.global_step > 0:
             self._restore(
                 _stored_state(state), model, state.global_step, moved=Path(args.output_dir) / BASE_FOLDER
@@ -211,12 +215,17 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
         # a save without an evaluation: decide now (the state saved before on_save lands one save late)
         self._decision_at(state.global_step, model, log=False)
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        self._write(  # every rank: rank 0 writes (a sharded model is gathered first), all agree on the outcome
-            model,
-            checkpoint / RESILIENT_FOLDER,
+        folder = checkpoint / RESILIENT_FOLDER
+        self._guarded(  # every rank: rank 0 writes (a sharded model is gathered first), all agree on the outcome
+            lambda: self._write(
+                model,
+                folder,
+                state.global_step,
+                support_from=checkpoint,
+                tokenizer=kwargs.get("processing_class"),
+            ),
+            folder,
             state.global_step,
-            support_from=checkpoint,
-            tokenizer=kwargs.get("processing_class"),
         )
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -224,11 +233,16 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
             return
         entry = self._final_entry(args, state, model)
         output = Path(args.output_dir)
+        step = state.global_step
         if self.save_resilient:
             tokenizer = kwargs.get("processing_class")
-            self._write(model, output / RESILIENT_FOLDER, state.global_step, entry=entry, tokenizer=tokenizer)
-        on_rank_zero(
-            lambda: self._write_report(output / REPORT_FILE, entry), f"writing {output / REPORT_FILE}"
+            folder = output / RESILIENT_FOLDER
+            self._guarded(
+                lambda: self._write(model, folder, step, entry=entry, tokenizer=tokenizer), folder, step
+            )
+        report = output / REPORT_FILE
+        self._guarded(
+            lambda: on_rank_zero(lambda: self._write_report(report, entry), f"writing {report}"), report, step
         )
 
     # ------------------------------------------------------------------ run lifecycle
@@ -242,7 +256,8 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
         saves = getattr(strategy, "value", strategy) != "no"
         self._take_snapshot(model, base_dir)
         if not self.snapshot_on_disk and saves:
-            on_rank_zero(lambda: self._persist_snapshot(base_dir), f"writing the base snapshot to {base_dir}")
+            what = f"writing the base snapshot to {base_dir}"
+            self._guarded(lambda: on_rank_zero(lambda: self._persist_snapshot(base_dir), what), base_dir, 0)
 
     def _build_probes(self, args: Any, model: torch.nn.Module) -> None:
         if (self._general or self._target) and self._trainer is None:
@@ -298,6 +313,9 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
         return prefix
 
     # ------------------------------------------------------------------ output
+    def _on_save_failed(self, record: Mapping[str, Any]) -> None:
+        self._log({"step": record["step"], "save_failed": len(self._save_failures)})
+
     def _log(self, entry: Mapping[str, Any]) -> None:
         logs = metrics(entry)
         if self._trainer is not None and hasattr(self._trainer, "log"):

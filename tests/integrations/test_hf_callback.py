@@ -189,6 +189,25 @@ def test_bad_input_fails_at_construction(kwargs, error, match):
         CocktailCallback(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("general", "match"),
+    [
+        ([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [1], "labels": [1]}], "cannot batch"),
+        ([{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1]}] * 4, "labels"),
+    ],
+)
+def test_malformed_probe_data_fails_at_train_begin(tmp_path, general, match):
+    """Probe data the Trainer's collator cannot batch, or that gives the model no loss, stops the run before its
+    first step (the base's probe pass is made at train begin)."""
+    trainer = transformers.Trainer(
+        model=_model(), args=_args(tmp_path), train_dataset=TRAIN, eval_dataset=EVAL,
+        callbacks=[CocktailCallback(policy="budget", general_data=general)],
+    )  # fmt: skip
+    with pytest.raises(UsageError, match=match):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
 def test_restored_callback_objects_keep_their_configuration(tmp_path):
     full = CocktailCallback(policy="budget", drift_budget=0.02, general_data=GENERAL)
     _run(tmp_path, full)
