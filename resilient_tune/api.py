@@ -267,9 +267,10 @@ class _Merged(NamedTuple):
     tensor: torch.Tensor
     inputs: list[Any]
     base: Any
+    names: list[str]
 
     def check(self) -> None:
-        raise_if_non_finite(self.tensor, key=self.key, inputs=self.inputs, base=self.base)
+        raise_if_non_finite(self.tensor, key=self.key, inputs=self.inputs, base=self.base, names=self.names)
 
 
 def _merged_tensors(
@@ -284,6 +285,9 @@ def _merged_tensors(
 ) -> Iterator[_Merged]:
     """Yield the merged tensors one key at a time, unchecked; inputs are loaded lazily inside ``merge_tensor``."""
     options = recipe.resolved_options()
+    names = [f"{s.name} (models[{i}])" if s.folder is not None else s.name for i, s in enumerate(sources)]
+    if base_src is not None:
+        names.append(f"{base_src.name} (base)" if base_src.folder is not None else base_src.name)
     depths = layer_depths(plan) if spec.depth_scaling else {}
     keys: Any = plan
     if progress:
@@ -292,7 +296,7 @@ def _merged_tensors(
         keys = tqdm(plan, desc=f"merging ({spec.name})", unit="tensor", total=len(plan))
     for key in keys:
         if key in partial:
-            yield _Merged(key, _copy_buffer(key, partial[key]), [], None)
+            yield _Merged(key, _copy_buffer(key, partial[key]), [], None, names)
             continue
         inputs = [_loader(source, key) for source in sources]
         base = _loader(base_src, key) if base_src is not None else None
@@ -307,8 +311,9 @@ def _merged_tensors(
             seed=recipe.seed,
             out_dtype=plan[key].dtype if plan[key].dtype.is_floating_point else None,
             check_finite=False,
+            names=names,
         )
-        yield _Merged(key, tensor, inputs, base)
+        yield _Merged(key, tensor, inputs, base, names)
 
 
 def _collect(merged: Iterator[_Merged]) -> dict[str, torch.Tensor]:

@@ -62,6 +62,7 @@ def merge_tensor(
     seed: int = 0,
     out_dtype: torch.dtype | None = None,
     check_finite: bool = True,
+    names: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """Merge the same tensor from several models.
 
@@ -80,6 +81,8 @@ def merge_tensor(
         check_finite: check the result for NaN/Inf (one reduction over it). A caller that checks later, e.g.
             on another thread with :func:`raise_if_non_finite`, may pass ``False``; sparsified task vectors are
             checked regardless, since trimming could hide a NaN.
+        names: a label per input, then one for the base, used in NaN/Inf messages (default ``input i`` and
+            ``the base``).
 
     Returns:
         A new tensor of the inputs' shape, on the device of ``inputs[0]``. Inputs are never mutated.
@@ -92,7 +95,7 @@ def merge_tensor(
     spec = as_method(method)
     opts = resolve_options(spec, options)
     w = _check_call(spec, inputs, weights, base, depth, out_dtype, key)
-    stream = _Inputs(inputs, base, key)
+    stream = _Inputs(inputs, base, key, names)
     if not stream.is_float:
         return _copy_identical(stream, base, key)
     dtype = out_dtype or stream.dtype
@@ -109,19 +112,25 @@ def merge_tensor(
     result = merged.to(dtype)
     del merged
     if check_finite:
-        raise_if_non_finite(result, key=key, inputs=inputs, base=base)
+        raise_if_non_finite(result, key=key, inputs=inputs, base=base, names=names)
     return result
 
 
 def raise_if_non_finite(
-    result: torch.Tensor, *, key: str, inputs: Sequence[TensorSource], base: TensorSource | None = None
+    result: torch.Tensor,
+    *,
+    key: str,
+    inputs: Sequence[TensorSource],
+    base: TensorSource | None = None,
+    names: Sequence[str] | None = None,
 ) -> None:
     """Raise :class:`NonFiniteError` when a merged tensor holds NaN/Inf, naming the inputs that do.
 
     Non-floating tensors always pass. The thunks in ``inputs``/``base`` are called again only on failure.
+    ``names`` labels the inputs, then the base, in the message (default ``input i`` and ``the base``).
     """
     if result.is_floating_point() and not _all_finite(result):
-        raise _non_finite(key, inputs, base, result.dtype)
+        raise _non_finite(key, inputs, base, result.dtype, names=names)
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
@@ -172,8 +181,14 @@ def _load(source: TensorSource, key: str, what: str) -> torch.Tensor:
 class _Inputs:
     """Loads the inputs one at a time and checks each against input 0 (loaded eagerly to learn the shape)."""
 
-    def __init__(self, sources: Sequence[TensorSource], base: TensorSource | None, key: str) -> None:
-        self.sources, self.base, self.key = sources, base, key
+    def __init__(
+        self,
+        sources: Sequence[TensorSource],
+        base: TensorSource | None,
+        key: str,
+        names: Sequence[str] | None,
+    ) -> None:
+        self.sources, self.base, self.key, self.names = sources, base, key, names
         self._first: torch.Tensor | None = _load(sources[0], key, "input 0")
         self.shape, self.dtype, self.device = self._first.shape, self._first.dtype, self._first.device
         self.is_float = self._first.is_floating_point()
@@ -288,7 +303,14 @@ def _delta(
     del tensor
     if spec.sparsify is not None:
         if not _all_finite(delta):  # sparsifiers could drop a NaN silently: check before
-            raise _non_finite(stream.key, stream.sources, stream.base, torch.float32, before_sparsify=True)
+            raise _non_finite(
+                stream.key,
+                stream.sources,
+                stream.base,
+                torch.float32,
+                before_sparsify=True,
+                names=stream.names,
+            )
         generator = tensor_generator(seed, stream.key, i) if spec.sparsify == "random" else None
         sparsify_(spec.sparsify, delta, opts, generator, workspace)
     return delta
@@ -346,11 +368,14 @@ def _non_finite(
     dtype: torch.dtype,
     *,
     before_sparsify: bool = False,
+    names: Sequence[str] | None = None,
 ) -> NonFiniteError:
     """Build the error, reloading the sources (thunks are called again) to say which hold NaN/Inf."""
-    sources = [(f"input {i}", src) for i, src in enumerate(inputs)]
+    labels = [*(names or ())]
+    labels += [f"input {i}" for i in range(len(labels), len(inputs))] + ["the base"]
+    sources = [(labels[i], src) for i, src in enumerate(inputs)]
     if base is not None:
-        sources.append(("the base", base))
+        sources.append((labels[len(inputs)], base))
     culprits = [what for what, src in sources if not bool(torch.isfinite(_load(src, key, what)).all())]
     if culprits:
         return NonFiniteError(
@@ -359,5 +384,6 @@ def _non_finite(
     where = "a task vector" if before_sparsify else f"the merged result ({dtype})"
     return NonFiniteError(
         f"tensor {key!r}: {where} overflows to NaN/Inf although every input is finite; "
-        "use smaller weights or lambda, or out_dtype=torch.float32"
+        "use smaller weights or lambda, or a float32 output (out_dtype=torch.float32; merge(dtype='float32'); "
+        "--dtype float32)"
     )
