@@ -458,6 +458,12 @@ def test_callback_constructor_refuses(
 
 
 _CALLBACK_DEFECTS = {
+    "strict_string": (
+        lambda root: {"strict": "no"},
+        ("strict='no'", "True or False"),
+        "defect in resilient_tune/integrations/_common.py (not ours): strict='no' (any non-bool) is accepted and, "
+        "being truthy, turns strict mode ON; a bool check at construction would refuse it",
+    ),
     "peer_not_a_checkpoint": (
         lambda root: {"peers": [str(root / "notes.txt")]},
         ("peers", "notes.txt"),
