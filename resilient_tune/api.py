@@ -151,6 +151,10 @@ def merge(
     if dest is not None:
         _check_not_an_input(dest, models, base)
         _check_json_metadata(metadata)
+        cocktail_document(recipe, [], version=__version__, extra=metadata)  # reserved keys refused now
+
+    raw = recipe.weights if recipe.weights is not None else tuple(1.0 / len(models) for _ in models)
+    final_weights = validate_weights(raw, len(models), method=spec, normalize=recipe.normalize)
 
     with _open_all(models, base, allow_pickle) as (sources, base_src):
         everyone = [*sources, base_src] if base_src is not None else list(sources)
@@ -160,8 +164,6 @@ def merge(
             [{k: (i.shape, i.dtype) for k, i in s.specs().items() if k not in partial} for s in everyone],
             [s.name for s in everyone],
         )
-        raw = recipe.weights if recipe.weights is not None else tuple(1.0 / len(sources) for _ in sources)
-        final_weights = validate_weights(raw, len(sources), method=spec, normalize=recipe.normalize)
         plan = _plan(sources[0].specs(), recipe.dtype)
         tensors = _merged_tensors(spec, recipe, sources, base_src, final_weights, plan, partial, progress)
         if dest is None:

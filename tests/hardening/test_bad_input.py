@@ -77,7 +77,10 @@ _MERGE_CASES: dict[str, tuple[Callable[[dict], dict], type[Exception], tuple[str
         ("weights=", "'0.5 0.5'", "sequence of numbers"),
     ),
     "weights_wrong_count": (
-        lambda e: {"weights": [1.0]},
+        lambda e: {
+            "weights": [1.0],
+            "models": [e["m0"], str(e["root"] / "nope")],
+        },  # before opening any input
         UsageError,
         ("1 weights for 2 models", "one weight per model"),
     ),
@@ -103,12 +106,12 @@ _MERGE_CASES: dict[str, tuple[Callable[[dict], dict], type[Exception], tuple[str
         ("overwrite='false'", "True or False"),
     ),
     "metadata_not_json": (
-        lambda e: {"metadata": {"when": object()}},
+        lambda e: {"metadata": {"when": object()}, "models": [e["m0"], str(e["root"] / "nope")]},
         UsageError,
         ("metadata", "JSON", "pass str"),
     ),
     "metadata_reserved_key": (
-        lambda e: {"metadata": {"recipe": 1}},
+        lambda e: {"metadata": {"recipe": 1}, "models": [e["m0"], str(e["root"] / "nope")]},
         UsageError,
         ("'recipe'", "reserved", "rename"),
     ),
