@@ -65,11 +65,6 @@ KNOWN_BROKEN: dict[tuple[str, str], str] = {
     ): "fragment: Trainer, model, args, train, val undefined",
     ("docs/huggingface.md", "TrainingArguments(..., metric_for_best_model"): "fragment: `...` and no import",
     ("docs/huggingface.md", 'peers=["/models/expert-code"'): "the peer paths do not exist (UsageError)",
-    ("docs/lightning.md", "trainer.fit(module, datamodule=data)"): "fragment: module, data undefined",
-    (
-        "docs/lightning.md",
-        'ModelCheckpoint(monitor="cocktail/general_loss"',
-    ): "fragment: ModelCheckpoint not imported",
 }
 
 _DIRECTIVE = re.compile(r"<!--\s*docs-test:\s*(?P<body>.*?)-->", re.S)

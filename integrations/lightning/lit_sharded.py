@@ -66,12 +66,15 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--fail-write", action="store_true")
     parser.add_argument(
+        "--strict", action="store_true", help="CocktailCallback(strict=True): a failed save stops"
+    )
+    parser.add_argument(
         "--deepspeed", action="store_true", help="DeepSpeed ZeRO-3 on 2 GPUs instead of FSDP2"
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
     general = tokens(16, 2, False) if args.policy == "budget" else None
-    callback = FailingCallback(alpha=args.alpha, policy=args.policy, general_data=general)
+    callback = FailingCallback(alpha=args.alpha, policy=args.policy, general_data=general, strict=args.strict)
     callback.fail = args.fail_write
     every = ModelCheckpoint(dirpath=args.root / "ckpts", every_n_train_steps=2, save_top_k=-1)
     if args.deepspeed:
@@ -101,6 +104,7 @@ def main() -> None:
     summary = {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
+        "save_failures": [f["path"] for f in callback.save_failures],
         "history": [
             {"step": h["step"], "alpha": h["alpha"], "passes": h.get("passes")} for h in callback.history
         ],

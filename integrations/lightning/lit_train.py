@@ -47,10 +47,15 @@ def main() -> None:
     parser.add_argument("--seed-per-rank", action="store_true")
     parser.add_argument("--resume", default=None)
     parser.add_argument("--fail-write", action="store_true")
+    parser.add_argument(
+        "--strict", action="store_true", help="CocktailCallback(strict=True): a failed save stops"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     general = tokens(16, 2, False) if args.policy == "budget" else None
-    callback = CountingCallback(alpha=args.alpha, policy=args.policy, general_data=general)
+    callback = CountingCallback(
+        alpha=args.alpha, policy=args.policy, general_data=general, strict=args.strict
+    )
     callback.fail = args.fail_write
     every = ModelCheckpoint(dirpath=args.root / "ckpts", every_n_train_steps=2, save_top_k=-1)
     distributed = (
@@ -76,6 +81,7 @@ def main() -> None:
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
         "writes": callback.writes,
+        "save_failures": [f["path"] for f in callback.save_failures],
         "history": [{"step": h["step"], "alpha": h["alpha"]} for h in callback.history],
     }
     # one file per rank: the ranks' stdout lines may interleave under load

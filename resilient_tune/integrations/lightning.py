@@ -163,7 +163,8 @@ class LightningCocktail(CocktailCore):
         self._in_epoch_end = False
         self._io: _ResilientCheckpointIO | None = None
         self._warned_remote = False
-        self._deferred: tuple[str, Exception] | None = None  # a rank-0 write that failed, not yet agreed on
+        # a rank-0 write that failed, not yet agreed on: (what, error, folder, step)
+        self._deferred: tuple[str, Exception, Path, int] | None = None
         self._saves_to_agree = 0
         self._collective = False  # a strategy that saves on every rank (see _COLLECTIVE)
         self._saver: _CollectiveSave | None = None
@@ -188,7 +189,7 @@ class LightningCocktail(CocktailCore):
         if self._snapshot_state is None and trainer is not None and trainer.is_global_zero:
             base_dir = _root(trainer) / BASE_FOLDER  # the first checkpoint: keep θ₀ for a resume
             self._rank_zero(
-                lambda: self._persist_snapshot(base_dir), f"writing the base snapshot to {base_dir}"
+                lambda: self._persist_snapshot(base_dir), f"writing the base snapshot to {base_dir}", base_dir
             )
         self._saves_to_agree += 1  # every rank: a checkpoint (and its companion on rank 0) is being saved
         return self._run_state()
@@ -283,22 +284,17 @@ class LightningCocktail(CocktailCore):
         entry = self._decision_at(trainer.global_step, pl_module)
         root = _root(trainer)
 
-        if self._collective:  # every rank takes part in the gather
-            if self.save_resilient:
-                self._write_folder_collective(root / RESILIENT_FOLDER, trainer.global_step, entry)
-            on_rank_zero(
-                lambda: self._write_report(root / REPORT_FILE, entry), f"writing {root / REPORT_FILE}"
-            )
-            return
-
-        def write() -> None:
-            if self.save_resilient:
-                self._write_folder(root / RESILIENT_FOLDER, trainer.global_step, entry)
-            self._write_report(root / REPORT_FILE, entry)
-
-        on_rank_zero(
-            write, f"writing {root / RESILIENT_FOLDER}"
-        )  # every rank waits for (and learns) the outcome
+        step, folder, report = trainer.global_step, root / RESILIENT_FOLDER, root / REPORT_FILE
+        # every rank takes part and learns the outcome; a failure raises (strict) or is logged and recorded
+        if self.save_resilient:
+            if self._collective:  # the gather needs every rank
+                self._guarded(lambda: self._write_folder_collective(folder, step, entry), folder, step)
+            else:
+                write = lambda: self._write_folder(folder, step, entry)  # noqa: E731
+                self._guarded(lambda: on_rank_zero(write, f"writing {folder}"), folder, step)
+        self._guarded(
+            lambda: on_rank_zero(lambda: self._write_report(report, entry), f"writing {report}"), report, step
+        )
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._agree()
@@ -436,39 +432,56 @@ class LightningCocktail(CocktailCore):
                 logger.warning("CocktailCallback: %s is not a local path; no resilient copy", checkpoint_path)
                 self._warned_remote = True
             return
-        self._rank_zero(
-            lambda: self._write_folder(folder, self._trainer.global_step, None), f"writing {folder}"
-        )
+        step = self._trainer.global_step
+        self._rank_zero(lambda: self._write_folder(folder, step, None), f"writing {folder}", folder)
 
-    def _rank_zero(self, action: Any, what: str) -> None:
-        """Run a write on rank 0 from a hook only rank 0 runs (checkpoint IO). With several processes a failure is
-        held, not raised here (the other ranks wait in Lightning's barrier after the save), and raised on every rank
-        by :meth:`_agree` at the next hook they all run."""
+    def _rank_zero(self, action: Any, what: str, path: Path) -> None:
+        """Run a write on rank 0 from a hook only rank 0 runs (checkpoint IO). One process: a failure raises
+        (``strict``) or is logged and recorded. Several: a failure is held, not raised here (the other ranks wait in
+        Lightning's barrier after the save), and every rank learns it in :meth:`_agree` at the next hook they all
+        run."""
+        step = self._trainer.global_step if self._trainer is not None else 0
         if self._trainer is None or self._trainer.world_size <= 1:
-            action()
+            self._guarded(action, path, step)
             return
         try:
             action()
         except Exception as exc:
-            logger.error(
-                "CocktailCallback: %s failed on rank 0: %s (stopping every rank at the next step)", what, exc
+            then = (
+                "stopping every rank at the next step" if self.strict else "training goes on (strict=False)"
             )
-            self._deferred = self._deferred or (what, exc)
+            logger.error("CocktailCallback: %s failed on rank 0: %s (%s)", what, exc, then)
+            self._deferred = self._deferred or (what, exc, path, step)
 
     def _agree(self, *, force: bool = False) -> None:
-        """After a checkpoint save (or with ``force``), every rank learns whether rank 0's writes worked; a failure
-        is raised on every rank (rank 0 its own error, the others the same error class or ``RankZeroError``)."""
+        """After a checkpoint save (or with ``force``), every rank learns whether rank 0's writes worked. A failure
+        is raised on every rank with ``strict`` (rank 0 its own error, the others the same error class or
+        ``RankZeroError``), else logged and recorded on every rank, and training goes on."""
         if not self._active or (not force and not self._saves_to_agree):
             return
         self._saves_to_agree = 0
-        what = self._deferred[0] if self._deferred else "writing a checkpoint's resilient files"
+        what, _, path, step = self._deferred or (
+            "writing a checkpoint's resilient files",
+            None,
+            _root(self._trainer),
+            0,
+        )
 
         def held_error() -> None:
             if self._deferred is not None:
                 error, self._deferred = self._deferred[1], None
                 raise error
 
-        on_rank_zero(held_error, what)
+        self._guarded(lambda: on_rank_zero(held_error, what), path, step)
+
+    def _on_save_failed(self, record: Mapping[str, Any]) -> None:
+        """``cocktail/save_failed`` (the count so far) to the Trainer's loggers, on global rank 0 (no collective)."""
+        trainer = self._trainer
+        if trainer is not None and trainer.is_global_zero:
+            for lightning_logger in trainer.loggers:
+                lightning_logger.log_metrics(
+                    {"cocktail/save_failed": float(len(self._save_failures))}, step=record["step"]
+                )
 
     def _write_companion_collective(self, checkpoint_path: Any) -> None:
         """Sharded strategies, **every rank**: write ``<stem>.resilient/`` next to the checkpoint just saved."""
@@ -480,7 +493,8 @@ class LightningCocktail(CocktailCore):
                 logger.warning("CocktailCallback: %s is not a local path; no resilient copy", checkpoint_path)
                 self._warned_remote = True
             return
-        self._write_folder_collective(folder, self._trainer.global_step, None)
+        step = self._trainer.global_step
+        self._guarded(lambda: self._write_folder_collective(folder, step, None), folder, step)
 
     def _write_folder_collective(self, folder: Path, step: int, entry: Mapping[str, Any] | None) -> None:
         """The resilient folder of a sharded module, **every rank calls it**: the same layout as

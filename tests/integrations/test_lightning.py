@@ -371,3 +371,31 @@ def test_fsdp1_strategy_is_refused_with_the_fsdp2_way(tmp_path, monkeypatch):
     with pytest.raises(NotImplementedError, match=r"FSDPStrategy.*ModelParallelStrategy.*fully_shard"):
         CocktailCallback().setup(trainer, Regressor(), "fit")
     assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+class _FullDisk(CocktailCallback):
+    def _write_folder(self, folder, step, entry):
+        raise OSError(28, f"No space left on device: {folder}")
+
+
+def test_failed_save_is_logged_and_training_goes_on(tmp_path, caplog):
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=2, save_top_k=-1)
+    csv = CSVLogger(tmp_path, name="logs")
+    callback = _FullDisk(alpha=0.3)
+    trainer, _ = _fit(tmp_path, [callback, every], logger=csv)
+    assert trainer.global_step == 6  # the run reached its end (max_steps)
+    failures = callback.save_failures
+    assert [f["step"] for f in failures] == [2, 4, 6, 6]  # three companions, then the final folder
+    assert all("No space left" in f["error"] for f in failures)
+    assert "FAILED" in caplog.text and "strict=True" in caplog.text
+    assert not list(tmp_path.rglob("*.resilient*")) and not (tmp_path / "resilient").exists()
+    report = json.loads((tmp_path / "cocktail_report.json").read_text())
+    assert len(report["save_failures"]) == 4
+    logged = (Path(csv.log_dir) / "metrics.csv").read_text()
+    assert "cocktail/save_failed" in logged
+
+
+def test_failed_save_stops_the_run_in_strict_mode(tmp_path):
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=2, save_top_k=-1)
+    with pytest.raises(OSError, match="No space left"):
+        _fit(tmp_path, [_FullDisk(alpha=0.3, strict=True), every])
