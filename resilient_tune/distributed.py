@@ -33,7 +33,9 @@ import torch
 from . import errors
 
 __all__ = [
+    "RankError",
     "RankZeroError",
+    "agree_on_failure",
     "full_state_dict",
     "global_shape",
     "is_rank_zero",
@@ -52,7 +54,12 @@ __all__ = [
 T = TypeVar("T")
 
 
-class RankZeroError(errors.ResilientTuneError, RuntimeError):
+class RankError(errors.ResilientTuneError, RuntimeError):
+    """Raised on the ranks that did not fail when another rank failed a step all of them make
+    (:func:`agree_on_failure`)."""
+
+
+class RankZeroError(RankError):
     """Raised on the other ranks when a side effect that :func:`on_rank_zero` ran on rank 0 failed there with an
     error that is not one of resilient-tune's own (those are raised with their own class)."""
 
@@ -112,6 +119,29 @@ def on_rank_zero(action: Callable[[], T], what: str) -> T | None:
             error_class = RankZeroError
         raise error_class(f"rank 0 failed {what}: {message}")
     return result
+
+
+def agree_on_failure(failure: BaseException | None, what: str) -> None:
+    """After a step every rank makes and any rank may fail (e.g. merging its own shard), make every rank learn
+    whether one failed, before the next collective (one ``all_reduce``; every rank must call it).
+
+    Args:
+        failure: This rank's error, or ``None``.
+        what: The step, for the other ranks' message (``"merging /runs/a/resilient"``).
+
+    Raises:
+        Exception: ``failure`` on the ranks that failed; :class:`RankError` on the others when any rank failed.
+    """
+    if not _active() or world_size() == 1:
+        if failure is not None:
+            raise failure
+        return
+    flag = torch.tensor([0.0 if failure is None else 1.0], dtype=torch.float64, device=_device())
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if failure is not None:
+        raise failure
+    if flag.item() > 0:
+        raise RankError(f"another rank failed {what} (see its log); every rank stops this step together")
 
 
 def mean_across_ranks(value: float) -> float:

@@ -44,6 +44,7 @@ from . import __version__
 from .card import model_card
 from .checkpoint import StreamingWriter, TensorInfo, atomic_dir, copy_support_files, parse_size
 from .distributed import (
+    agree_on_failure,
     full_state_dict,
     is_sharded,
     is_sharded_model,
@@ -184,6 +185,8 @@ class CocktailEngine:
         self._snapshot: Snapshot | None = None
         self._depths: dict[str, float] = {}  # LiNeS depths of the snapshot's parameters, computed once
         self._depths_of: Snapshot | None = None
+        self._norms: dict[str, float] = {}  # ‖θ₀‖² per parameter, computed once per snapshot
+        self._norms_of: Snapshot | None = None
         self._sharded: dict[
             str, torch.nn.Parameter
         ] = {}  # sharded parameters, to cut peers' tensors to the shard
@@ -359,8 +362,20 @@ class CocktailEngine:
             self._params(model)
             yield model
             return
-        with self._swap(model, lambda name, live: self.merged_tensor(name, live, alpha, weights)) as swapped:
+        value = lambda name, live: self.merged_tensor(name, live, alpha, weights)  # noqa: E731
+        if self.recipe.method == "linear" and not self.num_peers:
+            value = lambda name, live: self._lerp(name, live, alpha)  # noqa: E731
+        with self._swap(model, value) as swapped:
             yield swapped
+
+    def _lerp(self, name: str, live: torch.Tensor, alpha: float) -> torch.Tensor:
+        """``θ₀ + α·(θₜ − θ₀)`` in one fused pass (``torch.lerp``) for ``linear`` without peers: the same mix as
+        :meth:`merged_tensor` (which computes ``α·θₜ + (1 − α)·θ₀``; the two agree to float32 rounding), at a third of
+        its cost. Half-precision parameters are mixed in float32 and rounded once, as the merge core does."""
+        base = self.snapshot.get(name).to(live.device)
+        if live.dtype == torch.float32 and base.dtype == torch.float32:
+            return torch.lerp(base, live, alpha)
+        return torch.lerp(base.float(), live.float(), alpha).to(live.dtype)
 
     @contextlib.contextmanager
     def _swap(
@@ -407,21 +422,36 @@ class CocktailEngine:
         rank must call it)."""
         params = self._params(model)
         per_layer: dict[str, float] = {}
-        total_sq = base_sq = 0.0
+        total_sq = 0.0
+        base_norms = self._base_norms()
         with torch.no_grad():
             for name, p in params:
                 base = self.snapshot.get(name).to("cpu", torch.float32)
-                delta_sq = float((local_tensor(p).detach().to("cpu", torch.float32) - base).pow(2).sum())
+                live = local_tensor(p).detach().to("cpu", torch.float32)
+                delta_sq = float(torch.linalg.vector_norm(live - base, dtype=torch.float64)) ** 2
                 total_sq += delta_sq
-                base_sq += float(base.pow(2).sum())
                 group = _layer_of(name)
                 per_layer[group] = per_layer.get(group, 0.0) + delta_sq
+        base_sq = sum(base_norms.values())
         if self._sharded:
             total_sq, base_sq, *layers = sum_across_ranks([total_sq, base_sq, *per_layer.values()])
             per_layer = dict(zip(per_layer, layers))
         total = math.sqrt(total_sq)
         relative = total / math.sqrt(base_sq) if base_sq > 0 else 0.0
         return Drift(total, relative, {k: math.sqrt(v) for k, v in per_layer.items()})
+
+    def _base_norms(self) -> dict[str, float]:
+        """``‖θ₀‖²`` per parameter (of this rank's shard), computed once per snapshot (θ₀ never changes)."""
+        snapshot = self.snapshot
+        if self._norms_of is not snapshot:
+            with torch.no_grad():
+                self._norms = {
+                    name: float(torch.linalg.vector_norm(t.to("cpu", torch.float32), dtype=torch.float64))
+                    ** 2
+                    for name, t in snapshot.items()
+                }
+            self._norms_of = snapshot
+        return self._norms
 
     # ---------------------------------------------------------------- write
     def write(
@@ -490,7 +520,13 @@ class CocktailEngine:
         if not self._sharded:
             items = lambda lazy: self._iter_state(model, alpha, dedupe=dedupe_tied, lazy=lazy, weights=mix)  # noqa: E731
             return write_model_folder(folder, items, doc, **files)
-        with self.swapped(model, alpha, mix):  # every rank: θ(α) in its shards, then one gather
+        with contextlib.ExitStack() as stack:  # every rank: θ(α) in its shards, then one gather
+            failure: Exception | None = None
+            try:
+                stack.enter_context(self.swapped(model, alpha, mix))
+            except Exception as exc:  # e.g. a non-finite merge on this rank's shard: the swap restored itself
+                failure = exc
+            agree_on_failure(failure, f"merging {folder}")  # no rank enters the gather alone
             gathered = full_state_dict(model)
         keys = _state_keys(model, dedupe=dedupe_tied)
         state = {k: v for k, v in gathered.items() if k in keys}

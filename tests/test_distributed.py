@@ -89,6 +89,7 @@ _TWO_RANKS = """
 import json, sys
 from pathlib import Path
 import torch, torch.distributed as dist
+from resilient_tune.distributed import agree_on_failure
 from resilient_tune.integrations._common import CocktailCore
 
 rank, root = int(sys.argv[1]), Path(sys.argv[2])
@@ -110,6 +111,12 @@ for strict in (False, True):
     dist.all_reduce(total)  # both ranks reach the next collective: nobody hangs
     outcome["after"] = float(total)
     outcomes.append(outcome)
+# a step only rank 1 fails (its shard's merge, say): both ranks raise together, then meet at the next collective
+try:
+    agree_on_failure(ValueError("rank 1's shard is NaN") if rank == 1 else None, "merging a shard")
+except Exception as exc:
+    outcomes.append({"rank": rank, "agreed": f"{type(exc).__name__}: {exc}"})
+dist.all_reduce(torch.ones(1))
 print(json.dumps(outcomes))
 dist.destroy_process_group()
 """
@@ -145,6 +152,11 @@ def test_a_failed_rank_zero_write_keeps_two_ranks_in_agreement(tmp_path):
         assert proc.returncode == 0, err[-2000:]
         outcomes += json.loads(out.strip().splitlines()[-1])
     folder = str(tmp_path / "blocked" / "resilient")
+    agreed = {o["rank"]: o["agreed"] for o in outcomes if "agreed" in o}
+    assert agreed[1] == "ValueError: rank 1's shard is NaN" and agreed[0].startswith(
+        "RankError: another rank failed"
+    )
+    outcomes = [o for o in outcomes if "agreed" not in o]
     assert len(outcomes) == 4 and all(o["after"] == 2.0 for o in outcomes)
     for o in outcomes:
         if o["strict"]:
