@@ -84,13 +84,21 @@ def _build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("runs/demo"), metavar="DIR", help="run folder (default runs/demo)"
     )
     d.add_argument(
-        "--scenario", default="encoder", choices=["encoder"], help="what to fine-tune (default encoder)"
+        "--scenario",
+        default="encoder",
+        choices=["encoder", "decoder"],
+        help="what to fine-tune (default encoder)",
     )
     d.add_argument(
-        "--steps", type=int, metavar="N", help="optimizer steps (default: the documented recipe, 95)"
+        "--steps",
+        type=int,
+        metavar="N",
+        help="fine-tuning steps (default: the documented recipe: encoder 95, decoder 100)",
     )
     d.add_argument("--seed", type=int, help="seed of data order and dropout (default 0)")
-    d.add_argument("--lr", type=float, metavar="LR", help="learning rate (default 5e-4)")
+    d.add_argument(
+        "--lr", type=float, metavar="LR", help="learning rate (default: encoder 5e-4, decoder 1e-3)"
+    )
     d.add_argument(
         "--drift-budget", type=float, metavar="B", help="budget policy: allowed general-loss increase (0.05)"
     )

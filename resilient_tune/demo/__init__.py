@@ -3,6 +3,8 @@
 - :func:`run_demo` runs a scenario into a folder (``report.json``, ``report.png``, the resilient checkpoint);
 - :mod:`resilient_tune.demo.data`: the offline text (standard-library docstrings);
 - :mod:`resilient_tune.demo.encoder`: the ``encoder`` scenario (all-MiniLM-L6-v2, ``transformers.Trainer``);
+- :mod:`resilient_tune.demo.decoder`: the ``decoder`` scenario (a small causal LM pre-trained in the run on
+  synthetic general tasks, fine-tuned on a new one);
 - :mod:`resilient_tune.demo.report`: ``report.json``, the table and the plot (``resilient-tune report``).
 
 Importing this package is light; the scenarios import torch and transformers when they run.
@@ -11,22 +13,30 @@ Importing this package is light; the scenarios import torch and transformers whe
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["SCENARIOS", "run_demo"]
 
-SCENARIOS = ("encoder",)
+SCENARIOS = ("encoder", "decoder")
 
 
 def run_demo(
-    out: str | os.PathLike[str], scenario: str = "encoder", *, steps: int | None = None, **options: Any
+    out: str | os.PathLike[str],
+    scenario: str = "encoder",
+    *,
+    steps: int | None = None,
+    echo: Callable[[str], None] = print,
+    **options: Any,
 ) -> dict[str, Any]:
     """Run a demo scenario into ``out`` and return its report.
 
     Args:
         out: The run folder (created; files in it are replaced).
-        scenario: ``"encoder"`` (all-MiniLM-L6-v2 on standard-library docstrings).
-        steps: Optimizer steps (default: the scenario's documented recipe).
+        scenario: ``"encoder"`` (all-MiniLM-L6-v2 on standard-library docstrings) or ``"decoder"`` (a small
+            causal LM on synthetic string tasks).
+        steps: Fine-tuning optimizer steps (default: the scenario's documented recipe).
+        echo: Where progress lines and the table go.
         **options: Other fields of the scenario's config (e.g. ``learning_rate``, ``seed``).
 
     Raises:
@@ -36,12 +46,17 @@ def run_demo(
 
     if scenario not in SCENARIOS:
         raise UsageError(f"unknown demo scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
-    from .encoder import EncoderConfig, run_encoder
+    if scenario == "decoder":
+        from .decoder import DecoderConfig as config_class
+        from .decoder import run_decoder as run
+    else:
+        from .encoder import EncoderConfig as config_class
+        from .encoder import run_encoder as run
 
-    fields = set(EncoderConfig.__dataclass_fields__)
+    fields = set(config_class.__dataclass_fields__)
     unknown = sorted(set(options) - fields)
     if unknown:
         raise UsageError(f"unknown option(s) {unknown} for the {scenario} demo; valid: {sorted(fields)}")
     if steps is not None:
         options["steps"] = steps
-    return run_encoder(out, EncoderConfig(**options))
+    return run(out, config_class(**options), echo=echo)

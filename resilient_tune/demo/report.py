@@ -7,8 +7,9 @@
      "alpha": .., "summary": {...}, "significance": {...}, "curve": [{"alpha": .., "target": .., "general": ..}],
      "history": [...], "hits": {...}, "config": {...}, "data": {...}, "environment": {...}, "timing": {...}}
 
-``hits`` keeps every model's per-example recall@1 hits as ``"0"``/``"1"`` strings, so paired statistics
-(McNemar's exact test, :func:`mcnemar`) can be recomputed from the file alone.
+``score_name`` names the score (``recall@1`` for the encoder, ``exact match`` for the decoder; ``recall@1`` when
+absent) and ``loss_name`` the probe loss. ``hits`` keeps every model's per-example hits as ``"0"``/``"1"``
+strings, so paired statistics (McNemar's exact test, :func:`mcnemar`) can be recomputed from the file alone.
 
 This module imports no torch and no transformers; matplotlib is imported only to draw.
 """
@@ -182,7 +183,8 @@ def format_report(report: Mapping[str, Any]) -> str:
         head += f", {cfg['steps']} steps"
     if policy.get("name") == "budget":
         head += f", policy budget (general-probe loss ≤ {1 + policy.get('drift_budget', 0):.2f} × base)"
-    lines = [head, "recall@1 in %, higher is better; drift = ‖θ − θ₀‖ / ‖θ₀‖", ""]
+    score = report.get("score_name", "recall@1")
+    lines = [head, f"{score} in %, higher is better; drift = ‖θ − θ₀‖ / ‖θ₀‖", ""]
     lines.append(f"{'model':<22}{'α':>6}{'drift':>9}{'target':>9}{'general':>9}")
     for name in _MODEL_ORDER:
         row = models[name]
@@ -230,7 +232,12 @@ def write_plot(
         return None
     losses, alphas, tradeoff = figure.subplots(1, 3)
     history = report.get("history") or []
-    _plot_losses(losses, history, (report.get("policy") or {}).get("drift_budget"))
+    _plot_losses(
+        losses,
+        history,
+        (report.get("policy") or {}).get("drift_budget"),
+        report.get("loss_name", "contrastive loss"),
+    )
     _plot_alpha(alphas, history)
     _plot_curve(tradeoff, report)
     figure.suptitle(_title(report), fontsize=10)
@@ -242,7 +249,11 @@ def _title(report: Mapping[str, Any]) -> str:
     env = report.get("environment") or {}
     parts = [f"resilient-tune demo ({report.get('scenario', '?')})", report.get("model")]
     parts += [f"{cfg['steps']} steps" if cfg.get("steps") else None]
-    parts += [f"Python {env['python']} docstrings" if env.get("python") else None]
+    source = (report.get("data") or {}).get("source", "")
+    if "docstring" in source and env.get("python"):
+        parts += [f"Python {env['python']} docstrings"]
+    else:
+        parts += [source or None]
     return " · ".join(p for p in parts if p)
 
 
@@ -251,7 +262,9 @@ def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float]
     return ([p[0] for p in points], [p[1] for p in points]) if points else ([], [])
 
 
-def _plot_losses(ax: Any, history: Sequence[Mapping[str, Any]], budget: float | None) -> None:
+def _plot_losses(
+    ax: Any, history: Sequence[Mapping[str, Any]], budget: float | None, loss_name: str = "contrastive loss"
+) -> None:
     lines = (
         ("general_loss_finetuned", "general, fine-tuned", "--", "C0"),
         ("general_loss", "general, resilient (α)", "-", "C0"),
@@ -273,7 +286,7 @@ def _plot_losses(ax: Any, history: Sequence[Mapping[str, Any]], budget: float | 
         ax.text(0.5, 0.5, "no history", ha="center", va="center", transform=ax.transAxes)
     ax.set_title("probe losses (held-out probes)", fontsize=9)
     ax.set_xlabel("step")
-    ax.set_ylabel("contrastive loss (lower is better)")
+    ax.set_ylabel(f"{loss_name} (lower is better)")
     ax.legend(fontsize=7)
 
 
@@ -302,7 +315,7 @@ def _plot_curve(ax: Any, report: Mapping[str, Any]) -> None:
     alpha = models["resilient"]["alpha"]
     ax.axvline(alpha, color="C3", linestyle="--", linewidth=1, label=f"resilient α={alpha:.2f}")
     ax.set_xlabel("α (0 = base, 1 = fine-tuned)")
-    ax.set_ylabel("recall@1 on the test sets (%)")
+    ax.set_ylabel(f"{report.get('score_name', 'recall@1')} on the test sets (%)")
     ax.set_title("trade-off: θ₀ + α·(θ − θ₀)", fontsize=9)
     ax.legend(fontsize=7)
 

@@ -1,0 +1,180 @@
+"""What every demo scenario does alike: fine-tune with a ``Trainer`` + ``CocktailCallback(policy="budget")``, score
+the fine-tuned model, the written resilient checkpoint and a few α mixes, then write ``report.json``, ``report.png``
+and print the table.
+
+A scenario supplies its model, its data and a ``score(model, label) -> {"target": hits, "general": hits}``
+function (per-example hits, higher is better); :func:`fine_tune` and :func:`score_mixes` / :func:`finish` do the
+rest, so the encoder and decoder demos report the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from ..integrations.transformers import CocktailCallback
+from ..policy import BudgetPolicy
+from ._progress import use_demo_progress
+
+__all__ = ["Hits", "Score", "environment", "fine_tune", "finish", "mix", "score_mixes", "training_args"]
+
+Hits = dict[str, list[bool]]
+"""``task -> per-example hits`` (``"target"``, ``"general"``)."""
+Score = Callable[[torch.nn.Module, str], Hits]
+"""``score(model, label)``: the model's hits on the test sets (``label`` names it on the progress bar)."""
+
+
+def mix(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor], alpha: float) -> dict:
+    """``θ₀ + α·(θ − θ₀)`` for float tensors; other tensors copied from ``tuned``."""
+    return {
+        k: base[k] + alpha * (v - base[k]) if v.is_floating_point() else v.clone() for k, v in tuned.items()
+    }
+
+
+def training_args(out: Path, cfg: Any, **overrides: Any) -> TrainingArguments:
+    """The demo's ``TrainingArguments``: ``cfg.steps`` steps, ``cfg.decisions`` evaluations, no checkpoints (the
+    callback writes ``out/resilient`` at the end), constant learning rate, quiet. ``overrides`` replace fields."""
+    every = max(1, math.ceil(cfg.steps / cfg.decisions))
+    options: dict[str, Any] = dict(
+        output_dir=str(out),
+        max_steps=cfg.steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="constant",
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        eval_strategy="steps",
+        eval_steps=every,
+        save_strategy="no",
+        logging_steps=max(1, min(5, every)),
+        report_to=[],
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        remove_unused_columns=False,  # the collators need their raw fields
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    options.update(overrides)
+    return TrainingArguments(**options)
+
+
+def fine_tune(
+    out: Path,
+    cfg: Any,
+    *,
+    trainer_class: type[Trainer] = Trainer,
+    general_probe: Sequence[Mapping[str, Any]],
+    target_probe: Sequence[Mapping[str, Any]],
+    desc: str = "fine-tuning",
+    **trainer_kwargs: Any,
+) -> tuple[CocktailCallback, BudgetPolicy]:
+    """Fine-tune with ``CocktailCallback(policy=BudgetPolicy(cfg.drift_budget, max_passes=cfg.max_passes))``.
+
+    The target probe is also the eval dataset. ``out/resilient`` (the callback's) and ``out/fine-tuned`` are
+    written. ``trainer_kwargs`` go to ``trainer_class`` (``model``, ``train_dataset``, ``data_collator``, ...).
+
+    Returns:
+        The callback (``alpha``, ``history``) and the policy.
+    """
+    policy = BudgetPolicy(cfg.drift_budget, max_passes=cfg.max_passes)
+    callback = CocktailCallback(
+        policy=policy, general_data=list(general_probe), target_data=list(target_probe)
+    )
+    trainer = trainer_class(
+        args=training_args(out, cfg),
+        eval_dataset=list(target_probe),
+        callbacks=[callback],
+        **trainer_kwargs,
+    )
+    use_demo_progress(trainer, desc)
+    trainer.train()
+    trainer.save_model(str(out / "fine-tuned"))
+    return callback, policy
+
+
+def score_mixes(
+    model: torch.nn.Module,
+    base_state: Mapping[str, torch.Tensor],
+    resilient: torch.nn.Module,
+    alpha: float,
+    alphas: Sequence[float],
+    score: Score,
+    hits: dict[str, Hits],
+    echo: Callable[[str], None],
+    unit: str,
+) -> dict[float, Hits]:
+    """Score the fine-tuned ``model``, the ``resilient`` checkpoint (chosen ``alpha``) and the mixes at ``alphas``.
+
+    Fills ``hits["fine_tuned"]``, ``hits["resilient"]`` and ``hits["static"]`` (``alphas[0]``, the static α) and
+    returns the trade-off curve ``α -> hits`` (0 = ``hits["base"]``, 1 = fine-tuned). ``model`` ends as it began.
+    """
+    tuned_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    hits["fine_tuned"] = score(model, "fine-tuned")
+    echo_scores(echo, "fine-tuned", hits["fine_tuned"], unit)
+    hits["resilient"] = score(resilient, f"resilient (α={alpha:.2f})")
+    echo_scores(echo, f"resilient α={alpha:.2f}", hits["resilient"], unit)
+    curve = {0.0: hits["base"], 1.0: hits["fine_tuned"]}
+    for a in sorted(set(alphas) - {0.0, 1.0}):
+        if abs(a - alpha) < 1e-9:
+            curve[a] = hits["resilient"]
+            continue
+        model.load_state_dict(mix(base_state, tuned_state, a))
+        curve[a] = score(model, f"α={a:g}")
+        echo_scores(echo, f"α={a:g}", curve[a], unit)
+    model.load_state_dict(tuned_state)
+    hits["static"] = curve[alphas[0]]
+    curve.setdefault(alpha, hits["resilient"])
+    return curve
+
+
+def environment() -> dict[str, Any]:
+    """Python, torch, threads and platform of this run (recorded in ``report.json``)."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "implementation": sys.implementation.name,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def finish(
+    out: Path,
+    echo: Callable[[str], None],
+    timing: dict[str, float],
+    started: float,
+    **fields: Any,
+) -> dict[str, Any]:
+    """Build ``report.json`` (:func:`~resilient_tune.demo.report.build_report` with ``fields``), draw the plot,
+    print the table and the paths; returns the report."""
+    from .report import build_report, format_report, write_plot, write_report
+
+    timing["total"] = time.perf_counter() - started
+    report = build_report(timing=timing, **fields)
+    write_report(out, report)
+    plot = write_plot(out, report)
+    echo("")
+    echo(format_report(report))
+    echo("")
+    echo(f"resilient checkpoint: {out / 'resilient'} (cocktail.json says how it was made)")
+    echo(f"report: {out / 'report.json'}" + (f", plot: {plot}" if plot else ""))
+    echo(f"wall time: {timing['total']:.0f} s")
+    return report
+
+
+def echo_scores(echo: Callable[[str], None], label: str, hits: Mapping[str, list[bool]], unit: str) -> None:
+    """``  label: target <unit> 51.9, general <unit> 39.5`` (percent)."""
+    parts = ", ".join(f"{name} {unit} {100 * sum(h) / len(h):.1f}" for name, h in hits.items())
+    echo(f"  {label}: {parts}")
