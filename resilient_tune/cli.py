@@ -97,7 +97,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--seed", type=int, help="seed of data order and dropout (default 0)")
     d.add_argument(
-        "--lr", type=float, metavar="LR", help="learning rate (default: encoder 5e-4, decoder 1e-3)"
+        "--lr", type=float, metavar="LR", help="learning rate (default: encoder 5e-4, decoder 3e-4)"
     )
     d.add_argument(
         "--drift-budget", type=float, metavar="B", help="budget policy: allowed general-loss increase (0.05)"

@@ -162,3 +162,17 @@ def test_whole_run_on_tiny_settings(tmp_path, capsys):
     assert main(["report", str(out)]) == 0
     table = capsys.readouterr().out
     assert "exact match in %" in table and "resilient (budget)" in table
+
+
+@pytest.mark.slow
+def test_default_demo_forgets_and_recovers(tmp_path):
+    """The documented run (defaults, a few minutes): real forgetting, a clear target gain, and a resilient model
+    that gets the general ability back (how much of the new skill it keeps is measured, not asserted)."""
+    report = run_decoder(tmp_path / "run", echo=lambda _: None)
+    m = report["models"]
+    base, tuned, resilient = m["base"], m["fine_tuned"], m["resilient"]
+    assert tuned["target"] - base["target"] >= 0.2  # a clear new skill
+    assert tuned["general"] <= 0.98 * base["general"]  # forgetting: at least 2% relative
+    assert report["significance"]["general: fine_tuned vs base"]["p"] < 0.01
+    assert resilient["general"] > tuned["general"]  # recovery
+    assert 0.0 <= report["alpha"] < 1.0

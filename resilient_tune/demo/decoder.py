@@ -5,7 +5,8 @@ All tasks are **synthetic** string transformations (clearly labelled as such in 
 prompt ``"R:dcab="`` asks for the answer ``"bacd"`` then ``<eos>``, one character per token.
 
 - general tasks (the "pre-training" mix, what the model must not forget): ``C`` copy, ``R`` reverse, ``S`` sort;
-- target task (the new skill): ``H`` shift every letter to the next one of the alphabet (``p`` wraps to ``a``).
+- target task (the new skill, never seen in pre-training): ``D`` sort descending (default), or ``H`` shift every
+  letter to the next one of the alphabet (``p`` wraps to ``a``).
 
 1. Build a GPT-2-style model from a config (4 layers, width 128, ≈0.8M parameters; character vocabulary) and
    pre-train it on the general mix with a ``transformers.Trainer`` (stage 1; the result is the base θ₀, saved to
@@ -40,7 +41,7 @@ from ._scenario import Hits, echo_scores, environment, fine_tune, finish, score_
 
 __all__ = [
     "GENERAL_TASKS",
-    "TARGET_TASK",
+    "TARGET_TASKS",
     "DecoderConfig",
     "LMCollator",
     "char_tokenizer",
@@ -51,7 +52,7 @@ __all__ = [
 
 ALPHABET = "abcdefghijklmnop"
 GENERAL_TASKS = {"C": "copy", "R": "reverse", "S": "sort"}
-TARGET_TASK = {"H": "shift each letter to the next (p -> a)"}
+TARGET_TASKS = {"D": "sort descending", "H": "shift each letter to the next (p -> a)"}
 _SPECIAL = ["<pad>", "<eos>", "<unk>"]
 MODEL_LABEL = "GPT-2-style causal LM built from a config (character vocabulary)"
 
@@ -61,6 +62,7 @@ class DecoderConfig:
     """The decoder demo's recipe (the defaults are the documented run).
 
     Attributes:
+        target_task: The new skill fine-tuned in stage 2: ``"D"`` (sort descending) or ``"H"`` (shift letters).
         steps: Fine-tuning optimizer steps (stage 2).
         learning_rate: Fine-tuning AdamW learning rate, constant.
         batch_size: Fine-tuning examples per step.
@@ -86,10 +88,11 @@ class DecoderConfig:
         eval_batch_size: Examples per forward pass when scoring and probing.
     """
 
+    target_task: str = "D"
     steps: int = 100
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-4
     batch_size: int = 32
-    pretrain_steps: int = 600
+    pretrain_steps: int = 700
     pretrain_learning_rate: float = 3e-3
     pretrain_batch_size: int = 64
     weight_decay: float = 0.01
@@ -132,6 +135,8 @@ class DecoderConfig:
             or self.pretrain_steps < 0
         ):
             raise UsageError(f"pretrain_steps={self.pretrain_steps!r} must be an int >= 0")
+        if self.target_task not in TARGET_TASKS:
+            raise UsageError(f"target_task={self.target_task!r}; choose one of {sorted(TARGET_TASKS)}")
         if self.max_length < self.min_length:
             raise UsageError(f"max_length={self.max_length} must be >= min_length={self.min_length}")
         if self.n_embd % self.n_head:
@@ -146,23 +151,25 @@ class DecoderConfig:
 
 # ---------------------------------------------------------------------------- the synthetic tasks
 def answer(task: str, text: str) -> str:
-    """The expected answer of ``task`` (``C``, ``R``, ``S`` or ``H``) on ``text``."""
+    """The expected answer of ``task`` (``C``, ``R``, ``S``, ``D`` or ``H``) on ``text``."""
     if task == "C":
         return text
     if task == "R":
         return text[::-1]
     if task == "S":
         return "".join(sorted(text))
+    if task == "D":
+        return "".join(sorted(text, reverse=True))
     if task == "H":
         return "".join(ALPHABET[(ALPHABET.index(c) + 1) % len(ALPHABET)] for c in text)
-    raise UsageError(f"unknown task {task!r}; choose one of {sorted({**GENERAL_TASKS, **TARGET_TASK})}")
+    raise UsageError(f"unknown task {task!r}; choose one of {sorted({**GENERAL_TASKS, **TARGET_TASKS})}")
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
     """One token per character of the task strings, plus ``<pad>``, ``<eos>``, ``<unk>`` (saved with the model)."""
     from tokenizers import Tokenizer, decoders, models
 
-    chars = list(ALPHABET) + sorted({**GENERAL_TASKS, **TARGET_TASK}) + [":", "="]
+    chars = list(ALPHABET) + sorted({**GENERAL_TASKS, **TARGET_TASKS}) + [":", "="]
     vocab = {token: i for i, token in enumerate(_SPECIAL + chars)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.decoder = decoders.Fuse()
@@ -259,7 +266,7 @@ class _Data:
 
 def _data(tokenizer: Any, cfg: DecoderConfig) -> _Data:
     rng = random.Random(cfg.seed)
-    general, target = list(GENERAL_TASKS), list(TARGET_TASK)
+    general, target = list(GENERAL_TASKS), [cfg.target_task]
     general_test = make_examples(general, cfg.test_examples * len(general), rng, tokenizer, cfg)
     target_test = make_examples(target, cfg.test_examples, rng, tokenizer, cfg)
     seen = {e["prompt"] for e in general_test + target_test}
@@ -341,8 +348,9 @@ def run_decoder(
 
     tokenizer = char_tokenizer()
     data = _data(tokenizer, cfg)
+    target_name = TARGET_TASKS[cfg.target_task]
     echo(
-        "data: SYNTHETIC string tasks; general = copy/reverse/sort, target = shift letters; "
+        f"data: SYNTHETIC string tasks; general = copy/reverse/sort, target = {target_name}; "
         + ", ".join(f"{k} {v}" for k, v in data.sizes().items())
     )
     t = time.perf_counter()
@@ -372,7 +380,7 @@ def run_decoder(
         cfg,
         general_probe=[_tokens(e) for e in data.general_probe],
         target_probe=[_tokens(e) for e in data.target_probe],
-        desc="fine-tuning (target: shift)",
+        desc=f"fine-tuning (target: {target_name})",
         model=model,
         train_dataset=[_tokens(e) for e in data.target_train],
         data_collator=LMCollator(tokenizer.pad_token_id),
@@ -405,14 +413,14 @@ def run_decoder(
         score_name="exact match",
         loss_name="LM loss on answer tokens",
         metric={
-            "target": "exact match (greedy answer + <eos>): shift letters, unseen prompts",
+            "target": f"exact match (greedy answer + <eos>): {target_name}, unseen prompts",
             "general": "exact match (greedy answer + <eos>): copy, reverse, sort (equal shares), unseen prompts",
         },
         model=f"{MODEL_LABEL}, {params / 1e6:.2f}M parameters",
         config=asdict(cfg),
         data={
             "sizes": data.sizes(),
-            "source": "synthetic string tasks (copy, reverse, sort; target: shift letters)",
+            "source": f"synthetic string tasks (copy, reverse, sort; target: {target_name})",
             "synthetic": True,
             "base_path": None if base_path is None else str(base_path),
         },

@@ -1,0 +1,82 @@
+"""benchmarks/resilience.py keeps running: the summary arithmetic on a hand-made report, and --smoke end to end on
+the decoder scenario (tiny settings, seconds; the numbers are meaningless there)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import resilience  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+
+def _report(resilient: tuple[float, float], static: tuple[float, float]) -> dict:
+    rows = {"base": (0.40, 0.80), "fine_tuned": (0.90, 0.60), "resilient": resilient, "static": static}
+    alphas = {"base": 0.0, "fine_tuned": 1.0, "resilient": 0.7, "static": 0.5}
+    return {
+        "scenario": "decoder",
+        "models": {k: {"target": t, "general": g, "alpha": alphas[k]} for k, (t, g) in rows.items()},
+        "curve": [
+            {"alpha": 0.0, "target": 0.4, "general": 0.8},
+            {"alpha": 1.0, "target": 0.9, "general": 0.6},
+        ],
+    }
+
+
+def test_summary_shares_and_aim():
+    s = resilience.summarize(_report(resilient=(0.86, 0.796), static=(0.80, 0.80)))
+    r = s["models"]["resilient"]
+    assert r["target_gain_kept"] == pytest.approx(0.92)  # (0.86 - 0.40) / (0.90 - 0.40)
+    assert r["general_drop_recovered"] == pytest.approx(0.98)  # (0.796 - 0.60) / (0.80 - 0.60)
+    assert r["general_vs_base"] == pytest.approx(-0.005) and r["meets_aim"]
+    assert not s["models"]["static"]["meets_aim"]  # keeps only 80% of the gain
+    assert s["models"]["fine_tuned"]["general_drop_recovered"] == 0.0
+    assert s["forgetting"] == pytest.approx(-0.25)
+    assert s["online_vs_static"] == "not better"  # better target, worse general
+    assert resilience.summarize(_report((0.86, 0.80), (0.80, 0.80)))["online_vs_static"] == "better"
+    assert "| decoder | online budget | 0.70 |" in resilience.render([s])
+
+
+def test_no_gain_means_no_share():
+    report = _report((0.5, 0.7), (0.5, 0.7))
+    report["models"]["fine_tuned"]["target"] = 0.40
+    assert resilience.summarize(report)["models"]["resilient"]["target_gain_kept"] is None
+
+
+def test_smoke_run_writes_table_json_and_plot(tmp_path):
+    pytest.importorskip("transformers")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = [
+        sys.executable,
+        str(BENCH / "resilience.py"),
+        "--smoke",
+        "--scenarios",
+        "decoder",
+        "--out",
+        str(tmp_path),
+    ]
+    done = subprocess.run([*args, "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["smoke"] is True and [s["scenario"] for s in result["summaries"]] == ["decoder"]
+    assert set(result["summaries"][0]["models"]) == {"fine_tuned", "static", "resilient"}
+    assert (tmp_path / "resilience.json").is_file() and (tmp_path / "decoder" / "report.json").is_file()
+    again = subprocess.run([*args, "--reuse"], capture_output=True, text=True, env=env, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "| decoder | static α=0.5 (LM-Cocktail) |" in again.stdout
+    if resilience_has_matplotlib():
+        assert (tmp_path / "resilience.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def resilience_has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
