@@ -349,7 +349,8 @@ def _next_guess(
     prior: float = 0.0,
 ) -> float:
     """Next α to measure, solving a fitted curve for ``L(α) = aim`` in normalised form ``g``, kept 10% of the
-    bracket away from its ends; the midpoint when ``bisect`` or when the fit has no root in the bracket.
+    bracket away from its ends; the midpoint when ``bisect`` or when the fit has no root in the bracket. Once both
+    ends of the bracket are measured interior points, the chord between them (regula falsi) replaces the fit.
 
     The curve: before any interior point, ``g(α) = b·α + (1 − b)·α²`` with ``b = prior``; once interior points
     are measured and all lie above the base, a power law ``g = c·α^p`` through the two points nearest the
@@ -359,7 +360,12 @@ def _next_guess(
     guess = lo + 0.5 * width
     ends = {a: f for a, f in measured if a in (0.0, 1.0)}
     points = _normalised(measured)
-    if not bisect and len(ends) == 2 and ends[1.0] > ends[0.0]:
+    losses = dict(measured)
+    if not bisect and lo > 0.0 and hi < 1.0 and losses[hi] > losses[lo]:
+        # measured on both sides inside (0, 1): the chord between them (regula falsi); on a convex stretch it
+        # lands on the feasible side of the bound
+        guess = lo + (aim - losses[lo]) / (losses[hi] - losses[lo]) * width
+    elif not bisect and len(ends) == 2 and ends[1.0] > ends[0.0]:
         target = (aim - ends[0.0]) / (ends[1.0] - ends[0.0])
         closeness = lambda p: min(abs(p[0] - lo), abs(p[0] - hi))  # noqa: E731
         if points and all(g > 0 for _, g in points):
