@@ -70,7 +70,7 @@ class Setup:
     """
 
     size: str = "minilm"
-    steps: int = 60
+    steps: int = 45
     batch_size: int = 32
     eval_every: int = 15
     probe_examples: int = 64
@@ -83,7 +83,7 @@ class Setup:
 
 SIZES: dict[str, Setup] = {
     "minilm": Setup(),
-    "gpt2": Setup(size="gpt2", steps=60, batch_size=16, eval_every=15, max_length=64),
+    "gpt2": Setup(size="gpt2", steps=45, batch_size=16, eval_every=15, max_length=64),
     "tiny": Setup(size="tiny", steps=4, batch_size=8, eval_every=2, probe_examples=16, max_length=32),
 }
 
