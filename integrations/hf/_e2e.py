@@ -51,6 +51,9 @@ def arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--policy", default="fixed")
     parser.add_argument("--drift-budget", type=float, default=None)
     parser.add_argument(
+        "--strict", action="store_true", help="CocktailCallback(strict=True): a failed save stops"
+    )
+    parser.add_argument(
         "--fail-write", action="store_true", help="make the resilient writes fail (an OSError)"
     )
     return parser

@@ -46,7 +46,11 @@ def main() -> None:
     count_calls(calls, "write_model_folder", fail=args.fail_write)
     general = examples(16, 2, False) if args.policy == "budget" else None
     callback = CocktailCallback(
-        args.alpha, policy=args.policy, general_data=general, drift_budget=args.drift_budget
+        args.alpha,
+        policy=args.policy,
+        general_data=general,
+        drift_budget=args.drift_budget,
+        strict=args.strict,
     )
     net = model()
     if rank == 0:

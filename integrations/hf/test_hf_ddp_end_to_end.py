@@ -47,9 +47,11 @@ def test_resilient_weights_are_the_mix_with_the_base(budget_run):
     assert doc["step"] == 2 and doc["alpha"] == pytest.approx(rows[0]["history"][0]["alpha"])
 
 
-def test_a_rank_zero_write_failure_stops_every_rank(tmp_path):
+def test_a_strict_rank_zero_write_failure_stops_every_rank(tmp_path):
     out = tmp_path / "run"
-    done = torchrun("hf_train.py", str(out), "--fail-write")  # a hang would exceed the timeout and fail here
+    done = torchrun(
+        "hf_train.py", str(out), "--fail-write", "--strict"
+    )  # a hang would exceed the timeout and fail here
     assert done.returncode != 0
     rank0 = (out / "rank0.error").read_text()
     rank1 = (out / "rank1.error").read_text()

@@ -37,6 +37,6 @@ def test_zero3_partitions_are_merged_locally_and_gathered_to_write(tmp_path):
 def test_zero3_rank_zero_write_failure_stops_every_rank(tmp_path):
     pytest.importorskip("deepspeed")
     out = tmp_path / "run"
-    done = torchrun("hf_train.py", str(out), "--zero3", "--fail-write")
+    done = torchrun("hf_train.py", str(out), "--zero3", "--fail-write", "--strict")
     assert done.returncode != 0
     assert (out / "rank1.error").read_text().startswith("RankZeroError: rank 0 failed writing")

@@ -518,15 +518,19 @@ class LightningCocktail(CocktailCore):
             on_rank_zero(lambda: self._finish_folder(tmp), f"writing {folder}")
 
     def _finish_folder(self, tmp: Path) -> None:
-        """Rank 0, sharded path: move the engine's files up to ``tmp`` and cut ``hf/`` (the transformers model inside
-        the module) out of the merged ``model.safetensors``."""
+        """Rank 0, sharded path: move the engine's files up to ``tmp`` and cut ``hf/`` out of them."""
         inner = tmp / "engine"
         for path in inner.iterdir():
             os.replace(path, tmp / path.name)
         inner.rmdir()
+        if _transformers_model(self._module) is not None:
+            self._cut_hf(tmp)
+
+    def _cut_hf(self, tmp: Path) -> None:
+        """``tmp/hf/``: the transformers model inside the module, cut out of the merged ``tmp/model.safetensors``
+        (its keys without the module prefix), with its config, the tokenizer when one is found and
+        ``cocktail.json``; ``from_pretrained``-loadable."""
         hf_model = _transformers_model(self._module)
-        if hf_model is None:
-            return
         prefix = next(name for name, sub in self._module.named_modules() if sub is hf_model)
         prefix = f"{prefix}." if prefix else ""
         doc = json.loads((tmp / COCKTAIL_FILE).read_text())
@@ -573,12 +577,7 @@ class LightningCocktail(CocktailCore):
             if lora:
                 self._write(module, tmp / HF_FOLDER, step, entry=entry, tokenizer=tokenizer, collective=False)
             elif hf_model is not None:
-                with self._engine.swapped(module, entry["alpha"]):  # the live module holds θ(α) in this block
-                    hf_model.save_pretrained(str(tmp / HF_FOLDER), max_shard_size=self.max_shard_size)
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(str(tmp / HF_FOLDER))
-                for name in (COCKTAIL_FILE, "README.md"):
-                    shutil.copyfile(tmp / name, tmp / HF_FOLDER / name)
+                self._cut_hf(tmp)  # the same merged tensors as model.safetensors, bit for bit
         return Path(os.path.abspath(folder))
 
 
