@@ -55,7 +55,7 @@ from .distributed import (
     sum_across_ranks,
 )
 from .errors import UsageError
-from .merging import get_method, layer_depths, merge_tensor, resolve_options
+from .merging import get_method, layer_depths, merge_tensor, raise_if_non_finite, resolve_options
 from .recipe import COCKTAIL_FILE, Recipe, cocktail_document
 from .snapshot import PeerCheckpoints, Snapshot
 from .sources import ModelLike
@@ -307,6 +307,14 @@ class CocktailEngine:
         the same); task-vector methods read every input (DARE masks depend on the input's position)."""
         mix = self._mix_weights(alpha, weights)
         base = self.snapshot.get(name).to(current.device)
+        if self.recipe.method == "linear" and not self.num_peers and current.is_floating_point():
+            # θ₀ + α(θₜ − θ₀) in one fused pass (a third of the general sum's cost; probes swap it in at every
+            # candidate α); half precision is mixed in float32 and rounded once, as the merge core does
+            mixed = torch.lerp(base.float(), current.float(), mix[0])
+            raise_if_non_finite(
+                mixed, key=name, inputs=[current, base], names=["the fine-tuned model", "the base"]
+            )
+            return mixed.to(current.dtype)
         peers = [self._peer_loader(i, name) for i in range(self.num_peers)]
         base_arg: torch.Tensor | None
         if self._spec.needs_base:
@@ -362,20 +370,8 @@ class CocktailEngine:
             self._params(model)
             yield model
             return
-        value = lambda name, live: self.merged_tensor(name, live, alpha, weights)  # noqa: E731
-        if self.recipe.method == "linear" and not self.num_peers:
-            value = lambda name, live: self._lerp(name, live, alpha)  # noqa: E731
-        with self._swap(model, value) as swapped:
+        with self._swap(model, lambda name, live: self.merged_tensor(name, live, alpha, weights)) as swapped:
             yield swapped
-
-    def _lerp(self, name: str, live: torch.Tensor, alpha: float) -> torch.Tensor:
-        """``θ₀ + α·(θₜ − θ₀)`` in one fused pass (``torch.lerp``) for ``linear`` without peers: the same mix as
-        :meth:`merged_tensor` (which computes ``α·θₜ + (1 − α)·θ₀``; the two agree to float32 rounding), at a third of
-        its cost. Half-precision parameters are mixed in float32 and rounded once, as the merge core does."""
-        base = self.snapshot.get(name).to(live.device)
-        if live.dtype == torch.float32 and base.dtype == torch.float32:
-            return torch.lerp(base, live, alpha)
-        return torch.lerp(base.float(), live.float(), alpha).to(live.dtype)
 
     @contextlib.contextmanager
     def _swap(
