@@ -421,11 +421,16 @@ class LightningCocktail(CocktailCore):
                 lightning_logger.log_metrics(logs, step=trainer.global_step)
 
     # ------------------------------------------------------------------ output
-    def _write_companion(self, checkpoint_path: Any) -> None:
-        """Write ``<stem>.resilient/`` next to a checkpoint file just saved (global rank 0; sharded strategies
-        write from :meth:`_write_companion_collective` instead)."""
-        if not self._active or not self.save_resilient or not self._engine.has_snapshot or self._collective:
+    def _write_companion(self, checkpoint_path: Any, *, collective: bool = False) -> None:
+        """Write ``<stem>.resilient/`` next to a checkpoint just saved: from the rank-0 ``CheckpointIO``, or, with
+        ``collective``, from the sharded strategies' ``save_checkpoint``, which **every rank** runs (the path is rank
+        0's). Each strategy writes through one of the two; the other call does nothing."""
+        if not self._active or not self.save_resilient or not self._engine.has_snapshot:
             return
+        if collective != self._collective:
+            return
+        if collective:
+            checkpoint_path = self._trainer.strategy.broadcast(checkpoint_path, src=0)
         folder = _companion(checkpoint_path)
         if folder is None:
             if not self._warned_remote:
@@ -433,7 +438,10 @@ class LightningCocktail(CocktailCore):
                 self._warned_remote = True
             return
         step = self._trainer.global_step
-        self._rank_zero(lambda: self._write_folder(folder, step, None), f"writing {folder}", folder)
+        if collective:
+            self._guarded(lambda: self._write_folder_collective(folder, step, None), folder, step)
+        else:
+            self._rank_zero(lambda: self._write_folder(folder, step, None), f"writing {folder}", folder)
 
     def _rank_zero(self, action: Any, what: str, path: Path) -> None:
         """Run a write on rank 0 from a hook only rank 0 runs (checkpoint IO). One process: a failure raises
@@ -482,19 +490,6 @@ class LightningCocktail(CocktailCore):
                 lightning_logger.log_metrics(
                     {"cocktail/save_failed": float(len(self._save_failures))}, step=record["step"]
                 )
-
-    def _write_companion_collective(self, checkpoint_path: Any) -> None:
-        """Sharded strategies, **every rank**: write ``<stem>.resilient/`` next to the checkpoint just saved."""
-        if not self._active or not self.save_resilient or not self._engine.has_snapshot:
-            return
-        folder = _companion(self._trainer.strategy.broadcast(checkpoint_path, src=0))
-        if folder is None:
-            if not self._warned_remote:
-                logger.warning("CocktailCallback: %s is not a local path; no resilient copy", checkpoint_path)
-                self._warned_remote = True
-            return
-        step = self._trainer.global_step
-        self._guarded(lambda: self._write_folder_collective(folder, step, None), folder, step)
 
     def _write_folder_collective(self, folder: Path, step: int, entry: Mapping[str, Any] | None) -> None:
         """The resilient folder of a sharded module, **every rank calls it**: the same layout as
@@ -647,7 +642,7 @@ class _CollectiveSave:
 
     def __call__(self, checkpoint: dict[str, Any], filepath: Any, *args: Any, **kwargs: Any) -> None:
         self._inner(checkpoint, filepath, *args, **kwargs)
-        self._callback._write_companion_collective(filepath)
+        self._callback._write_companion(filepath, collective=True)
 
 
 class _ProbeModule(torch.nn.Module):
