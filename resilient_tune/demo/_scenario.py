@@ -15,12 +15,14 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments
 
+from ..errors import UsageError
 from ..integrations.transformers import CocktailCallback
 from ..policy import BudgetPolicy
 from ._progress import use_demo_progress
@@ -31,6 +33,57 @@ Hits = dict[str, list[bool]]
 """``task -> per-example hits`` (``"target"``, ``"general"``)."""
 Score = Callable[[torch.nn.Module, str], Hits]
 """``score(model, label)``: the model's hits on the test sets (``label`` names it on the progress bar)."""
+
+
+@dataclass(frozen=True)
+class ScenarioConfig:
+    """What the recipes of every demo scenario share (the scenarios' configs add their data, model and optimizer).
+
+    Attributes:
+        weight_decay: AdamW weight decay.
+        max_grad_norm: Gradient clipping (the ``Trainer``'s default 1.0; 0 turns it off).
+        seed: Seed of the data, the initial weights, dropout and everything else random.
+        decisions: Evaluations during fine-tuning (each one probes and lets the policy choose α).
+        drift_budget: ``budget`` policy: allowed relative increase of the general-probe loss over the base's.
+        max_passes: ``budget`` policy: cap on general-probe passes per decision (the base's is cached).
+        static_alpha: The static LM-Cocktail α reported for comparison (the paper's 0.5).
+        curve: Extra α values scored for the trade-off curve (0, 1, ``static_alpha`` and the chosen α always are).
+
+    Raises:
+        UsageError: A field out of range (names the field and its value).
+    """
+
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    decisions: int = 5
+    drift_budget: float = 0.05
+    max_passes: int = 5
+    static_alpha: float = 0.5
+    curve: tuple[float, ...] = (0.25, 0.75)
+
+    def __post_init__(self) -> None:
+        positive_ints(self, ("decisions", "max_passes"))
+        if (
+            isinstance(self.drift_budget, bool)
+            or not isinstance(self.drift_budget, (int, float))
+            or not (math.isfinite(self.drift_budget) and self.drift_budget >= 0)
+        ):
+            raise UsageError(
+                f"drift_budget={self.drift_budget!r} must be a number >= 0, e.g. 0.05 (the general-probe loss may "
+                "rise 5% over the base's)"
+            )
+        for a in (self.static_alpha, *self.curve):
+            if not 0.0 <= a <= 1.0:
+                raise UsageError(f"alpha {a!r} must be in [0, 1]")
+
+
+def positive_ints(config: Any, names: Sequence[str]) -> None:
+    """Raise :class:`UsageError` naming the first of ``names`` whose value on ``config`` is not a positive int."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{name}={value!r} must be a positive int")
 
 
 def mix(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor], alpha: float) -> dict:

@@ -37,7 +37,17 @@ from transformers import logging as hf_logging
 
 from ..errors import UsageError
 from ._progress import use_demo_progress
-from ._scenario import Hits, echo_scores, environment, fine_tune, finish, score_mixes, training_args
+from ._scenario import (
+    Hits,
+    ScenarioConfig,
+    echo_scores,
+    environment,
+    fine_tune,
+    finish,
+    positive_ints,
+    score_mixes,
+    training_args,
+)
 
 __all__ = [
     "GENERAL_TASKS",
@@ -58,8 +68,9 @@ MODEL_LABEL = "GPT-2-style causal LM built from a config (character vocabulary)"
 
 
 @dataclass(frozen=True)
-class DecoderConfig:
-    """The decoder demo's recipe (the defaults are the documented run).
+class DecoderConfig(ScenarioConfig):
+    """The decoder demo's recipe (the defaults are the documented run); the policy, seed and
+    regularisation fields are :class:`~resilient_tune.demo._scenario.ScenarioConfig`'s.
 
     Attributes:
         target_task: The new skill fine-tuned in stage 2: ``"D"`` (sort descending) or ``"H"`` (shift letters).
@@ -70,14 +81,6 @@ class DecoderConfig:
         pretrain_learning_rate: Pre-training peak learning rate (linear warm-up over 10% of the steps, then
             linear decay).
         pretrain_batch_size: Pre-training examples per step.
-        weight_decay: AdamW weight decay (both stages).
-        max_grad_norm: Gradient clipping (both stages).
-        seed: Seed of the data, the initial weights and everything else random.
-        decisions: Evaluations during fine-tuning (each one probes and lets the policy choose α).
-        drift_budget: ``budget`` policy: allowed relative increase of the general-probe loss over the base's.
-        max_passes: ``budget`` policy: cap on general-probe passes per decision.
-        static_alpha: The static LM-Cocktail α reported for comparison (the paper's 0.5).
-        curve: Extra α values scored for the trade-off curve.
         probe_examples: Examples per task in the probes (general: this many of each general task).
         test_examples: Test examples per task.
         min_length: Shortest input string (letters).
@@ -95,14 +98,6 @@ class DecoderConfig:
     pretrain_steps: int = 700
     pretrain_learning_rate: float = 3e-3
     pretrain_batch_size: int = 64
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    decisions: int = 5
-    drift_budget: float = 0.05
-    max_passes: int = 5
-    static_alpha: float = 0.5
-    curve: tuple[float, ...] = (0.25, 0.75)
     probe_examples: int = 32
     test_examples: int = 300
     min_length: int = 3
@@ -113,22 +108,22 @@ class DecoderConfig:
     eval_batch_size: int = 128
 
     def __post_init__(self) -> None:
-        for name in (
-            "steps",
-            "batch_size",
-            "pretrain_batch_size",
-            "decisions",
-            "probe_examples",
-            "test_examples",
-            "min_length",
-            "n_layer",
-            "n_embd",
-            "n_head",
-            "eval_batch_size",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"{name}={value!r} must be a positive int")
+        super().__post_init__()
+        positive_ints(
+            self,
+            (
+                "steps",
+                "batch_size",
+                "pretrain_batch_size",
+                "probe_examples",
+                "test_examples",
+                "min_length",
+                "n_layer",
+                "n_embd",
+                "n_head",
+                "eval_batch_size",
+            ),
+        )
         if (
             isinstance(self.pretrain_steps, bool)
             or not isinstance(self.pretrain_steps, int)
@@ -144,9 +139,6 @@ class DecoderConfig:
         for name in ("learning_rate", "pretrain_learning_rate"):
             if not getattr(self, name) > 0:
                 raise UsageError(f"{name}={getattr(self, name)!r} must be > 0, e.g. 1e-3")
-        for a in (self.static_alpha, *self.curve):
-            if not 0.0 <= a <= 1.0:
-                raise UsageError(f"alpha {a!r} must be in [0, 1]")
 
 
 # ---------------------------------------------------------------------------- the synthetic tasks

@@ -31,7 +31,16 @@ from transformers import AutoModel, AutoTokenizer, Trainer
 from transformers import logging as hf_logging
 
 from ..errors import UsageError
-from ._scenario import Hits, echo_scores, environment, fine_tune, finish, score_mixes
+from ._scenario import (
+    Hits,
+    ScenarioConfig,
+    echo_scores,
+    environment,
+    fine_tune,
+    finish,
+    positive_ints,
+    score_mixes,
+)
 from .data import DemoData, Pairs, demo_data, fingerprint
 
 __all__ = ["ContrastiveTrainer", "EncoderConfig", "PairCollator", "encode", "recall_hits", "run_encoder"]
@@ -40,22 +49,15 @@ MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 @dataclass(frozen=True)
-class EncoderConfig:
-    """The encoder demo's recipe (the defaults are the documented run).
+class EncoderConfig(ScenarioConfig):
+    """The encoder demo's recipe (the defaults are the documented run); the policy, seed and
+    regularisation fields are :class:`~resilient_tune.demo._scenario.ScenarioConfig`'s.
 
     Attributes:
         steps: Optimizer steps (fixed: results move with the step count).
         learning_rate: AdamW learning rate, constant. On this data 1e-4 and 2e-4 did not make the model forget
             measurably and 3e-4 forgot with some seeds only; 5e-4 forgets with every seed tried (docs/demo.md).
         batch_size: Pairs per step; the other pairs of a batch are each query's negatives.
-        weight_decay: AdamW weight decay.
-        max_grad_norm: Gradient clipping (the ``Trainer``'s default 1.0; 0 turns it off).
-        seed: Seed of the data order, dropout and everything else random.
-        decisions: Evaluations during training (each one probes and lets the policy choose α).
-        drift_budget: ``budget`` policy: allowed relative increase of the general-probe loss over the base's.
-        max_passes: ``budget`` policy: cap on general-probe passes per decision (the base's is cached).
-        static_alpha: The static LM-Cocktail α reported for comparison (the paper's 0.5).
-        curve: Extra α values scored for the trade-off curve (0, 1, ``static_alpha`` and the chosen α always are).
         probe_pairs: Pairs in each probe set (general and target), scored at every evaluation.
         target_test: Cap on target test pairs.
         general_test: Cap on general test pairs.
@@ -67,14 +69,6 @@ class EncoderConfig:
     steps: int = 95
     learning_rate: float = 5e-4
     batch_size: int = 32
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    decisions: int = 5
-    drift_budget: float = 0.05
-    max_passes: int = 5
-    static_alpha: float = 0.5
-    curve: tuple[float, ...] = (0.25, 0.75)
     probe_pairs: int = 64
     target_test: int = 400
     general_test: int = 400
@@ -83,17 +77,12 @@ class EncoderConfig:
     eval_batch_size: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "decisions", "probe_pairs", "target_test", "general_test"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"{name}={value!r} must be a positive int")
+        super().__post_init__()
+        positive_ints(self, ("steps", "batch_size", "probe_pairs", "target_test", "general_test"))
         if self.batch_size < 2:
             raise UsageError(f"batch_size={self.batch_size} must be >= 2 (in-batch negatives)")
         if not self.learning_rate > 0:
             raise UsageError(f"learning_rate={self.learning_rate!r} must be > 0, e.g. 1e-4")
-        for a in (self.static_alpha, *self.curve):
-            if not 0.0 <= a <= 1.0:
-                raise UsageError(f"alpha {a!r} must be in [0, 1]")
 
 
 # ---------------------------------------------------------------------------- training objective

@@ -377,12 +377,6 @@ def test_cli_refuses_with_one_line(
     _nothing_written(env)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect in resilient_tune/demo/encoder.py (not ours): EncoderConfig.__post_init__ does not check "
-    "drift_budget, so `resilient-tune demo --drift-budget -1` loads the model and scores the probes (~75 s) before "
-    "CocktailCallback refuses it",
-)
 def test_cli_demo_bad_drift_budget_fails_before_any_work(
     env: dict[str, Any], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
