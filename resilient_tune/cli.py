@@ -247,8 +247,11 @@ _COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 failure, 2 usage error)."""
-    args = _build_parser().parse_args(argv)
+    """Run the CLI; returns the exit status (0 ok, 1 failure, 2 usage error, 130 interrupted)."""
+    try:
+        args = _build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse printed --help / --version (0) or a usage error (2) already
+        return exc.code if isinstance(exc.code, int) else 2
     from .errors import ResilientTuneError, UsageError
 
     try:

@@ -43,6 +43,7 @@ import torch
 from . import __version__
 from .card import model_card
 from .checkpoint import StreamingWriter, TensorInfo, atomic_dir, copy_support_files, parse_size
+from .checkpoint._layout import locate
 from .distributed import (
     agree_on_failure,
     full_state_dict,
@@ -54,9 +55,9 @@ from .distributed import (
     reshard,
     sum_across_ranks,
 )
-from .errors import UsageError
+from .errors import CheckpointFormatError, UsageError
 from .merging import get_method, layer_depths, merge_tensor, raise_if_non_finite, resolve_options
-from .recipe import COCKTAIL_FILE, Recipe, cocktail_document
+from .recipe import COCKTAIL_FILE, Recipe, cocktail_document, normalize_dtype_name
 from .snapshot import PeerCheckpoints, Snapshot
 from .sources import ModelLike
 
@@ -170,7 +171,7 @@ class CocktailEngine:
         allow_pickle: bool = False,
     ) -> None:
         self.alpha = check_alpha(alpha)
-        self._peer_specs = _check_peers(peers)
+        self._peer_specs = _check_peers(peers, allow_pickle=allow_pickle)
         count = 1 + len(self._peer_specs)
         self.weights = (1.0 / count,) * count if weights is None else check_weights(weights, count=count)
         self._allow_pickle = allow_pickle
@@ -178,9 +179,8 @@ class CocktailEngine:
         self.recipe = Recipe(method=method, options=dict(options or {}), seed=seed, dtype=None)
         self._spec = get_method(method)
         self._options = resolve_options(self._spec, self.recipe.options)
-        self.snapshot_device = torch.device(snapshot_device)
-        self.snapshot_dtype = snapshot_dtype
-        Recipe(dtype=snapshot_dtype)  # validates the dtype name early
+        self.snapshot_device = _check_snapshot_device(snapshot_device)
+        self.snapshot_dtype = _check_snapshot_dtype(snapshot_dtype)
         self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
         self._snapshot: Snapshot | None = None
         self._depths: dict[str, float] = {}  # LiNeS depths of the snapshot's parameters, computed once
@@ -640,8 +640,9 @@ def _state_keys(model: torch.nn.Module, *, dedupe: bool) -> set[str]:
     return keys
 
 
-def _check_peers(peers: Sequence[ModelLike] | None) -> list[ModelLike]:
-    """Validate the peers' types (and that paths exist) early; they are opened later, against the model."""
+def _check_peers(peers: Sequence[ModelLike] | None, *, allow_pickle: bool = False) -> list[ModelLike]:
+    """Validate the peers early: types, and that each path is a checkpoint (its weight files are found; nothing is
+    read). They are opened later, against the model."""
     if peers is None:
         return []
     if isinstance(peers, (str, bytes, os.PathLike, Mapping)):
@@ -649,15 +650,46 @@ def _check_peers(peers: Sequence[ModelLike] | None) -> list[ModelLike]:
     out = list(peers)
     for i, peer in enumerate(out, start=1):
         if isinstance(peer, (str, os.PathLike)):
-            if not Path(peer).exists():
+            path = Path(peer)
+            if not path.exists():
                 raise UsageError(
                     f"peer {i} ({os.fspath(peer)!r}) does not exist; pass checkpoint folders or files"
                 )
+            try:
+                locate(path.resolve(), allow_pickle=allow_pickle)
+            except CheckpointFormatError as exc:
+                raise UsageError(
+                    f"peers: peer {i} ({os.fspath(peer)!r}) is not a checkpoint: {exc}; pass a folder saved with "
+                    "save_pretrained or a .safetensors file"
+                ) from exc
         elif not isinstance(peer, Mapping):
             raise UsageError(
                 f"peer {i} is a {type(peer).__name__}; pass checkpoint paths (or state dicts Mapping[str, Tensor])"
             )
     return out
+
+
+def _check_snapshot_device(device: str | torch.device) -> torch.device:
+    """Return ``device`` as a ``torch.device`` or refuse it naming the option."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise UsageError(
+            f"snapshot_device={device!r} is not a torch device; pass 'cpu' (the default, keeps GPU memory free) or "
+            "an accelerator such as 'cuda' / 'cuda:0'"
+        ) from exc
+
+
+def _check_snapshot_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype | None:
+    """Return ``dtype`` after checking it names a floating storage dtype, or refuse it naming the option."""
+    try:
+        normalize_dtype_name(dtype)
+    except UsageError as exc:
+        raise UsageError(
+            f"snapshot_dtype={dtype!r} is not a snapshot storage dtype; pass None (the parameters' own dtype), "
+            "'bf16' or 'fp16' (half the memory)"
+        ) from exc
+    return dtype
 
 
 def _peer_label(peer: ModelLike, index: int) -> str:

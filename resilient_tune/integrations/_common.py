@@ -171,6 +171,15 @@ class CocktailCore:
     ) -> None:
         self._check_installed()
         alpha = check_alpha(alpha)
+        for name, flag in (
+            ("strict", strict),
+            ("snapshot_on_disk", snapshot_on_disk),
+            ("save_resilient", save_resilient),
+        ):
+            if not isinstance(flag, bool):
+                raise UsageError(
+                    f"{name}={flag!r} must be True or False (a bool; a string such as 'no' is truthy)"
+                )
         self._policy = make_policy(policy, alpha, drift_budget, temperature)
         checks = {"loaders": self._accepts_loaders, "mapping_examples": self._needs_mapping_examples}
         self._general = probe_sets(self._load_probe_data(general_data), "general_data", **checks)
