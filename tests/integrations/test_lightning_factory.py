@@ -11,6 +11,7 @@ import torch
 L = pytest.importorskip("lightning.pytorch")
 
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 from resilient_tune.errors import UsageError  # noqa: E402
 from resilient_tune.integrations._lightning_factory import (  # noqa: E402
@@ -79,8 +80,9 @@ def test_options_are_parsed(tmp_path):
 
 
 def test_peers_and_temperature_from_the_environment(tmp_path):
-    for name in ("a", "b"):
+    for name in ("a", "b"):  # peers must hold weights (checked at construction; read at fit start)
         (tmp_path / name).mkdir()
+        save_file({"w": torch.zeros(2)}, str(tmp_path / name / "model.safetensors"))
     env = {
         "RESILIENT_TUNE": "1",
         "RESILIENT_TUNE_POLICY": "cocktail",
