@@ -58,14 +58,7 @@ PENDING_PARAMS: dict[str, set[str]] = {}
 
 # (page relative to the repository, a piece of the block's code) -> why it fails; reported to the page's owner.
 # A listed block that fails is counted and printed, not raised; once fixed it simply runs.
-KNOWN_BROKEN: dict[tuple[str, str], str] = {
-    (
-        "docs/huggingface.md",
-        "callbacks=[CocktailCallback()])",
-    ): "fragment: Trainer, model, args, train, val undefined",
-    ("docs/huggingface.md", "TrainingArguments(..., metric_for_best_model"): "fragment: `...` and no import",
-    ("docs/huggingface.md", 'peers=["/models/expert-code"'): "the peer paths do not exist (UsageError)",
-}
+KNOWN_BROKEN: dict[tuple[str, str], str] = {}
 
 _DIRECTIVE = re.compile(r"<!--\s*docs-test:\s*(?P<body>.*?)-->", re.S)
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})\s*([\w+-]*)")
