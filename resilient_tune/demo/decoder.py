@@ -18,6 +18,10 @@ prompt ``"R:dcab="`` asks for the answer ``"bacd"`` then ``<eos>``, one characte
    more α values; write ``report.json`` and ``report.png`` as the encoder demo does.
 
 The probes the policy sees are held out from the test sets, and no test prompt is trained on.
+
+On this from-scratch model weight interpolation does not keep both skills: the new skill only appears at α where
+the general one is mostly gone (docs/demo.md lists the recipes tried: richer task mixes, shared structure, gentler
+and harder fine-tunes, new letters). The scenario shows the forgetting and what the policy does about it honestly.
 """
 
 from __future__ import annotations
