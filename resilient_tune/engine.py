@@ -270,13 +270,10 @@ class CocktailEngine:
             )
         self._open_peers(model)
 
-        def value(name: str, live: torch.Tensor) -> torch.Tensor:
-            if index == 0:
-                return self.snapshot.get(name)
-            assert self._peers is not None
-            return self._peer_loader(index - 1, name)()
+        def write(name: str, live: torch.Tensor, param: torch.Tensor) -> None:
+            param.copy_(self.snapshot.get(name) if index == 0 else self._peer_loader(index - 1, name)())
 
-        with self._swap(model, value) as swapped:
+        with self._swap(model, write) as swapped:
             yield swapped
 
     def close(self) -> None:
@@ -298,10 +295,21 @@ class CocktailEngine:
         )
 
     def merged_tensor(
-        self, name: str, current: torch.Tensor, alpha: float, weights: Sequence[float] | None = None
+        self,
+        name: str,
+        current: torch.Tensor,
+        alpha: float,
+        weights: Sequence[float] | None = None,
+        *,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """θ(α) of parameter ``name`` given its live value ``current`` (returned on ``current``'s device and
         in its dtype; arithmetic in float32 on the CPU-side inputs). ``current`` is not modified.
+
+        ``out`` (a tensor of ``current``'s shape, not sharing its memory) receives the result, which is then
+        ``out`` itself; for ``linear`` without peers on float32 tensors of one device the merge is computed in it
+        (no allocation; the probes' swaps write the live parameters this way). On a non-finite result ``out``
+        holds it when the error is raised.
 
         Peers are read one at a time. For ``linear``, ingredients of weight 0 are not read at all (the sum is
         the same); task-vector methods read every input (DARE masks depend on the input's position)."""
@@ -310,11 +318,20 @@ class CocktailEngine:
         if self.recipe.method == "linear" and not self.num_peers and current.is_floating_point():
             # θ₀ + α(θₜ − θ₀) in one fused pass (a third of the general sum's cost; probes swap it in at every
             # candidate α); half precision is mixed in float32 and rounded once, as the merge core does
-            mixed = torch.lerp(base.float(), current.float(), mix[0])
+            in_place = (
+                out is not None
+                and out.device == current.device
+                and {out.dtype, current.dtype, base.dtype} == {torch.float32}
+            )
+            mixed = (
+                torch.lerp(base, current, mix[0], out=out)
+                if in_place
+                else torch.lerp(base.float(), current.float(), mix[0])
+            )
             raise_if_non_finite(
                 mixed, key=name, inputs=[current, base], names=["the fine-tuned model", "the base"]
             )
-            return mixed.to(current.dtype)
+            return mixed if in_place else _into(out, mixed.to(current.dtype))
         peers = [self._peer_loader(i, name) for i in range(self.num_peers)]
         base_arg: torch.Tensor | None
         if self._spec.needs_base:
@@ -323,7 +340,7 @@ class CocktailEngine:
             pairs = [(x, w) for x, w in zip([current, base, *peers], mix) if w != 0.0]
             inputs, base_arg = [x for x, _ in pairs], None
             mix = tuple(w for _, w in pairs)
-        return merge_tensor(
+        merged = merge_tensor(
             self._spec,
             inputs,
             mix,
@@ -334,6 +351,7 @@ class CocktailEngine:
             seed=self.recipe.seed,
             out_dtype=current.dtype,
         )
+        return _into(out, merged)
 
     def _depth(self, name: str) -> float:
         """LiNeS depth of parameter ``name`` among the snapshot's parameters (0 for methods without depth)."""
@@ -370,22 +388,27 @@ class CocktailEngine:
             self._params(model)
             yield model
             return
-        with self._swap(model, lambda name, live: self.merged_tensor(name, live, alpha, weights)) as swapped:
+
+        def write(name: str, live: torch.Tensor, param: torch.Tensor) -> None:
+            self.merged_tensor(name, live, alpha, weights, out=param)
+
+        with self._swap(model, write) as swapped:
             yield swapped
 
     @contextlib.contextmanager
     def _swap(
-        self, model: torch.nn.Module, value: Callable[[str, torch.Tensor], torch.Tensor]
+        self, model: torch.nn.Module, write: Callable[[str, torch.Tensor, torch.Tensor], None]
     ) -> Iterator[torch.nn.Module]:
-        """Write ``value(name, live_cpu_copy)`` into each trainable parameter; restore from the scratch on exit."""
+        """Call ``write(name, live_cpu_copy, param)`` for each trainable parameter (it writes the swapped-in value
+        into ``param``); restore every parameter from the scratch on exit."""
         params = [(name, local_tensor(p)) for name, p in self._params(model)]  # shards of sharded parameters
         scratch: dict[str, torch.Tensor] = {}
         try:
             with torch.no_grad():
                 for name, p in params:
                     live = p.detach().to("cpu", copy=True)
-                    scratch[name] = live
-                    p.copy_(value(name, live))
+                    scratch[name] = live  # before the write: a failed write is restored too
+                    write(name, live, p)
             yield model
         finally:
             reshard(model)  # FSDP2: drop parameters a forward left unsharded (they hold the swapped values)
@@ -690,6 +713,13 @@ def _check_snapshot_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype 
             "'bf16' or 'fp16' (half the memory)"
         ) from exc
     return dtype
+
+
+def _into(out: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """``value`` copied into ``out`` (then ``out``), or ``value`` itself without ``out``."""
+    if out is None:
+        return value
+    return out.copy_(value)
 
 
 def _peer_label(peer: ModelLike, index: int) -> str:

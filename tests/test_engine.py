@@ -65,6 +65,31 @@ def test_swapped_restores_after_an_exception(trained):
         assert torch.equal(value, live[key]), key
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_tensor_into_out_equals_the_allocating_path(trained, dtype):
+    model, engine, _ = trained
+    name, param = next((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    current = param.detach().to(dtype)
+    out = torch.empty_like(current)
+    written = engine.merged_tensor(name, current, 0.3, out=out)
+    assert written is out  # float32: computed in place; half precision: copied in
+    assert torch.equal(out, engine.merged_tensor(name, current, 0.3))  # what probes see is what is written
+
+
+def test_a_non_finite_mix_mid_swap_restores_every_parameter(trained):
+    from resilient_tune.errors import NonFiniteError
+
+    model, engine, _ = trained
+    name = [n for n, p in model.named_parameters() if p.requires_grad][-1]  # written last, in place
+    with torch.no_grad():
+        dict(model.named_parameters())[name].view(-1)[0] = float("nan")
+    live = _live(model)
+    with pytest.raises(NonFiniteError, match="NaN or Inf"), engine.swapped(model, 0.5):
+        pass
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, live[key], rtol=0, atol=0, equal_nan=True)
+
+
 def test_alpha_zero_is_the_base_and_one_is_the_live_model(trained):
     model, engine, base = trained
     live = _live(model)
