@@ -70,9 +70,9 @@ class Setup:
     """
 
     size: str = "minilm"
-    steps: int = 45
+    steps: int = 200
     batch_size: int = 32
-    eval_every: int = 15
+    eval_every: int = 100
     probe_examples: int = 64
     drift_budget: float = 0.05
     learning_rate: float = 5e-4
@@ -83,7 +83,7 @@ class Setup:
 
 SIZES: dict[str, Setup] = {
     "minilm": Setup(),
-    "gpt2": Setup(size="gpt2", steps=45, batch_size=16, eval_every=15, max_length=64),
+    "gpt2": Setup(size="gpt2", steps=90, batch_size=16, eval_every=45, max_length=64),
     "tiny": Setup(size="tiny", steps=4, batch_size=8, eval_every=2, probe_examples=16, max_length=32),
 }
 
@@ -324,6 +324,7 @@ def _summary(
             "with": median([r["peak_rss_mib"] for r in runs["with"]]),
         },
         "callback_s": first["callback_s"],
+        "projection": projection(first, setup.steps),
         "targets": [
             {
                 "target": f"overhead <= {TARGET_OVERHEAD:.0%}",
@@ -336,6 +337,42 @@ def _summary(
                 "verdict": "PASS" if mean_passes <= TARGET_PASSES else "FAIL",
             },
         ],
+    }
+
+
+PROJECTED_EVERY = (15, 50, 100, 500)  # evaluation intervals of the projection, in steps
+PROJECTED_EVALUATIONS = 10  # the projected run evaluates (and saves) this many times
+
+
+def projection(run: Mapping[str, Any], steps: int, every: Sequence[int] = PROJECTED_EVERY) -> dict[str, Any]:
+    """The overhead of the same fine-tune at other evaluation intervals, from one ``with`` run's own timers.
+
+    One run splits into a fixed cost ``F`` (``on_train_begin`` + ``on_train_end``: snapshot, the base's probe pass,
+    the final folder and report), a cost ``D`` per evaluation (the decision: its probe passes and swaps, plus the
+    resilient save) and the training itself, ``t`` seconds per step (the run's train time minus the callback's, over
+    its steps). A run of ``E`` evaluations ``N`` steps apart then costs ``(F + E·D) / (E·N·t)`` extra.
+
+    Args:
+        run: A ``with`` run's result (``train_wall_s``, ``callback_s``, ``decisions``).
+        steps: The run's optimizer steps.
+        every: The evaluation intervals ``N`` to project.
+
+    Returns:
+        ``{"fixed_s", "per_evaluation_s", "step_s", "overhead": {N: fraction}}`` (``E`` = 10 evaluations).
+    """
+    spent = run["callback_s"]
+    decisions = max(int(run["decisions"]), 1)
+    fixed = spent.get("on_train_begin", 0.0) + spent.get("on_train_end", 0.0)
+    per_eval = (
+        spent.get("on_evaluate", 0.0) + spent.get("on_save", 0.0) + spent.get("on_step_end", 0.0)
+    ) / decisions
+    step = (run["train_wall_s"] - sum(spent.values())) / steps
+    e = PROJECTED_EVALUATIONS
+    return {
+        "fixed_s": round(fixed, 3),
+        "per_evaluation_s": round(per_eval, 3),
+        "step_s": round(step, 4),
+        "overhead": {n: round((fixed + e * per_eval) / (e * n * step), 4) for n in every},
     }
 
 
@@ -365,11 +402,25 @@ def render(result: Mapping[str, Any]) -> str:
         "time in the callback (first run, s): "
         + ", ".join(f"{k} {v:.2f}" for k, v in result["callback_s"].items()),
         "",
+        _render_projection(result["projection"]),
+        "",
         "Targets (issue 3):",
     ]
     for t in result["targets"]:
         lines.append(f"  {t['target']:<32} measured {t['value']:.3g}   {t['verdict']}")
     return "\n".join(lines)
+
+
+def _render_projection(proj: Mapping[str, Any]) -> str:
+    rows = [[f"every {n} steps", f"{v:+.1%}"] for n, v in proj["overhead"].items()]
+    return "\n".join(
+        [
+            f"projected from the first run's timers: fixed {proj['fixed_s']:.1f} s per run, "
+            f"{proj['per_evaluation_s']:.1f} s per evaluation (decision + resilient save), "
+            f"{proj['step_s']:.2f} s per training step; a run of {PROJECTED_EVALUATIONS} evaluations:",
+            markdown_table(["evaluation (and save)", "overhead"], rows),
+        ]
+    )
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

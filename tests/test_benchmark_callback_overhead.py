@@ -34,3 +34,24 @@ def test_tiny_size_runs_both_fine_tunes_and_reports_the_callback_figures(tmp_pat
     )
     assert {t["verdict"] for t in result["targets"]} <= {"PASS", "FAIL"}
     assert set(with_cb["callback_s"]) >= {"on_train_begin", "on_evaluate", "on_save", "on_train_end"}
+    proj = result["projection"]
+    assert proj["per_evaluation_s"] > 0 and proj["step_s"] > 0
+    assert list(proj["overhead"]) == ["15", "50", "100", "500"]  # JSON keys
+    assert proj["overhead"]["15"] > proj["overhead"]["500"] > 0  # rarer evaluations cost less
+
+
+def test_projection_splits_fixed_per_evaluation_and_training_costs():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import callback_overhead
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    run = {
+        "train_wall_s": 120.0,  # 100 steps of 1 s, plus 20 s in the callback
+        "decisions": 2,
+        "callback_s": {"on_train_begin": 3.0, "on_train_end": 1.0, "on_evaluate": 14.0, "on_save": 2.0},
+    }
+    proj = callback_overhead.projection(run, steps=100, every=(10, 80))
+    assert proj["fixed_s"] == 4.0 and proj["per_evaluation_s"] == 8.0 and proj["step_s"] == 1.0
+    # 10 evaluations: (4 + 10 * 8) / (10 * N * 1)
+    assert proj["overhead"] == {10: pytest.approx(84 / 100), 80: pytest.approx(84 / 800)}
