@@ -144,6 +144,16 @@ def agree_on_failure(failure: BaseException | None, what: str) -> None:
         raise RankError(f"another rank failed {what} (see its log); every rank stops this step together")
 
 
+def gather_objects(value: T) -> list[T]:
+    """``value`` of every rank, in rank order (``[value]`` without a process group); every rank must call it with a
+    picklable, small ``value`` (e.g. a JSON-able state)."""
+    if not _active() or world_size() == 1:
+        return [value]
+    out: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
 def mean_across_ranks(value: float) -> float:
     """The mean of ``value`` over the ranks (``value`` itself without a process group); every rank must call it."""
     if not _active() or world_size() == 1:

@@ -20,6 +20,7 @@ def test_without_a_process_group_everything_is_local():
         1.0,
         2.0,
     ]
+    assert distributed.gather_objects({"a": 1}) == [{"a": 1}]
     plain = torch.nn.Linear(3, 2)
     assert not distributed.is_sharded_model(plain) and distributed.local_tensor(plain.weight) is plain.weight
     full = distributed.full_state_dict(plain)
@@ -167,3 +168,22 @@ def test_a_failed_rank_zero_write_keeps_two_ranks_in_agreement(tmp_path):
             assert [f["path"] for f in o["failures"]] == [folder]
             assert "is a file" in o["failures"][0]["error"]
     assert (tmp_path / "blocked").read_text() == "not a folder"
+
+
+def test_a_sharded_resume_state_gives_each_rank_its_own_folder(tmp_path):
+    from resilient_tune.integrations._common import SHARDED_FORMAT, _rank_state
+
+    state = {
+        "format": SHARDED_FORMAT,
+        "ranks": [{"folder": str(tmp_path / "gone" / "rank0-of-1"), "names": []}],
+    }
+    assert _rank_state(state, None)["folder"].endswith("rank0-of-1")  # this process is rank 0 of 1
+    (tmp_path / "moved" / "rank0-of-1").mkdir(parents=True)
+    assert _rank_state(state, tmp_path / "moved")["folder"] == str(
+        (tmp_path / "moved" / "rank0-of-1").resolve()
+    )
+    two = {"format": SHARDED_FORMAT, "ranks": [state["ranks"][0], state["ranks"][0]]}
+    with pytest.raises(UsageError, match="as 2 per-rank shards, but this run has 1 process"):
+        _rank_state(two, None)
+    with pytest.raises(UsageError, match="no base snapshot for rank 0"):
+        _rank_state({"format": SHARDED_FORMAT, "ranks": [None]}, None)

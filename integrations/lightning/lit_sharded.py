@@ -1,8 +1,8 @@
 """Sharded Lightning runs over 2 processes: FSDP2 (``ModelParallelStrategy`` + ``fully_shard`` in ``configure_model``,
 on the CPU over gloo) or DeepSpeed ZeRO-3 (``--deepspeed``, 2 CUDA devices).
 
-    python lit_sharded.py ROOT [--alpha 0.3] [--policy budget] [--max-steps 8] [--resume CKPT] [--fail-write]
-                               [--deepspeed]
+    python lit_sharded.py ROOT [--alpha 0.3] [--policy budget] [--max-steps 8] [--resume CKPT] [--seed 7]
+                               [--fail-write] [--deepspeed]
 
 The tiny GPT-2 of ``lit_app.py`` with each transformer block and the whole model sharded over 2 ranks. Checkpoints
 every 2 steps (all kept; full state dicts under FSDP2, DeepSpeed's folders under ZeRO-3) in ``ROOT/ckpts``. θ₀ is saved by ``TinyLM.setup`` (before sharding);
@@ -64,6 +64,9 @@ def main() -> None:
     parser.add_argument("--policy", default="fixed")
     parser.add_argument("--max-steps", type=int, default=8)
     parser.add_argument("--resume", default=None)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="initialisation seed (a resume must not take it as θ₀)"
+    )
     parser.add_argument("--fail-write", action="store_true")
     parser.add_argument(
         "--strict", action="store_true", help="CocktailCallback(strict=True): a failed save stops"
@@ -97,7 +100,7 @@ def main() -> None:
         **distributed,
     )
     try:
-        trainer.fit(ShardedLM(), datamodule=TokenData(), ckpt_path=args.resume)
+        trainer.fit(ShardedLM(seed=args.seed), datamodule=TokenData(), ckpt_path=args.resume)
     except BaseException as exc:  # each rank records how it ended (the tests read it)
         (args.root / f"rank{trainer.global_rank}.error").write_text(f"{type(exc).__name__}: {exc}\n")
         raise

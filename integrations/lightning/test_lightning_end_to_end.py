@@ -222,24 +222,28 @@ def test_fsdp2_merges_shards_and_writes_full_companions(fsdp2_run):
     assert [h["alpha"] for h in report["history"]] == [h["alpha"] for h in summaries[0]["history"]]
 
 
-def test_fsdp2_resume_is_refused_with_the_reason(fsdp2_run, tmp_path):
+def test_fsdp2_resume_reloads_each_ranks_base_shards(fsdp2_run, tmp_path):
+    assert sorted(p.name for p in (fsdp2_run / "resilient_base").iterdir()) == ["rank0-of-2", "rank1-of-2"]
     ckpt = next(iter(sorted((fsdp2_run / "ckpts").glob("*step=4.ckpt"))))
     args = [
-        sys.executable,
         str(HERE / "lit_sharded.py"),
         str(tmp_path),
+        "--policy",
+        "budget",
         "--resume",
         str(ckpt),
-        "--max-steps",
-        "10",
+        "--seed",
+        "7",
     ]
-    done = subprocess.run(
-        args, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-    )
-    assert done.returncode != 0
-    for rank in (0, 1):
-        error = (tmp_path / f"rank{rank}.error").read_text()
-        assert "sharded run keeps its base" in error and "strategy='ddp'" in error
+    _run(args, timeout=600)  # other initial weights: the resumed run must not take them as θ₀
+    full, resumed = _summaries(fsdp2_run), _summaries(tmp_path)
+    assert resumed[0]["sharded"] == ["DTensor"] and resumed[0]["history"] == resumed[1]["history"]
+    assert [h["step"] for h in resumed[0]["history"]] == [2, 4, 6, 8]
+    for a, b in zip(resumed[0]["history"], full[0]["history"]):
+        assert a["alpha"] == pytest.approx(b["alpha"], abs=1e-6)
+    base = _weights(fsdp2_run, "theta0.safetensors")  # the first run's θ₀, reloaded from its per-rank shards
+    alpha = _assert_mix(tmp_path / "resilient", base, _weights(tmp_path, "final.safetensors"))
+    assert alpha == resumed[0]["history"][-1]["alpha"]
 
 
 def test_fsdp2_strict_failed_write_stops_every_rank_without_partial_output(tmp_path):

@@ -38,10 +38,13 @@ import torch
 
 from resilient_tune.checkpoint import parse_size
 from resilient_tune.distributed import (
+    agree_on_failure,
+    gather_objects,
     is_rank_zero,
     is_sharded_model,
     mean_across_ranks,
     on_rank_zero,
+    rank,
     world_size,
 )
 from resilient_tune.engine import CocktailEngine, check_alpha
@@ -74,6 +77,9 @@ logger = logging.getLogger("resilient_tune.integrations")
 BASE_FOLDER = "resilient_base"
 RESILIENT_FOLDER = "resilient"
 STATE_VERSION = 1
+SHARDED_FORMAT = (
+    "resilient-tune-sharded-snapshot"  # resume state of a sharded run: one snapshot state per rank
+)
 TARGET_DEFAULT_EXAMPLES = 64  # target examples taken from each eval dataset when target_data is not given
 CONFIG_FIELDS = (
     "_engine",
@@ -293,19 +299,43 @@ class CocktailCore:
             self._engine.begin(model)
         self._note_snapshot()
 
+    @property
+    def _sharded_snapshot(self) -> bool:
+        """The snapshot holds this rank's shards of a sharded model (FSDP2, ZeRO-3)."""
+        return getattr(self._engine.snapshot, "shard", None) is not None
+
     def _persist_snapshot(self, base_dir: Path) -> None:
         """Give an in-memory θ₀ an on-disk copy in ``base_dir`` so that a resumed run can reload it (the process
-        that writes checkpoints calls it). A sharded model's snapshot (this rank's shards) is not persisted: its
-        runs cannot be resumed with their base yet."""
+        that writes checkpoints calls it; a sharded model's snapshot goes through :meth:`_persist_shards`)."""
+        if self._sharded_snapshot:
+            raise RuntimeError("a sharded snapshot is persisted by every rank: call _persist_shards")
         snapshot = self._engine.snapshot
-        if getattr(snapshot, "shard", None) is not None:
-            logger.info(
-                "CocktailCallback: the base of a sharded model is not persisted; a resume will be refused"
-            )
-            return
         if snapshot.storage == "memory":
             snapshot.persist(base_dir, overwrite=True)
         self._note_snapshot()
+
+    def _persist_shards(self, base_dir: Path) -> None:
+        """Sharded model, **every rank calls it**: each rank writes its own θ₀ shards to
+        ``base_dir/rank<r>-of-<n>/`` and the ranks exchange their snapshot states, so the resume state (saved by
+        one rank) names every rank's folder and fingerprint.
+
+        Raises:
+            Exception: This rank's write error; :class:`~resilient_tune.distributed.RankError` on the other ranks.
+        """
+        snapshot = self._engine.snapshot
+        shard = snapshot.shard
+        folder = base_dir / f"rank{shard['rank']}-of-{shard['world_size']}"
+        mine: dict[str, Any] | None = None
+        failure: BaseException | None = None
+        try:
+            if snapshot.storage == "memory":
+                base_dir.mkdir(parents=True, exist_ok=True)
+                snapshot.persist(folder, overwrite=True)
+            mine = snapshot.state()
+        except Exception as exc:  # every rank must reach the agreement, whatever failed here
+            failure = exc
+        agree_on_failure(failure, f"writing the base snapshot shards to {base_dir}")
+        self._snapshot_state = {"format": SHARDED_FORMAT, "ranks": gather_objects(mine)}
 
     def _note_snapshot(self) -> None:
         snapshot = self._engine.snapshot
@@ -370,6 +400,9 @@ class CocktailCore:
             )
         if lora_run:
             self._engine.begin(model)
+        elif snap_state.get("format") == SHARDED_FORMAT:
+            device = None if self.snapshot_on_disk else self._engine.snapshot_device
+            self._engine.attach(Snapshot.load(_rank_state(snap_state, moved), device=device), model)
         else:
             recorded = snap_state.get("folder")
             if recorded and not Path(recorded).exists() and moved is not None and moved.is_dir():
@@ -687,6 +720,35 @@ class CocktailCore:
 
 
 # ---------------------------------------------------------------------------- helpers
+def _rank_state(state: Mapping[str, Any], moved: Path | None) -> dict[str, Any]:
+    """This rank's snapshot state out of a sharded run's resume state (``{"format", "ranks": [state, ...]}``).
+
+    Raises:
+        UsageError: The run was sharded over another number of processes, or a rank's state is missing.
+    """
+    ranks = list(state.get("ranks") or [])
+    if len(ranks) != world_size():
+        raise UsageError(
+            f"the checkpoint's run kept its base θ₀ as {len(ranks)} per-rank shards, but this run has {world_size()} "
+            f"process(es); resume with {len(ranks)} processes and the same sharding, or start a new run"
+        )
+    mine = ranks[rank()]
+    if not isinstance(mine, Mapping):
+        raise UsageError(
+            f"the checkpoint holds no base snapshot for rank {rank()} (its save failed); start a new run"
+        )
+    mine = dict(mine)
+    recorded = mine.get("folder")
+    if (
+        recorded
+        and not Path(recorded).exists()
+        and moved is not None
+        and (moved / Path(recorded).name).is_dir()
+    ):
+        mine["folder"] = str((moved / Path(recorded).name).resolve())  # the run folder was moved
+    return mine
+
+
 def make_policy(
     policy: str | Policy, alpha: float, drift_budget: float | None, temperature: float | None = None
 ) -> Policy:

@@ -38,7 +38,8 @@ Sharded strategies (``ModelParallelStrategy`` with ``fully_shard``; ``DeepSpeedS
 every rank, so companions are written from a wrapper of ``strategy.save_checkpoint``: every rank merges its own
 shards in place, the merged model is gathered once to rank 0's CPU, rank 0 writes, and every rank learns the outcome
 (a failed write raises on every rank). ``FSDPStrategy`` (FSDP1) is refused with a pointer to ``ModelParallelStrategy``.
-A sharded run keeps θ₀ in memory only, so it cannot be resumed with its base (a resume is refused).
+A sharded run keeps θ₀ in memory; at its first checkpoint every rank writes its own shards to
+``resilient_base/rank<r>-of-<n>/``, and a resume (with the same number of processes) reloads them.
 
 A resilient folder holds ``model.safetensors`` (the merged ``pl_module.state_dict()``, same keys, tied parameters
 under every name), ``cocktail.json``, a model card ``README.md`` and, when the module holds a transformers model,
@@ -74,7 +75,7 @@ from typing import Any
 import torch
 
 from resilient_tune.checkpoint import atomic_dir, open_checkpoint
-from resilient_tune.distributed import is_sharded_model, on_rank_zero
+from resilient_tune.distributed import on_rank_zero
 from resilient_tune.engine import write_model_folder
 from resilient_tune.errors import UsageError
 from resilient_tune.integrations._common import (
@@ -186,11 +187,16 @@ class LightningCocktail(CocktailCore):
             # metrics are logged by the validation that may follow at this step
             self._ensure_probes(trainer, self._module)
             self._decide(trainer.global_step, self._module, log=False)
-        if self._snapshot_state is None and trainer is not None and trainer.is_global_zero:
+        if self._snapshot_state is None and trainer is not None:
             base_dir = _root(trainer) / BASE_FOLDER  # the first checkpoint: keep θ₀ for a resume
-            self._rank_zero(
-                lambda: self._persist_snapshot(base_dir), f"writing the base snapshot to {base_dir}", base_dir
-            )
+            if self._sharded_snapshot:  # every rank writes its own shards (every rank runs this hook)
+                self._guarded(lambda: self._persist_shards(base_dir), base_dir, trainer.global_step)
+            elif trainer.is_global_zero:
+                self._rank_zero(
+                    lambda: self._persist_snapshot(base_dir),
+                    f"writing the base snapshot to {base_dir}",
+                    base_dir,
+                )
         self._saves_to_agree += 1  # every rank: a checkpoint (and its companion on rank 0) is being saved
         return self._run_state()
 
@@ -247,12 +253,6 @@ class LightningCocktail(CocktailCore):
         root = _root(trainer)
         pending = root / (BASE_FOLDER + _PENDING)
         if self._stored is not None or trainer.ckpt_path is not None:
-            if self._collective and is_sharded_model(pl_module):
-                raise UsageError(
-                    f"resuming from {trainer.ckpt_path}: a sharded run keeps its base θ₀ in memory only (each rank its "
-                    "own shards), so CocktailCallback cannot take it back yet; start a new run, or train with "
-                    "strategy='ddp' to be able to resume"
-                )
             self._drop_pending(pending)
             self._restore(self._stored, pl_module, trainer.global_step, moved=root / BASE_FOLDER)
             return

@@ -256,6 +256,9 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
         saves = getattr(strategy, "value", strategy) != "no"
         self._take_snapshot(model, base_dir)
         if not self.snapshot_on_disk and saves:
+            if self._sharded_snapshot:  # every rank writes its own shards
+                self._guarded(lambda: self._persist_shards(base_dir), base_dir, 0)
+                return
             what = f"writing the base snapshot to {base_dir}"
             self._guarded(lambda: on_rank_zero(lambda: self._persist_snapshot(base_dir), what), base_dir, 0)
 
