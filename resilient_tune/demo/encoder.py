@@ -64,9 +64,13 @@ class EncoderConfig(ScenarioConfig):
         scale: Inverse temperature of the contrastive loss (cosine similarity × scale).
         max_length: Tokens per text (longer texts are truncated).
         eval_batch_size: Texts per forward pass when scoring; probe batch size (one batch per probe set).
+        decisions: Evaluations during fine-tuning (3 here: each one probes the 64-pair sets up to ``max_passes``
+            times, a few seconds each on 2 cores).
+        curve: Extra α values scored (none by default: each costs a full scoring pass, about 15 s on 2 cores; the
+            plot's curve has α = 0, the chosen α, 0.5 and 1).
     """
 
-    steps: int = 95
+    steps: int = 75
     learning_rate: float = 5e-4
     batch_size: int = 32
     probe_pairs: int = 64
@@ -75,6 +79,8 @@ class EncoderConfig(ScenarioConfig):
     scale: float = 20.0
     max_length: int = 128
     eval_batch_size: int = 64
+    decisions: int = 3
+    curve: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
