@@ -84,6 +84,18 @@ def test_config_validation():
         EncoderConfig(curve=(1.5,))
 
 
+def test_documented_recipe_is_the_default():
+    """docs/demo.md and the README quote the default run: its step count must be the default."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = EncoderConfig()
+    demo_page = (root / "docs" / "demo.md").read_text()
+    assert f"resilient-tune demo --out runs/demo --steps {cfg.steps}\n" in demo_page
+    assert f"The recipe: {cfg.steps} steps" in demo_page
+    assert f"defaults: {cfg.steps} steps" in (root / "README.md").read_text()
+
+
 def test_whole_run_on_a_tiny_encoder(tiny, tokenizer, tmp_path, capsys):
     data = DemoData(
         target_train=_pairs(48, 0),
