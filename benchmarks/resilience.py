@@ -12,7 +12,7 @@ model, LM-Cocktail's static ``α = 0.5`` (the paper's recipe) and the online ``b
 
 Usage::
 
-    python benchmarks/resilience.py                          # both scenarios, ~10 min on 2 CPU cores
+    python benchmarks/resilience.py                          # both scenarios, ~6-10 min on 2 CPU cores
     python benchmarks/resilience.py --scenarios decoder --json
     python benchmarks/resilience.py --reuse --out runs/resilience   # table and plot from earlier runs
     python benchmarks/resilience.py --smoke --scenarios decoder     # seconds: tiny settings, numbers meaningless
