@@ -171,10 +171,10 @@ def test_a_failed_rank_zero_write_keeps_two_ranks_in_agreement(tmp_path):
 
 
 def test_a_sharded_resume_state_gives_each_rank_its_own_folder(tmp_path):
-    from resilient_tune.integrations._common import SHARDED_FORMAT, _rank_state
+    from resilient_tune.integrations._common import PER_RANK_FORMAT, _rank_state
 
     state = {
-        "format": SHARDED_FORMAT,
+        "format": PER_RANK_FORMAT,
         "ranks": [{"folder": str(tmp_path / "gone" / "rank0-of-1"), "names": []}],
     }
     assert _rank_state(state, None)["folder"].endswith("rank0-of-1")  # this process is rank 0 of 1
@@ -182,8 +182,8 @@ def test_a_sharded_resume_state_gives_each_rank_its_own_folder(tmp_path):
     assert _rank_state(state, tmp_path / "moved")["folder"] == str(
         (tmp_path / "moved" / "rank0-of-1").resolve()
     )
-    two = {"format": SHARDED_FORMAT, "ranks": [state["ranks"][0], state["ranks"][0]]}
+    two = {"format": PER_RANK_FORMAT, "ranks": [state["ranks"][0], state["ranks"][0]]}
     with pytest.raises(UsageError, match="as 2 per-rank shards, but this run has 1 process"):
         _rank_state(two, None)
     with pytest.raises(UsageError, match="no base snapshot for rank 0"):
-        _rank_state({"format": SHARDED_FORMAT, "ranks": [None]}, None)
+        _rank_state({"format": PER_RANK_FORMAT, "ranks": [None]}, None)

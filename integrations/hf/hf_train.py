@@ -1,7 +1,7 @@
 """A tiny transformers ``Trainer`` fine-tune with ``CocktailCallback``, for one process or ``torchrun``.
 
     torchrun --standalone --nproc_per_node 2 hf_train.py OUT [--alpha 0.3] [--policy budget] [--drift-budget 0.01] [--fail-write]
-             [--max-steps 4] [--zero3]
+             [--max-steps 4] [--zero3] [--snapshot-on-disk] [--resume CHECKPOINT]
 
 The model is a 2-layer GPT-2 built from a config (offline); the task is one repeated token pattern, the general
 probes random tokens. Rank 0 saves θ₀ to ``OUT/theta0.safetensors`` before training and the final weights to
@@ -39,6 +39,10 @@ def main() -> None:
     parser = arguments("A tiny transformers Trainer fine-tune with CocktailCallback")
     parser.add_argument("--max-steps", type=int, default=4)
     parser.add_argument("--zero3", action="store_true")
+    parser.add_argument(
+        "--snapshot-on-disk", action="store_true", help="CocktailCallback(snapshot_on_disk=True)"
+    )
+    parser.add_argument("--resume", default=None, help="a checkpoint folder to resume from")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -51,9 +55,10 @@ def main() -> None:
         general_data=general,
         drift_budget=args.drift_budget,
         strict=args.strict,
+        snapshot_on_disk=args.snapshot_on_disk,
     )
     net = model()
-    if rank == 0:
+    if rank == 0 and args.resume is None:  # a resumed run's initial weights are not its base
         args.out.mkdir(parents=True, exist_ok=True)
         save_state(net, args.out / "theta0.safetensors")
     accelerator: dict = {"use_cpu": True, "ddp_backend": "gloo" if world > 1 else None}
@@ -86,7 +91,7 @@ def main() -> None:
         callbacks=[callback],
     )
     try:
-        trainer.train()
+        trainer.train(resume_from_checkpoint=args.resume)
     except BaseException as exc:
         (args.out / f"rank{rank}.error").write_text(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         raise

@@ -47,6 +47,23 @@ def test_resilient_weights_are_the_mix_with_the_base(budget_run):
     assert doc["step"] == 2 and doc["alpha"] == pytest.approx(rows[0]["history"][0]["alpha"])
 
 
+def test_snapshot_on_disk_keeps_a_folder_per_rank_and_resumes(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    flags = ["--policy", "budget", "--drift-budget", "0.002", "--snapshot-on-disk"]
+    full = run("hf_train.py", first, *flags)
+    assert sorted(p.name for p in (first / "resilient_base").iterdir()) == ["rank0-of-2", "rank1-of-2"]
+    assert full[0]["snapshot_bytes"] == full[1]["snapshot_bytes"] == 0  # θ₀ is read from disk, not resident
+    assert full[0]["history"] == full[1]["history"]
+    base = load_file(str(first / "theta0.safetensors"))
+    assert_mix(first / "resilient", base, load_file(str(first / "final.safetensors")))
+    resumed = run("hf_train.py", second, *flags, "--resume", str(first / "checkpoint-2"))
+    assert resumed[0]["history"] == resumed[1]["history"]
+    assert [h["step"] for h in resumed[0]["history"]] == [2, 4]
+    for a, b in zip(resumed[0]["history"], full[0]["history"]):
+        assert a["alpha"] == pytest.approx(b["alpha"], abs=1e-6)
+    assert_mix(second / "resilient", base, load_file(str(second / "final.safetensors")))
+
+
 def test_a_strict_rank_zero_write_failure_stops_every_rank(tmp_path):
     out = tmp_path / "run"
     done = torchrun(

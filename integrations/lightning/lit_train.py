@@ -48,13 +48,20 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--fail-write", action="store_true")
     parser.add_argument(
+        "--snapshot-on-disk", action="store_true", help="CocktailCallback(snapshot_on_disk=True)"
+    )
+    parser.add_argument(
         "--strict", action="store_true", help="CocktailCallback(strict=True): a failed save stops"
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
     general = tokens(16, 2, False) if args.policy == "budget" else None
     callback = CountingCallback(
-        alpha=args.alpha, policy=args.policy, general_data=general, strict=args.strict
+        alpha=args.alpha,
+        policy=args.policy,
+        general_data=general,
+        strict=args.strict,
+        snapshot_on_disk=args.snapshot_on_disk,
     )
     callback.fail = args.fail_write
     every = ModelCheckpoint(dirpath=args.root / "ckpts", every_n_train_steps=2, save_top_k=-1)
@@ -83,6 +90,7 @@ def main() -> None:
         "writes": callback.writes,
         "save_failures": [f["path"] for f in callback.save_failures],
         "history": [{"step": h["step"], "alpha": h["alpha"]} for h in callback.history],
+        "snapshot_bytes": callback.engine.snapshot.nbytes,
     }
     # one file per rank: the ranks' stdout lines may interleave under load
     (args.root / f"summary-rank{trainer.global_rank}.json").write_text(json.dumps(summary))

@@ -144,6 +144,29 @@ def test_ddp_two_processes_write_once(tmp_path):
     )
 
 
+def test_ddp_snapshot_on_disk_keeps_a_folder_per_rank_and_resumes(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    flags = ["--ddp", "--policy", "budget", "--snapshot-on-disk"]
+    _run([str(HERE / "lit_train.py"), str(first), *flags, "--seed-per-rank"], timeout=600)
+    full = _summaries(first)
+    assert sorted(p.name for p in (first / "resilient_base").iterdir()) == ["rank0-of-2", "rank1-of-2"]
+    assert full[0]["snapshot_bytes"] == full[1]["snapshot_bytes"] == 0  # θ₀ is read from disk, not resident
+    assert full[0]["history"] == full[1]["history"]
+    base = _weights(
+        first, "theta0.safetensors"
+    )  # rank 0's weights, which DDP broadcast (ranks started apart)
+    _assert_mix(first / "resilient", base, _weights(first, "final.safetensors"))
+    ckpt = next(
+        iter((first / "ckpts").glob("*step=4.ckpt"))
+    )  # the epoch in the name depends on the DDP split
+    _run([str(HERE / "lit_train.py"), str(second), *flags, "--resume", str(ckpt), "--seed", "7"], timeout=600)
+    resumed = _summaries(second)
+    assert resumed[0]["history"] == resumed[1]["history"]
+    for a, b in zip(resumed[0]["history"], full[0]["history"]):
+        assert a["step"] == b["step"] and a["alpha"] == pytest.approx(b["alpha"], abs=1e-6)
+    _assert_mix(second / "resilient", base, _weights(second, "final.safetensors"))
+
+
 def test_ddp_strict_rank_zero_write_failure_stops_every_rank(tmp_path):
     environ = {k: v for k, v in os.environ.items() if not k.startswith("RESILIENT_TUNE")}
     done = subprocess.run(

@@ -77,7 +77,7 @@ logger = logging.getLogger("resilient_tune.integrations")
 BASE_FOLDER = "resilient_base"
 RESILIENT_FOLDER = "resilient"
 STATE_VERSION = 1
-SHARDED_FORMAT = (
+PER_RANK_FORMAT = (
     "resilient-tune-sharded-snapshot"  # resume state of a sharded run: one snapshot state per rank
 )
 TARGET_DEFAULT_EXAMPLES = 64  # target examples taken from each eval dataset when target_data is not given
@@ -131,7 +131,8 @@ class CocktailCore:
             ``training_step`` returns).
         snapshot_device: Where the in-memory snapshot θ₀ lives (``"cpu"``).
         snapshot_dtype: Storage dtype of θ₀: ``None`` (same as the parameters), ``"bf16"`` or ``"fp16"``.
-        snapshot_on_disk: Keep θ₀ on disk in ``<output>/resilient_base/`` (about zero resident memory; one process).
+        snapshot_on_disk: Keep θ₀ on disk in ``<output>/resilient_base/`` (about zero resident memory; with several
+            processes each rank keeps its own folder ``resilient_base/rank<r>-of-<n>/``).
         save_resilient: Write the resilient folders (next to each checkpoint and ``<output>/resilient/``).
         kl_top_k: Keep the base's ``k`` most likely tokens per position for the KL probe (``None``: all).
         max_shard_size: Shard size of the written weights (bytes or ``"5GB"``).
@@ -285,19 +286,25 @@ class CocktailCore:
             UsageError: A PEFT model the LoRA path does not support (DoRA, several adapters, ...).
             NotImplementedError: Peers with a PEFT LoRA model.
         """
-        if self.snapshot_on_disk and world_size() > 1:
-            raise NotImplementedError(
-                "snapshot_on_disk with several processes needs per-rank folders (a later increment); keep the "
-                "snapshot in memory (snapshot_dtype='bf16' halves it)"
-            )
         self._engine = engine_for(model, self._engine)
-        if self.snapshot_on_disk and not isinstance(self._engine, LoraEngine):
-            self._engine.snapshot_dir = base_dir
-            self._engine.begin(model, overwrite=True)
-        else:
+        if not self.snapshot_on_disk or isinstance(self._engine, LoraEngine):
             self._engine.snapshot_dir = None
             self._engine.begin(model)
-        self._note_snapshot()
+            self._note_snapshot()
+        elif world_size() == 1:
+            self._engine.snapshot_dir = base_dir
+            self._engine.begin(model, overwrite=True)
+            self._note_snapshot()
+        else:  # several processes: each rank writes its own folder (its shards, or its copy under DDP)
+            failure: BaseException | None = None
+            try:
+                base_dir.mkdir(parents=True, exist_ok=True)
+                self._engine.snapshot_dir = base_dir / rank_folder()
+                self._engine.begin(model, overwrite=True)
+            except Exception as exc:  # every rank must reach the agreement, whatever failed here
+                failure = exc
+            agree_on_failure(failure, f"writing the base snapshot to {base_dir}")
+            self._gather_snapshot_states()
 
     @property
     def _sharded_snapshot(self) -> bool:
@@ -316,26 +323,29 @@ class CocktailCore:
 
     def _persist_shards(self, base_dir: Path) -> None:
         """Sharded model, **every rank calls it**: each rank writes its own θ₀ shards to
-        ``base_dir/rank<r>-of-<n>/`` and the ranks exchange their snapshot states, so the resume state (saved by
+        ``base_dir/rank<r>-of-<n>/`` (:func:`rank_folder`) and the ranks exchange their snapshot states, so the resume state (saved by
         one rank) names every rank's folder and fingerprint.
 
         Raises:
             Exception: This rank's write error; :class:`~resilient_tune.distributed.RankError` on the other ranks.
         """
         snapshot = self._engine.snapshot
-        shard = snapshot.shard
-        folder = base_dir / f"rank{shard['rank']}-of-{shard['world_size']}"
-        mine: dict[str, Any] | None = None
         failure: BaseException | None = None
         try:
             if snapshot.storage == "memory":
                 base_dir.mkdir(parents=True, exist_ok=True)
-                snapshot.persist(folder, overwrite=True)
-            mine = snapshot.state()
+                snapshot.persist(base_dir / rank_folder(), overwrite=True)
         except Exception as exc:  # every rank must reach the agreement, whatever failed here
             failure = exc
         agree_on_failure(failure, f"writing the base snapshot shards to {base_dir}")
-        self._snapshot_state = {"format": SHARDED_FORMAT, "ranks": gather_objects(mine)}
+        self._gather_snapshot_states()
+
+    def _gather_snapshot_states(self) -> None:
+        """Every rank calls it: the resume state becomes every rank's snapshot state, in rank order."""
+        self._snapshot_state = {
+            "format": PER_RANK_FORMAT,
+            "ranks": gather_objects(self._engine.snapshot.state()),
+        }
 
     def _note_snapshot(self) -> None:
         snapshot = self._engine.snapshot
@@ -400,7 +410,7 @@ class CocktailCore:
             )
         if lora_run:
             self._engine.begin(model)
-        elif snap_state.get("format") == SHARDED_FORMAT:
+        elif snap_state.get("format") == PER_RANK_FORMAT:
             device = None if self.snapshot_on_disk else self._engine.snapshot_device
             self._engine.attach(Snapshot.load(_rank_state(snap_state, moved), device=device), model)
         else:
@@ -720,6 +730,11 @@ class CocktailCore:
 
 
 # ---------------------------------------------------------------------------- helpers
+def rank_folder() -> str:
+    """This process's folder name in a per-rank snapshot: ``rank<r>-of-<n>``."""
+    return f"rank{rank()}-of-{world_size()}"
+
+
 def _rank_state(state: Mapping[str, Any], moved: Path | None) -> dict[str, Any]:
     """This rank's snapshot state out of a sharded run's resume state (``{"format", "ranks": [state, ...]}``).
 

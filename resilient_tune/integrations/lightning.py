@@ -352,17 +352,29 @@ class LightningCocktail(CocktailCore):
             shutil.rmtree(pending, ignore_errors=True)
 
     def _promote_pending(self, pending: Path, base_dir: Path) -> None:
-        """Move the on-disk θ₀ of a fresh run from the pending folder to ``resilient_base/`` and reopen it."""
+        """Move the on-disk θ₀ of a fresh run from the pending folder to ``resilient_base/`` and reopen it. Several
+        processes (every rank calls it): rank 0 moves the folder holding every rank's ``rank<r>-of-<n>/`` between
+        two barriers, and each rank reopens its own."""
         from resilient_tune.snapshot import Snapshot
 
         state = self._engine.snapshot.state()
         self._engine.snapshot.close()
-        if base_dir.exists():
-            shutil.rmtree(base_dir)
-        os.replace(pending, base_dir)
-        state["folder"] = str(base_dir.resolve())
-        self._engine.attach(Snapshot.load(state))
-        self._note_snapshot()
+        several = self._trainer is not None and self._trainer.world_size > 1
+        if several:
+            self._trainer.strategy.barrier("resilient_base")  # every rank has closed its files
+        if not several or self._trainer.is_global_zero:
+            if base_dir.exists():
+                shutil.rmtree(base_dir)
+            os.replace(pending, base_dir)
+        if several:
+            self._trainer.strategy.barrier("resilient_base moved")
+            state["folder"] = str((base_dir / Path(state["folder"]).name).resolve())
+            self._engine.attach(Snapshot.load(state))
+            self._gather_snapshot_states()
+        else:
+            state["folder"] = str(base_dir.resolve())
+            self._engine.attach(Snapshot.load(state))
+            self._note_snapshot()
 
     # ------------------------------------------------------------------ probes
     def _ensure_probes(self, trainer: Any, pl_module: Any) -> None:
