@@ -1,8 +1,7 @@
 """Bad input across the API, the CLI and both callbacks' constructors (issue 6).
 
 Every case asserts the error type, that the message names the thing, the value and the fix (substrings), and
-that nothing was written: the destination is absent and no temporary sibling folder is left behind. Cases the
-library does not yet meet in files this suite does not own are strict xfails naming the defect.
+that nothing was written: the destination is absent and no temporary sibling folder is left behind.
 """
 
 from __future__ import annotations
