@@ -160,7 +160,8 @@ class BudgetPolicy:
         tolerance: Bracket width in α at which the search stops, in ``(0, 1)``.
         slack: Accept a measured α whose loss increase is within this fraction below the bound, in ``(0, 1)``
             (0.25: any α using 75–100% of the allowed increase).
-        max_passes: Cap on probe passes per decision (base and ``α = 1`` included), ``>= 2``.
+        max_passes: Cap on probe passes per decision (base and ``α = 1`` included), ``>= 2``. The default 5 leaves a
+            callback, which measures the base once per run, at most 4 passes per evaluation (``α = 1`` and 3 guesses).
     """
 
     name = "budget"
@@ -168,7 +169,7 @@ class BudgetPolicy:
     uses_previous = True
 
     def __init__(
-        self, drift_budget: float = 0.05, *, tolerance: float = 0.05, slack: float = 0.25, max_passes: int = 6
+        self, drift_budget: float = 0.05, *, tolerance: float = 0.05, slack: float = 0.25, max_passes: int = 5
     ) -> None:
         if (
             isinstance(drift_budget, bool)
