@@ -66,7 +66,7 @@ class EncoderConfig(ScenarioConfig):
         eval_batch_size: Texts per forward pass when scoring; probe batch size (one batch per probe set).
         decisions: Evaluations during fine-tuning (3 here: each one probes the 64-pair sets up to ``max_passes``
             times, a few seconds each on 2 cores).
-        curve: Extra α values scored (none by default: each costs a full scoring pass, about 15 s on 2 cores; the
+        curve: Extra α values scored (none by default: each costs a full scoring pass, about 17 s on 2 cores; the
             plot's curve has α = 0, the chosen α, 0.5 and 1).
     """
 
