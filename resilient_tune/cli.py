@@ -93,7 +93,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         metavar="N",
-        help="fine-tuning steps (default: the documented recipe: encoder 95, decoder 100)",
+        help="fine-tuning steps (default: the documented recipe: encoder 75, decoder 100)",
     )
     d.add_argument("--seed", type=int, help="seed of data order and dropout (default 0)")
     d.add_argument(
