@@ -29,9 +29,14 @@ def test_tiny_size_runs_both_fine_tunes_and_reports_the_callback_figures(tmp_pat
     assert len(result["probe_passes"]["all"]) == with_cb["decisions"]
     assert 1 <= result["probe_passes"]["max"] <= 6  # budget: alpha = 1 at least, never more than its cap
     assert result["snapshot_bytes"] == result["trainable_bytes"] > 0  # the snapshot: trainable fp32 weights
-    assert result["overhead"] == pytest.approx(
+    assert result["overhead_wall"] == pytest.approx(
         with_cb["train_wall_s"] / without["train_wall_s"] - 1, abs=1e-3
     )
+    inside = sum(with_cb["callback_s"].values())
+    assert result["overhead_callback_time"] == pytest.approx(
+        inside / (with_cb["train_wall_s"] - inside), abs=1e-3
+    )
+    assert result["overhead"] == max(result["overhead_wall"], result["overhead_callback_time"])
     assert {t["verdict"] for t in result["targets"]} <= {"PASS", "FAIL"}
     assert set(with_cb["callback_s"]) >= {"on_train_begin", "on_evaluate", "on_save", "on_train_end"}
     proj = result["projection"]
