@@ -183,7 +183,7 @@ def test_a_sharded_resume_state_gives_each_rank_its_own_folder(tmp_path):
         (tmp_path / "moved" / "rank0-of-1").resolve()
     )
     two = {"format": PER_RANK_FORMAT, "ranks": [state["ranks"][0], state["ranks"][0]]}
-    with pytest.raises(UsageError, match="as 2 per-rank shards, but this run has 1 process"):
+    with pytest.raises(UsageError, match="in 2 per-rank folders, but this run has 1 process"):
         _rank_state(two, None)
     with pytest.raises(UsageError, match="no base snapshot for rank 0"):
         _rank_state({"format": PER_RANK_FORMAT, "ranks": [None]}, None)

@@ -77,9 +77,8 @@ logger = logging.getLogger("resilient_tune.integrations")
 BASE_FOLDER = "resilient_base"
 RESILIENT_FOLDER = "resilient"
 STATE_VERSION = 1
-PER_RANK_FORMAT = (
-    "resilient-tune-sharded-snapshot"  # resume state of a sharded run: one snapshot state per rank
-)
+# resume state of a snapshot kept per rank (a sharded model, or snapshot_on_disk with several processes)
+PER_RANK_FORMAT = "resilient-tune-per-rank-snapshot"
 TARGET_DEFAULT_EXAMPLES = 64  # target examples taken from each eval dataset when target_data is not given
 CONFIG_FIELDS = (
     "_engine",
@@ -323,8 +322,8 @@ class CocktailCore:
 
     def _persist_shards(self, base_dir: Path) -> None:
         """Sharded model, **every rank calls it**: each rank writes its own θ₀ shards to
-        ``base_dir/rank<r>-of-<n>/`` (:func:`rank_folder`) and the ranks exchange their snapshot states, so the resume state (saved by
-        one rank) names every rank's folder and fingerprint.
+        ``base_dir/rank<r>-of-<n>/`` (:func:`rank_folder`) and the ranks exchange their snapshot states, so the
+        resume state (saved by one rank) names every rank's folder and fingerprint.
 
         Raises:
             Exception: This rank's write error; :class:`~resilient_tune.distributed.RankError` on the other ranks.
@@ -736,16 +735,16 @@ def rank_folder() -> str:
 
 
 def _rank_state(state: Mapping[str, Any], moved: Path | None) -> dict[str, Any]:
-    """This rank's snapshot state out of a sharded run's resume state (``{"format", "ranks": [state, ...]}``).
+    """This rank's snapshot state out of a per-rank resume state (``{"format", "ranks": [state, ...]}``).
 
     Raises:
-        UsageError: The run was sharded over another number of processes, or a rank's state is missing.
+        UsageError: The run had another number of processes, or a rank's state is missing.
     """
     ranks = list(state.get("ranks") or [])
     if len(ranks) != world_size():
         raise UsageError(
-            f"the checkpoint's run kept its base θ₀ as {len(ranks)} per-rank shards, but this run has {world_size()} "
-            f"process(es); resume with {len(ranks)} processes and the same sharding, or start a new run"
+            f"the checkpoint's run kept its base θ₀ in {len(ranks)} per-rank folders, but this run has {world_size()} "
+            f"process(es); resume with {len(ranks)} processes (and the same sharding), or start a new run"
         )
     mine = ranks[rank()]
     if not isinstance(mine, Mapping):
