@@ -118,7 +118,8 @@ try:
 except Exception as exc:
     outcomes.append({"rank": rank, "agreed": f"{type(exc).__name__}: {exc}"})
 dist.all_reduce(torch.ones(1))
-print(json.dumps(outcomes))
+print(json.dumps(outcomes), flush=True)
+dist.barrier()  # neither rank tears gloo down while the other still talks to it (an abort at exit otherwise)
 dist.destroy_process_group()
 """
 
