@@ -42,8 +42,7 @@ import torch
 
 from . import __version__
 from .card import model_card
-from .checkpoint import StreamingWriter, TensorInfo, atomic_dir, copy_support_files, parse_size
-from .checkpoint._layout import locate
+from .checkpoint import StreamingWriter, TensorInfo, atomic_dir, copy_support_files, locate, parse_size
 from .distributed import (
     agree_on_failure,
     full_state_dict,

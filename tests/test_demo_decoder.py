@@ -108,6 +108,10 @@ def test_config_validation():
         DecoderConfig(n_embd=30, n_head=4)
     with pytest.raises(UsageError, match=r"alpha 1\.5"):
         DecoderConfig(curve=(1.5,))
+    with pytest.raises(UsageError, match=r"drift_budget=nan must be a number >= 0"):
+        DecoderConfig(drift_budget=float("nan"))
+    with pytest.raises(UsageError, match=r"max_passes=1 must be an int >= 2"):
+        DecoderConfig(max_passes=1)
     with pytest.raises(UsageError, match="unknown option"):
         run_demo("unused", "decoder", nonsense=1)
 

@@ -8,17 +8,20 @@ that torch owns: no memory-mapping, no numpy, no intermediate copies.
 
 from resilient_tune.checkpoint._atomic import atomic_dir, check_destination
 from resilient_tune.checkpoint._format import TensorInfo
+from resilient_tune.checkpoint._layout import Layout, locate
 from resilient_tune.checkpoint._reader import CheckpointReader, open_checkpoint
 from resilient_tune.checkpoint._support_files import copy_support_files
 from resilient_tune.checkpoint._writer import StreamingWriter, parse_size
 
 __all__ = [
     "CheckpointReader",
+    "Layout",
     "StreamingWriter",
     "TensorInfo",
     "atomic_dir",
     "check_destination",
     "copy_support_files",
+    "locate",
     "open_checkpoint",
     "parse_size",
 ]

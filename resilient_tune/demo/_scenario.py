@@ -63,16 +63,9 @@ class ScenarioConfig:
     curve: tuple[float, ...] = (0.25, 0.75)
 
     def __post_init__(self) -> None:
-        positive_ints(self, ("decisions", "max_passes"))
-        if (
-            isinstance(self.drift_budget, bool)
-            or not isinstance(self.drift_budget, (int, float))
-            or not (math.isfinite(self.drift_budget) and self.drift_budget >= 0)
-        ):
-            raise UsageError(
-                f"drift_budget={self.drift_budget!r} must be a number >= 0, e.g. 0.05 (the general-probe loss may "
-                "rise 5% over the base's)"
-            )
+        positive_ints(self, ("decisions",))
+        # the policy's own checks name the field and the fix
+        BudgetPolicy(self.drift_budget, max_passes=self.max_passes)
         for a in (self.static_alpha, *self.curve):
             if not 0.0 <= a <= 1.0:
                 raise UsageError(f"alpha {a!r} must be in [0, 1]")

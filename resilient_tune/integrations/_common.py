@@ -295,15 +295,13 @@ class CocktailCore:
             self._engine.begin(model, overwrite=True)
             self._note_snapshot()
         else:  # several processes: each rank writes its own folder (its shards, or its copy under DDP)
-            failure: BaseException | None = None
-            try:
+
+            def write() -> None:
                 base_dir.mkdir(parents=True, exist_ok=True)
                 self._engine.snapshot_dir = base_dir / rank_folder()
                 self._engine.begin(model, overwrite=True)
-            except Exception as exc:  # every rank must reach the agreement, whatever failed here
-                failure = exc
-            agree_on_failure(failure, f"writing the base snapshot to {base_dir}")
-            self._gather_snapshot_states()
+
+            self._on_every_rank(write, f"writing the base snapshot to {base_dir}")
 
     @property
     def _sharded_snapshot(self) -> bool:
@@ -329,14 +327,27 @@ class CocktailCore:
             Exception: This rank's write error; :class:`~resilient_tune.distributed.RankError` on the other ranks.
         """
         snapshot = self._engine.snapshot
-        failure: BaseException | None = None
-        try:
+
+        def write() -> None:
             if snapshot.storage == "memory":
                 base_dir.mkdir(parents=True, exist_ok=True)
                 snapshot.persist(base_dir / rank_folder(), overwrite=True)
+
+        self._on_every_rank(write, f"writing the base snapshot shards to {base_dir}")
+
+    def _on_every_rank(self, write: Callable[[], None], what: str) -> None:
+        """Every rank calls it: run this rank's snapshot ``write``, agree with the other ranks on whether any failed
+        (raising on every rank if one did), then make the resume state every rank's snapshot state, in rank order.
+
+        Raises:
+            Exception: This rank's write error; :class:`~resilient_tune.distributed.RankError` on the other ranks.
+        """
+        failure: BaseException | None = None
+        try:
+            write()
         except Exception as exc:  # every rank must reach the agreement, whatever failed here
             failure = exc
-        agree_on_failure(failure, f"writing the base snapshot shards to {base_dir}")
+        agree_on_failure(failure, what)
         self._gather_snapshot_states()
 
     def _gather_snapshot_states(self) -> None:
@@ -413,10 +424,7 @@ class CocktailCore:
             device = None if self.snapshot_on_disk else self._engine.snapshot_device
             self._engine.attach(Snapshot.load(_rank_state(snap_state, moved), device=device), model)
         else:
-            recorded = snap_state.get("folder")
-            if recorded and not Path(recorded).exists() and moved is not None and moved.is_dir():
-                # the run folder was moved; the fingerprint still checks the copy
-                snap_state["folder"] = str(moved.resolve())
+            _relocate(snap_state, moved)
             device = None if self.snapshot_on_disk else self._engine.snapshot_device
             self._engine.attach(Snapshot.load(snap_state, device=device), model)
         self._snapshot_state = snap_state
@@ -753,14 +761,16 @@ def _rank_state(state: Mapping[str, Any], moved: Path | None) -> dict[str, Any]:
         )
     mine = dict(mine)
     recorded = mine.get("folder")
-    if (
-        recorded
-        and not Path(recorded).exists()
-        and moved is not None
-        and (moved / Path(recorded).name).is_dir()
-    ):
-        mine["folder"] = str((moved / Path(recorded).name).resolve())  # the run folder was moved
+    _relocate(mine, None if moved is None or not recorded else moved / Path(recorded).name)
     return mine
+
+
+def _relocate(state: dict[str, Any], now: Path | None) -> None:
+    """Point a snapshot ``state`` at ``now`` when its recorded folder is gone and ``now`` is a folder (the run
+    folder was moved; the snapshot's fingerprint still checks the copy when it loads)."""
+    recorded = state.get("folder")
+    if recorded and not Path(recorded).exists() and now is not None and now.is_dir():
+        state["folder"] = str(now.resolve())
 
 
 def make_policy(
