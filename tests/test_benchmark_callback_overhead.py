@@ -3,6 +3,7 @@ the callback, as separate processes), in seconds."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -43,6 +44,35 @@ def test_tiny_size_runs_both_fine_tunes_and_reports_the_callback_figures(tmp_pat
     assert proj["per_evaluation_s"] > 0 and proj["step_s"] > 0
     assert list(proj["overhead"]) == ["15", "50", "100", "500"]  # JSON keys
     assert proj["overhead"]["15"] > proj["overhead"]["500"] > 0  # rarer evaluations cost less
+
+    # the saved result renders again without a run: the same table, and the plot
+    saved = tmp_path / "result.json"
+    saved.write_text(proc.stdout)
+    png = tmp_path / "plot" / "overhead.png"
+    again = subprocess.run(
+        [sys.executable, str(SCRIPT), "--from-json", str(saved), "--plot", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{result['overhead']:+.1%}" in again.stdout and "every 500 steps" in again.stdout
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert png.read_bytes()[:4] == b"\x89PNG" and "plot written to" in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [("not json", "cannot read --from-json"), ('{"setup": {}}', "is not a callback_overhead")],
+)
+def test_from_json_refuses_what_is_not_a_saved_result(tmp_path, content, needle):
+    saved = tmp_path / "result.json"
+    saved.write_text(content)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--from-json", str(saved)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and needle in proc.stderr and str(saved) in proc.stderr
+    assert proc.stdout == ""
 
 
 def test_projection_splits_fixed_per_evaluation_and_training_costs():

@@ -3,6 +3,7 @@ a tiny model (resilient-tune only), so a change in the CLI or the output layout 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -90,6 +91,7 @@ def test_merge_speed_runs_on_tiny(tmp_path: Path) -> None:
     cmd = [
         sys.executable, str(BENCH / "merge_speed.py"), "--size", "tiny", "--repeats", "1",
         "--tools", "resilient-tune", "--cache-dir", str(tmp_path), "--max-wait", "0", "--retries", "0", "--json",
+        "--plot", str(tmp_path / "plot" / "merge-speed.png"),
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
@@ -105,6 +107,9 @@ def test_merge_speed_runs_on_tiny(tmp_path: Path) -> None:
     assert check["max_abs_diff_vs_exact"] < 1e-5
     assert [t["target"] for t in result["targets"]] == ["wall <= 0.45x mergekit", "peak RSS <= 640 MiB"]
     assert not any(p.name.startswith("run-") for p in tmp_path.iterdir()), "output folders left behind"
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "plot" / "merge-speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "plot written to" in proc.stderr
 
 
 def test_check_outputs_flags_a_wrong_or_incomplete_merge(tmp_path: Path) -> None:
