@@ -43,6 +43,44 @@ def test_summary_shares_and_aim():
     assert "| decoder | online budget | 0.70 |" in resilience.render([s])
 
 
+def test_online_and_static_are_compared_example_by_example():
+    report = _report((0.86, 0.80), (0.80, 0.80))
+    report["hits"] = {
+        "resilient": {"target": "1101", "general": "1111110000"},
+        "static": {"target": "1000", "general": "0000001111"},
+    }
+    pairs = resilience.summarize(report)["online_vs_static_pairs"]
+    assert pairs["target"] == {
+        "online_only": 2,
+        "static_only": 0,
+        "p": pytest.approx(0.5),
+    }  # 2 of 2, two-sided
+    assert pairs["general"]["online_only"] == 6 and pairs["general"]["static_only"] == 4
+    assert 0.7 < pairs["general"]["p"] <= 1.0
+    line = resilience.render([resilience.summarize(report, "encoder-200")])
+    assert "target +2 examples (2 only online, 0 only static, McNemar p = 0.5)" in line
+    assert "| encoder-200 | online budget |" in line
+    assert resilience.summarize(_report((0.8, 0.8), (0.8, 0.8)))["online_vs_static_pairs"] is None
+
+
+def test_each_run_is_a_scenario_with_its_recipe(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_run_demo(out, scenario, *, echo, **options):
+        calls.append((Path(out).name, scenario, options))
+        return {}
+
+    monkeypatch.setattr("resilient_tune.demo.run_demo", fake_run_demo)
+    resilience._run("encoder-200", tmp_path, False, print)
+    resilience._run("encoder-200", tmp_path, True, print)
+    resilience._run("decoder", tmp_path, False, print)
+    (name, scenario, options), (_, _, smoke), (_, dec, dec_options) = calls
+    assert (name, scenario, options["steps"], options["decisions"]) == ("encoder-200", "encoder", 200, 4)
+    assert smoke["steps"] == 2 and smoke["curve"] == ()  # --smoke shrinks every run
+    assert (dec, dec_options) == ("decoder", {})
+    assert resilience.RUNS["encoder"] == ("encoder", {"curve": resilience._CURVE})  # the demo, more curve points
+
+
 def test_no_gain_means_no_share():
     report = _report((0.5, 0.7), (0.5, 0.7))
     report["models"]["fine_tuned"]["target"] = 0.40
