@@ -9,6 +9,7 @@ outputs agree, and PASS/FAIL against the issue's targets.
     python benchmarks/merge_speed.py --size gpt2-medium
     python benchmarks/merge_speed.py --size tiny --repeats 1 --tools resilient-tune --json
     python benchmarks/merge_speed.py --plot docs/img/merge-speed.png   # the table's bars as a PNG too
+    python benchmarks/merge_speed.py --from-json run.json --plot x.png  # report and plot of a run saved with --json
 
 Building the checkpoints (transformers, torch) runs in a child process; this process imports only the standard
 library while it measures, and numpy + safetensors afterwards to check the outputs.
@@ -747,16 +748,13 @@ def plot(result: dict, path: Path) -> Path | None:
     rss = [summary[n]["max_rss_mib"] for n in names]
     right.barh(ys, rss, color=colours)
     right.set_xlabel("peak RSS, MiB")
-    for ax, values, unit in ((left, walls, " s"), (right, rss, " MiB")):
-        for y, v in zip(ys, values):
-            ax.annotate(
-                f"{v:.2f}{unit}" if unit == " s" else f"{v:.0f}{unit}",
-                (v, y),
-                xytext=(4, 0),
-                textcoords="offset points",
-                va="center",
-                fontsize=8,
-            )
+    labels_at = (
+        (left, [f"{w:.2f} s" for w in walls], [summary[n]["wall_max_s"] for n in names]),  # past the whisker
+        (right, [f"{r:.0f} MiB" for r in rss], rss),
+    )
+    for ax, texts, ends in labels_at:
+        for y, text, end in zip(ys, texts, ends):
+            ax.annotate(text, (end, y), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
         ax.margins(x=0.25)
     left.set_yticks(ys, labels, fontsize=8)
     left.invert_yaxis()
@@ -819,11 +817,46 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--plot", type=Path, metavar="PNG", help="also draw wall time and peak RSS per tool into this PNG"
     )
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="FILE",
+        help="do not run: read a result written with --json and print its report (and --plot it)",
+    )
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats is {args.repeats}; pass 1 or more")
     args.tools = list(dict.fromkeys(args.tools))
     return args
+
+
+_RESULT_KEYS = {
+    "size",
+    "repeats",
+    "inputs",
+    "machine",
+    "summary",
+    "agreement",
+    "failures",
+    "targets",
+    "commands",
+}
+
+
+def _saved_result(path: Path, log: Callable[[str], None]) -> dict | None:
+    """A result saved with ``--json``, or ``None`` after logging why it cannot be used."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log(f"merge_speed: cannot read --from-json {path}: {exc}; pass a file written with --json")
+        return None
+    missing = sorted(_RESULT_KEYS - set(result)) if isinstance(result, dict) else sorted(_RESULT_KEYS)
+    if missing:
+        log(
+            f"merge_speed: {path} is not a merge_speed result (no {', '.join(missing)}); pass a file written with --json"
+        )
+        return None
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -835,11 +868,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    try:
-        result = run_benchmark(args, log)
-    except MissingToolError as exc:
-        log(f"merge_speed: {exc}")
-        return 2
+    if args.from_json is not None:
+        result = _saved_result(args.from_json, log)
+        if result is None:
+            return 2
+    else:
+        try:
+            result = run_benchmark(args, log)
+        except MissingToolError as exc:
+            log(f"merge_speed: {exc}")
+            return 2
     if args.prepare_only:
         print(json.dumps(result["inputs"], indent=2))
         return 0

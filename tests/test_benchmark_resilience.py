@@ -78,7 +78,8 @@ def test_each_run_is_a_scenario_with_its_recipe(monkeypatch, tmp_path):
     assert (name, scenario, options["steps"], options["decisions"]) == ("encoder-200", "encoder", 200, 4)
     assert smoke["steps"] == 2 and smoke["curve"] == ()  # --smoke shrinks every run
     assert (dec, dec_options) == ("decoder", {})
-    assert resilience.RUNS["encoder"] == ("encoder", {"curve": resilience._CURVE})  # the demo, more curve points
+    # the encoder run is the demo's recipe, with more curve points
+    assert resilience.RUNS["encoder"] == ("encoder", {"curve": resilience._CURVE})
 
 
 def test_no_gain_means_no_share():

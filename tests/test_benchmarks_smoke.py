@@ -110,6 +110,21 @@ def test_merge_speed_runs_on_tiny(tmp_path: Path) -> None:
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "plot" / "merge-speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert "plot written to" in proc.stderr
+    # the saved result gives the report again without a run; a file that is not one is refused
+    saved = tmp_path / "result.json"
+    saved.write_text(proc.stdout)
+    again = subprocess.run(
+        [sys.executable, str(BENCH / "merge_speed.py"), "--from-json", str(saved)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "## Merge speed: tiny" in again.stdout and "resilient-tune `merge`" in again.stdout
+    saved.write_text('{"size": "tiny"}')
+    bad = subprocess.run(
+        [sys.executable, str(BENCH / "merge_speed.py"), "--from-json", str(saved)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "is not a merge_speed result" in bad.stderr and bad.stdout == ""
 
 
 def test_check_outputs_flags_a_wrong_or_incomplete_merge(tmp_path: Path) -> None:
