@@ -7,6 +7,7 @@ is imported here: the orchestrating process stays light and never skews what it 
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -19,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "GNU_TIME",
@@ -323,3 +325,34 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], ali
     rule = ["---:" if a == "r" else "---" for a in align]
     lines = [headers, rule, *[[str(c) for c in row] for row in rows]]
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+# ---------------------------------------------------------------------------------------------- saved results
+def add_result_options(parser: Any, plot_help: str) -> None:
+    """``--plot PNG`` (``plot_help`` says what is drawn) and ``--from-json FILE`` (report a saved result again)."""
+    parser.add_argument("--plot", type=Path, metavar="PNG", help=f"{plot_help} (needs matplotlib)")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="FILE",
+        help="do not run: read a result written with --json and print its report (and --plot it)",
+    )
+
+
+def load_result(path: Path, keys: set[str], benchmark: str) -> dict:
+    """A result that ``benchmark`` saved with ``--json``: a JSON object holding every one of ``keys``.
+
+    Raises:
+        ValueError: The file cannot be read, is not JSON, or is not such a result (the message names the file,
+            what is wrong and the fix).
+    """
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read --from-json {path}: {exc}; pass a file written with --json") from exc
+    missing = sorted(keys - set(result)) if isinstance(result, dict) else sorted(keys)
+    if missing:
+        raise ValueError(
+            f"{path} is not a {benchmark} result (no {', '.join(missing)}); pass a file written with --json"
+        )
+    return result

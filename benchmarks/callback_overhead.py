@@ -40,7 +40,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # the benchmarks folder is not a package: imported from its own directory
+    add_result_options,
     busy_cpu_seconds,
+    load_result,
     machine_info,
     markdown_table,
     median,
@@ -533,15 +535,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--json", action="store_true", help="print the results as JSON on stdout (progress on stderr)"
     )
-    p.add_argument(
-        "--plot", type=Path, metavar="PNG", help="also draw the time split and the projection here"
-    )
-    p.add_argument(
-        "--from-json",
-        type=Path,
-        metavar="FILE",
-        help="do not run: read a result written with --json and print its table (and --plot it)",
-    )
+    add_result_options(p, "also draw the time split and the projected overhead into this PNG")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats is {args.repeats}; pass 1 or more")
@@ -566,18 +560,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.from_json is not None:
         try:
-            result = json.loads(args.from_json.read_text())
-        except (OSError, ValueError) as exc:
-            log(
-                f"callback_overhead: cannot read --from-json {args.from_json}: {exc}; pass a file written with --json"
-            )
-            return 2
-        missing = sorted(_RESULT_KEYS - set(result)) if isinstance(result, dict) else sorted(_RESULT_KEYS)
-        if missing:
-            log(
-                f"callback_overhead: {args.from_json} is not a callback_overhead result (no {', '.join(missing)}); "
-                "pass a file written with --json"
-            )
+            result = load_result(args.from_json, _RESULT_KEYS, "callback_overhead")
+        except ValueError as exc:
+            log(f"callback_overhead: {exc}")
             return 2
     else:
         try:

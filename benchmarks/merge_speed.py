@@ -38,7 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # the benchmarks folder is not a package: imported from its own directory
     Measurement,
     MissingToolError,
+    add_result_options,
     drop_tree,
+    load_result,
     machine_info,
     markdown_table,
     median,
@@ -814,15 +816,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--json", action="store_true", help="print the results as JSON on stdout (progress goes to stderr)"
     )
-    p.add_argument(
-        "--plot", type=Path, metavar="PNG", help="also draw wall time and peak RSS per tool into this PNG"
-    )
-    p.add_argument(
-        "--from-json",
-        type=Path,
-        metavar="FILE",
-        help="do not run: read a result written with --json and print its report (and --plot it)",
-    )
+    add_result_options(p, "also draw wall time and peak RSS per tool into this PNG")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats is {args.repeats}; pass 1 or more")
@@ -843,22 +837,6 @@ _RESULT_KEYS = {
 }
 
 
-def _saved_result(path: Path, log: Callable[[str], None]) -> dict | None:
-    """A result saved with ``--json``, or ``None`` after logging why it cannot be used."""
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        log(f"merge_speed: cannot read --from-json {path}: {exc}; pass a file written with --json")
-        return None
-    missing = sorted(_RESULT_KEYS - set(result)) if isinstance(result, dict) else sorted(_RESULT_KEYS)
-    if missing:
-        log(
-            f"merge_speed: {path} is not a merge_speed result (no {', '.join(missing)}); pass a file written with --json"
-        )
-        return None
-    return result
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; exit status 0 when every tool ran and the outputs agree, 1 otherwise, 2 on setup errors."""
     args = _parse_args(argv)
@@ -869,8 +847,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     if args.from_json is not None:
-        result = _saved_result(args.from_json, log)
-        if result is None:
+        try:
+            result = load_result(args.from_json, _RESULT_KEYS, "merge_speed")
+        except ValueError as exc:
+            log(f"merge_speed: {exc}")
             return 2
     else:
         try:
