@@ -394,13 +394,19 @@ def projection(run: Mapping[str, Any], steps: int, every: Sequence[int] = PROJEC
         spent.get("on_evaluate", 0.0) + spent.get("on_save", 0.0) + spent.get("on_step_end", 0.0)
     ) / decisions
     step = (run["train_wall_s"] - sum(spent.values())) / steps
-    e = PROJECTED_EVALUATIONS
     return {
         "fixed_s": round(fixed, 3),
         "per_evaluation_s": round(per_eval, 3),
         "step_s": round(step, 4),
-        "overhead": {n: round((fixed + e * per_eval) / (e * n * step), 4) for n in every},
+        "overhead": {n: round(projected_overhead(fixed, per_eval, step, n), 4) for n in every},
     }
+
+
+def projected_overhead(fixed_s: float, per_evaluation_s: float, step_s: float, every: float) -> float:
+    """Overhead (a fraction) of a run of :data:`PROJECTED_EVALUATIONS` evaluations ``every`` steps apart:
+    ``(F + E·D) / (E·N·t)`` (see :func:`projection`)."""
+    e = PROJECTED_EVALUATIONS
+    return (fixed_s + e * per_evaluation_s) / (e * every * step_s)
 
 
 def render(result: Mapping[str, Any]) -> str:
@@ -476,12 +482,10 @@ def plot(result: Mapping[str, Any], path: Path) -> Path | None:
     left.margins(x=0.2)
     left.set_xlabel("seconds in trainer.train() with the callback (first run)")
     proj, setup = result["projection"], result["setup"]
-    fixed, per_eval, step = proj["fixed_s"], proj["per_evaluation_s"], proj["step_s"]
-    e = PROJECTED_EVALUATIONS
+    costs = (proj["fixed_s"], proj["per_evaluation_s"], proj["step_s"])
     every = [5 * 1.05**i for i in range(int(math.log(1000 / 5) / math.log(1.05)) + 1)]
-    right.plot(
-        every, [100 * (fixed + e * per_eval) / (e * n * step) for n in every], color="C0", label="projected"
-    )
+    curve = [100 * projected_overhead(*costs, n) for n in every]
+    right.plot(every, curve, color="C0", label="projected")
     for n, v in proj["overhead"].items():
         right.annotate(
             f"{100 * v:+.0f}%", (int(n), 100 * v), xytext=(4, 4), textcoords="offset points", fontsize=8
@@ -496,9 +500,9 @@ def plot(result: Mapping[str, Any], path: Path) -> Path | None:
     )
     right.axhline(100 * TARGET_OVERHEAD, color="C3", linestyle=":", label=f"target {TARGET_OVERHEAD:.0%}")
     right.set_xscale("log")
-    right.set_xlabel(f"steps between evaluations (and saves), a run of {e} evaluations")
+    right.set_xlabel(f"steps between evaluations (and saves), a run of {PROJECTED_EVALUATIONS} evaluations")
     right.set_ylabel("overhead over training (%)")
-    right.set_ylim(0, min(150, 100 * (fixed + e * per_eval) / (e * 5 * step)))
+    right.set_ylim(0, min(150, curve[0]))
     right.legend(fontsize=8)
     figure.suptitle(
         f"CocktailCallback(policy='budget') overhead: {setup['size']}, {result['parameters'] / 1e6:.1f}M "
