@@ -74,10 +74,18 @@ def test_each_run_is_a_scenario_with_its_recipe(monkeypatch, tmp_path):
     resilience._run("encoder-200", tmp_path, False, print)
     resilience._run("encoder-200", tmp_path, True, print)
     resilience._run("decoder", tmp_path, False, print)
-    (name, scenario, options), (_, _, smoke), (_, dec, dec_options) = calls
+    resilience._run("decoder-lora", tmp_path, True, print)
+    (name, scenario, options), (_, _, smoke), (_, dec, dec_options), (lora, lora_scenario, lora_smoke) = calls
     assert (name, scenario, options["steps"], options["decisions"]) == ("encoder-200", "encoder", 200, 4)
     assert smoke["steps"] == 2 and smoke["curve"] == ()  # --smoke shrinks every run
-    assert (dec, dec_options) == ("decoder", {})
+    assert (dec, dec_options) == ("decoder", {"curve": resilience._CURVE})  # the demo's recipe
+    # the LoRA run keeps its adapter under --smoke, on the tiny model
+    assert (lora, lora_scenario, lora_smoke["lora_rank"], lora_smoke["n_embd"]) == (
+        "decoder-lora",
+        "decoder",
+        8,
+        32,
+    )
     # the encoder run is the demo's recipe, with more curve points
     assert resilience.RUNS["encoder"] == ("encoder", {"curve": resilience._CURVE})
 

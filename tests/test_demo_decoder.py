@@ -1,9 +1,8 @@
-"""The decoder demo's pieces (synthetic tasks, tokenizer, collator, exact match) and a whole run on tiny settings."""
+"""The decoder demo's pieces (tokenizer, windows, collator, next-character hits) and a whole run on tiny settings."""
 
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -17,11 +16,11 @@ from resilient_tune.demo import run_demo  # noqa: E402
 from resilient_tune.demo.decoder import (  # noqa: E402
     DecoderConfig,
     LMCollator,
-    answer,
     char_tokenizer,
-    exact_match_hits,
-    make_examples,
+    encode,
+    next_char_hits,
     run_decoder,
+    windows,
 )
 from resilient_tune.errors import UsageError  # noqa: E402
 
@@ -31,8 +30,9 @@ TINY = dict(
     pretrain_steps=6,
     pretrain_batch_size=16,
     decisions=2,
-    probe_examples=6,
-    test_examples=12,
+    probe_windows=6,
+    test_windows=12,
+    context=16,
     n_layer=1,
     n_embd=32,
     curve=(0.25,),
@@ -40,37 +40,37 @@ TINY = dict(
 )
 
 
-def test_answers_of_each_task():
-    assert [answer(t, "dcab") for t in "CRS"] == ["dcab", "bacd", "abcd"]
-    assert answer("H", "abp") == "bca"  # p wraps to a
-    with pytest.raises(UsageError, match="unknown task 'X'"):
-        answer("X", "ab")
-
-
 def test_tokenizer_is_one_token_per_character_and_round_trips(tmp_path):
-    tok = char_tokenizer()
-    ids = tok("R:dcab=", add_special_tokens=False)["input_ids"]
-    assert len(ids) == 7 and tok.unk_token_id not in ids
-    assert tok.decode(ids) == "R:dcab="
+    tok = char_tokenizer("def f(x):\n    return x  # rare: é", min_count=1)
+    text = "def f(x):\n    return x"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and tok.unk_token_id not in ids
+    assert tok.decode(ids) == text
+    assert encode(tok, text).tolist() == ids  # the direct encoding is the tokenizer's
     tok.save_pretrained(tmp_path)
     again = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    assert again("R:dcab=", add_special_tokens=False)["input_ids"] == ids
+    assert again(text, add_special_tokens=False)["input_ids"] == ids
 
 
-def test_examples_mask_the_prompt_and_end_with_eos():
-    tok = char_tokenizer()
-    cfg = DecoderConfig(min_length=3, max_length=5)
-    examples = make_examples(["R", "S"], 10, random.Random(0), tok, cfg)
-    assert [e["prompt"][0] for e in examples[:4]] == ["R", "S", "R", "S"]
-    for e in examples:
-        prompt, text = e["prompt"], e["prompt"][2:-1]
-        n = len(prompt)
-        assert e["labels"][:n] == [-100] * n
-        assert tok.decode(e["labels"][n:-1]) == answer(prompt[0], text)
-        assert e["labels"][-1] == tok.eos_token_id and e["input_ids"][n:] == e["labels"][n:]
-    seen = {examples[0]["prompt"]}
-    again = make_examples(["R", "S"], 10, random.Random(0), tok, cfg, exclude=seen)
-    assert seen.isdisjoint(e["prompt"] for e in again)
+def test_rare_characters_become_unk():
+    tok = char_tokenizer("aaab", min_count=2)
+    assert set(tok.get_vocab()) == {"<pad>", "<unk>", "<eos>", "a"}
+    assert encode(tok, "abz").tolist() == [tok.convert_tokens_to_ids("a"), tok.unk_token_id, tok.unk_token_id]
+    assert tok("abz", add_special_tokens=False)["input_ids"] == encode(tok, "abz").tolist()
+
+
+def test_windows_are_consecutive_tokens_inside_the_text():
+    ids = torch.arange(100)
+    w = windows(ids, 50, 8, torch.Generator().manual_seed(0))
+    assert w.shape == (50, 8)
+    assert torch.equal(w[:, 1:] - w[:, :-1], torch.ones(50, 7, dtype=torch.long))  # consecutive
+    assert int(w.min()) >= 0 and int(w.max()) <= 99
+    assert torch.equal(w, windows(ids, 50, 8, torch.Generator().manual_seed(0)))  # seeded
+    assert (
+        int(windows(torch.arange(9), 200, 8, torch.Generator().manual_seed(1))[:, -1].max()) == 8
+    )  # reaches the end
+    with pytest.raises(UsageError, match="fewer than one window of 8"):
+        windows(torch.arange(8), 1, 8, torch.Generator())
 
 
 def test_collator_pads_right():
@@ -83,27 +83,29 @@ def test_collator_pads_right():
 
 
 class _Oracle(torch.nn.Module):
-    """Predicts token ``t + 1`` after token ``t`` (so only sequences counting up by one are exact matches)."""
+    """Predicts token ``t + 1`` after token ``t``."""
 
     def forward(self, input_ids, attention_mask=None):
         logits = torch.nn.functional.one_hot((input_ids + 1) % 20, 20).float()
         return transformers.modeling_outputs.CausalLMOutput(logits=logits)
 
 
-def test_exact_match_is_greedy_decoding_of_the_answer():
-    examples = [
-        {"input_ids": [3, 4, 5, 6], "labels": [-100, -100, 5, 6]},  # every answer token is the predicted one
-        {"input_ids": [3, 4, 5, 9], "labels": [-100, -100, 5, 9]},  # last token wrong
-        {"input_ids": [3, 9, 10], "labels": [-100, -100, 10]},  # prompt tokens never count
-    ]
-    assert exact_match_hits(_Oracle(), examples, pad_id=0, batch_size=2) == [True, False, True]
+def test_next_char_hits_score_every_predicted_position():
+    w = torch.tensor([[3, 4, 5, 6], [3, 4, 9, 10], [1, 7, 8, 2]])
+    # window 1: all right; window 2: 4->9 wrong, then 9->10 right; window 3: 1->7 wrong, 7->8 right, 8->2 wrong
+    expected = [True, True, True, True, False, True, False, True, False]
+    assert next_char_hits(_Oracle(), w, batch_size=2) == expected
 
 
 def test_config_validation():
     with pytest.raises(UsageError, match="steps=0"):
         DecoderConfig(steps=0)
-    with pytest.raises(UsageError, match="max_length=2"):
-        DecoderConfig(min_length=3, max_length=2)
+    with pytest.raises(UsageError, match="context=0"):
+        DecoderConfig(context=0)
+    with pytest.raises(UsageError, match="pretrain_steps=-1"):
+        DecoderConfig(pretrain_steps=-1)
+    with pytest.raises(UsageError, match="learning_rate=0"):
+        DecoderConfig(learning_rate=0)
     with pytest.raises(UsageError, match="multiple of n_head"):
         DecoderConfig(n_embd=30, n_head=4)
     with pytest.raises(UsageError, match=r"alpha 1\.5"):
@@ -122,8 +124,9 @@ def test_whole_run_on_tiny_settings(tmp_path, capsys):
     report = run_decoder(out, DecoderConfig(**TINY), echo=lines.append)
 
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
-    assert report["scenario"] == "decoder" and report["score_name"] == "exact match"
-    assert report["data"]["synthetic"] is True and any("SYNTHETIC" in line for line in lines)
+    assert report["scenario"] == "decoder" and report["score_name"] == "next-char accuracy"
+    assert report["data"]["synthetic"] is False and any("real text" in line for line in lines)
+    assert report["data"]["sizes"]["code_train_chars"] > 100_000 and report["data"]["fingerprint"]
     models = report["models"]
     assert set(models) == {"base", "fine_tuned", "resilient", "static"}
     for row in models.values():
@@ -147,8 +150,10 @@ def test_whole_run_on_tiny_settings(tmp_path, capsys):
     # the base's scores are what the saved base gets on the same test sets
     fresh = transformers.AutoModelForCausalLM.from_pretrained(out / "base")
     assert (fresh.config.n_layer, fresh.config.n_embd) == (1, 32)
-    assert report["hits"]["base"]["general"].count("1") == round(models["base"]["general"] * 36)
-    assert report["data"]["sizes"]["general_test"] == 36 and report["data"]["sizes"]["target_test"] == 12
+    chars = 12 * 16  # test windows x predicted characters per window
+    assert len(report["hits"]["base"]["general"]) == chars == len(report["hits"]["resilient"]["target"])
+    assert report["hits"]["base"]["general"].count("1") == round(models["base"]["general"] * chars)
+    assert report["data"]["sizes"]["general_test"] == 12 and report["data"]["sizes"]["pretrain"] == 6 * 16
 
     curve = {point["alpha"]: point for point in report["curve"]}
     assert {0.0, 0.25, 0.5, 1.0, alpha} <= set(curve)
@@ -165,7 +170,7 @@ def test_whole_run_on_tiny_settings(tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "exact match in %" in table and "resilient (budget)" in table
+    assert "next-char accuracy in %" in table and "resilient (budget)" in table
 
 
 @pytest.mark.slow
@@ -175,8 +180,36 @@ def test_default_demo_forgets_and_recovers(tmp_path):
     report = run_decoder(tmp_path / "run", echo=lambda _: None)
     m = report["models"]
     base, tuned, resilient = m["base"], m["fine_tuned"], m["resilient"]
-    assert tuned["target"] - base["target"] >= 0.2  # a clear new skill
+    assert tuned["target"] - base["target"] >= 0.03  # a clear new skill: 3 points of next-character accuracy
     assert tuned["general"] <= 0.98 * base["general"]  # forgetting: at least 2% relative
     assert report["significance"]["general: fine_tuned vs base"]["p"] < 0.01
     assert resilient["general"] > tuned["general"]  # recovery
     assert 0.0 <= report["alpha"] < 1.0
+
+
+def test_lora_run_writes_the_merged_models(tmp_path):
+    """With ``lora_rank`` the adapter is trained; fine-tuned/ holds the merged model, and the resilient checkpoint
+    is θ₀ + α·(θ − θ₀) of the merged weights (the adapter scaled by α)."""
+    pytest.importorskip("peft")
+    out = tmp_path / "lora"
+    report = run_decoder(out, DecoderConfig(**TINY, lora_rank=2, learning_rate=1e-2), echo=lambda _: None)
+    assert report["config"]["lora_rank"] == 2
+    assert not (out / "fine-tuned" / "adapter_config.json").exists()
+    base = load_file(str(out / "base" / "model.safetensors"))
+    tuned = load_file(str(out / "fine-tuned" / "model.safetensors"))
+    written = load_file(str(out / "resilient" / "model.safetensors"))
+    assert set(tuned) == set(base)  # a plain model, no adapter keys
+    assert any(not torch.equal(tuned[k], base[k]) for k in base)  # the adapter changed the merged weights
+    # LoRA leaves the embeddings alone
+    assert torch.equal(tuned["transformer.wte.weight"], base["transformer.wte.weight"])
+    alpha = report["alpha"]
+    for key, value in written.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, base[key] + alpha * (tuned[key] - base[key]), rtol=0, atol=1e-5)
+    assert (out / "resilient" / "adapter" / "adapter_config.json").exists()
+    transformers.AutoModelForCausalLM.from_pretrained(out / "fine-tuned")
+
+
+def test_lora_rank_is_validated():
+    with pytest.raises(UsageError, match=r"lora_rank=-1 must be an int >= 0"):
+        DecoderConfig(lora_rank=-1)

@@ -3,8 +3,9 @@
 - :func:`run_demo` runs a scenario into a folder (``report.json``, ``report.png``, the resilient checkpoint);
 - :mod:`resilient_tune.demo.data`: the offline text (standard-library docstrings);
 - :mod:`resilient_tune.demo.encoder`: the ``encoder`` scenario (all-MiniLM-L6-v2, ``transformers.Trainer``);
-- :mod:`resilient_tune.demo.decoder`: the ``decoder`` scenario (a small causal LM pre-trained in the run on
-  synthetic general tasks, fine-tuned on a new one);
+- :mod:`resilient_tune.demo.text`: the decoder's text (the standard library's English prose and Python source);
+- :mod:`resilient_tune.demo.decoder`: the ``decoder`` scenario (a small causal LM pre-trained in the run on prose,
+  fine-tuned on code);
 - :mod:`resilient_tune.demo.report`: ``report.json``, the table and the plot (``resilient-tune report``).
 
 Importing this package is light; the scenarios import torch and transformers when they run.
@@ -34,7 +35,7 @@ def run_demo(
     Args:
         out: The run folder (created; files in it are replaced).
         scenario: ``"encoder"`` (all-MiniLM-L6-v2 on standard-library docstrings) or ``"decoder"`` (a small
-            causal LM on synthetic string tasks).
+            causal LM pre-trained on the standard library's prose, fine-tuned on its source code).
         steps: Fine-tuning optimizer steps (default: the scenario's documented recipe).
         echo: Where progress lines and the table go.
         **options: Other fields of the scenario's config (e.g. ``learning_rate``, ``seed``).

@@ -1,33 +1,25 @@
-"""The ``decoder`` demo: pre-train a small causal LM on general tasks, fine-tune it on a new one, watch it forget,
-repair it.
+"""The ``decoder`` demo: pre-train a small causal LM on English prose, fine-tune it on Python code, watch it forget
+the prose, repair it.
 
-All tasks are **synthetic** string transformations (clearly labelled as such in the output and the report): a
-prompt ``"R:dcab="`` asks for the answer ``"bacd"`` then ``<eos>``, one character per token.
+Both domains are real text that ships with Python (:mod:`resilient_tune.demo.text`): the general domain is the
+reference manual's topics and the standard library's docstrings, the target domain is the standard library's
+source with docstrings and comments removed. Documents are split by name, so no test text is trained on.
 
-- general tasks (the "pre-training" mix, what the model must not forget): ``C`` copy, ``R`` reverse, ``S`` sort;
-- target task (the new skill, never seen in pre-training): ``D`` sort descending (default), or ``H`` shift every
-  letter to the next one of the alphabet (``p`` wraps to ``a``).
-
-1. Build a GPT-2-style model from a config (4 layers, width 128, ≈0.8M parameters; character vocabulary) and
-   pre-train it on the general mix with a ``transformers.Trainer`` (stage 1; the result is the base θ₀, saved to
+1. Build a GPT-2-style model from a config (4 layers, width 128, ≈0.8M parameters; one token per character) and
+   pre-train it on prose with a ``transformers.Trainer`` (stage 1; the result is the base θ₀, saved to
    ``out/base``).
-2. Fine-tune it on the target task with a ``Trainer`` and :class:`~resilient_tune.CocktailCallback`
-   (policy ``budget``), which writes the resilient checkpoint ``θ₀ + α·(θ − θ₀)`` (stage 2).
-3. Score exact-match accuracy (the greedy answer equals the expected one, ``<eos>`` included) of the base, the
+2. Fine-tune it on code with a ``Trainer`` and :class:`~resilient_tune.CocktailCallback` (policy ``budget``),
+   which writes the resilient checkpoint ``θ₀ + α·(θ − θ₀)`` (stage 2).
+3. Score next-character accuracy (greedy, teacher-forced) on held-out windows of both domains for the base, the
    fine-tuned model, the resilient checkpoint (loaded back from disk), LM-Cocktail's static ``α = 0.5`` and a few
    more α values; write ``report.json`` and ``report.png`` as the encoder demo does.
 
-The probes the policy sees are held out from the test sets, and no test prompt is trained on.
-
-On this from-scratch model weight interpolation does not keep both skills: the new skill only appears at α where
-the general one is mostly gone (docs/demo.md lists the recipes tried: richer task mixes, shared structure, gentler
-and harder fine-tunes, new letters). The scenario shows the forgetting and what the policy does about it honestly.
+The probes the policy sees are windows of the validation documents; the scores are on the test documents.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -52,23 +44,21 @@ from ._scenario import (
     score_mixes,
     training_args,
 )
+from .text import Corpus, code_documents, corpus, prose_documents, text_fingerprint
 
 __all__ = [
-    "GENERAL_TASKS",
-    "TARGET_TASKS",
     "DecoderConfig",
     "LMCollator",
     "char_tokenizer",
-    "exact_match_hits",
-    "make_examples",
+    "encode",
+    "next_char_hits",
     "run_decoder",
+    "windows",
 ]
 
-ALPHABET = "abcdefghijklmnop"
-GENERAL_TASKS = {"C": "copy", "R": "reverse", "S": "sort"}
-TARGET_TASKS = {"D": "sort descending", "H": "shift each letter to the next (p -> a)"}
-_SPECIAL = ["<pad>", "<eos>", "<unk>"]
-MODEL_LABEL = "GPT-2-style causal LM built from a config (character vocabulary)"
+_SPECIAL = ["<pad>", "<unk>", "<eos>"]
+MODEL_LABEL = "GPT-2-style causal LM built from a config (one token per character)"
+SCORE_NAME = "next-char accuracy"
 
 
 @dataclass(frozen=True)
@@ -77,39 +67,42 @@ class DecoderConfig(ScenarioConfig):
     regularisation fields are :class:`~resilient_tune.demo._scenario.ScenarioConfig`'s.
 
     Attributes:
-        target_task: The new skill fine-tuned in stage 2: ``"D"`` (sort descending) or ``"H"`` (shift letters).
-        steps: Fine-tuning optimizer steps (stage 2).
+        steps: Fine-tuning optimizer steps on code (stage 2).
         learning_rate: Fine-tuning AdamW learning rate, constant.
-        batch_size: Fine-tuning examples per step.
-        pretrain_steps: Pre-training optimizer steps on the general mix (stage 1).
+        batch_size: Fine-tuning windows per step.
+        context: Characters a window predicts (each window holds ``context + 1`` tokens).
+        pretrain_steps: Pre-training optimizer steps on prose (stage 1).
         pretrain_learning_rate: Pre-training peak learning rate (linear warm-up over 10% of the steps, then
             linear decay).
-        pretrain_batch_size: Pre-training examples per step.
-        probe_examples: Examples per task in the probes (general: this many of each general task).
-        test_examples: Test examples per task.
-        min_length: Shortest input string (letters).
-        max_length: Longest input string (letters).
+        pretrain_batch_size: Pre-training windows per step.
+        probe_windows: Windows in each probe (validation documents).
+        test_windows: Windows in each test set (test documents); each window scores ``context`` characters.
+        min_char_count: A character seen fewer times in the training text becomes ``<unk>``.
         n_layer: Transformer blocks.
         n_embd: Width.
         n_head: Attention heads.
-        eval_batch_size: Examples per forward pass when scoring and probing.
+        eval_batch_size: Windows per forward pass when scoring and probing.
+        drift_budget: ``budget`` policy: allowed relative increase of the prose-probe loss over the base's.
+        lora_rank: 0 fine-tunes every weight; ``r > 0`` trains a LoRA adapter of rank ``r`` instead (``peft``;
+            ``lora_alpha = 2r`` on the attention and MLP projections), which the callback scales by α.
     """
 
-    target_task: str = "D"
     steps: int = 100
     learning_rate: float = 3e-4
     batch_size: int = 32
-    pretrain_steps: int = 700
+    context: int = 64
+    pretrain_steps: int = 1200
     pretrain_learning_rate: float = 3e-3
-    pretrain_batch_size: int = 64
-    probe_examples: int = 32
-    test_examples: int = 300
-    min_length: int = 3
-    max_length: int = 6
+    pretrain_batch_size: int = 32
+    probe_windows: int = 32
+    test_windows: int = 400
+    min_char_count: int = 20
     n_layer: int = 4
     n_embd: int = 128
     n_head: int = 4
-    eval_batch_size: int = 128
+    eval_batch_size: int = 100
+    drift_budget: float = 0.02
+    lora_rank: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -118,10 +111,11 @@ class DecoderConfig(ScenarioConfig):
             (
                 "steps",
                 "batch_size",
+                "context",
                 "pretrain_batch_size",
-                "probe_examples",
-                "test_examples",
-                "min_length",
+                "probe_windows",
+                "test_windows",
+                "min_char_count",
                 "n_layer",
                 "n_embd",
                 "n_head",
@@ -134,10 +128,8 @@ class DecoderConfig(ScenarioConfig):
             or self.pretrain_steps < 0
         ):
             raise UsageError(f"pretrain_steps={self.pretrain_steps!r} must be an int >= 0")
-        if self.target_task not in TARGET_TASKS:
-            raise UsageError(f"target_task={self.target_task!r}; choose one of {sorted(TARGET_TASKS)}")
-        if self.max_length < self.min_length:
-            raise UsageError(f"max_length={self.max_length} must be >= min_length={self.min_length}")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise UsageError(f"lora_rank={self.lora_rank!r} must be an int >= 0 (0: full fine-tune)")
         if self.n_embd % self.n_head:
             raise UsageError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
         for name in ("learning_rate", "pretrain_learning_rate"):
@@ -145,56 +137,44 @@ class DecoderConfig(ScenarioConfig):
                 raise UsageError(f"{name}={getattr(self, name)!r} must be > 0, e.g. 1e-3")
 
 
-# ---------------------------------------------------------------------------- the synthetic tasks
-def answer(task: str, text: str) -> str:
-    """The expected answer of ``task`` (``C``, ``R``, ``S``, ``D`` or ``H``) on ``text``."""
-    if task == "C":
-        return text
-    if task == "R":
-        return text[::-1]
-    if task == "S":
-        return "".join(sorted(text))
-    if task == "D":
-        return "".join(sorted(text, reverse=True))
-    if task == "H":
-        return "".join(ALPHABET[(ALPHABET.index(c) + 1) % len(ALPHABET)] for c in text)
-    raise UsageError(f"unknown task {task!r}; choose one of {sorted({**GENERAL_TASKS, **TARGET_TASKS})}")
+# ---------------------------------------------------------------------------- tokens and windows
+def char_tokenizer(text: str, min_count: int = 1) -> PreTrainedTokenizerFast:
+    """One token per character of ``text`` seen at least ``min_count`` times (sorted), after ``<pad>``, ``<unk>``
+    and ``<eos>``; other characters become ``<unk>``. Saved with the model, so the checkpoints load with
+    ``AutoTokenizer.from_pretrained``."""
+    from collections import Counter
 
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character of the task strings, plus ``<pad>``, ``<eos>``, ``<unk>`` (saved with the model)."""
     from tokenizers import Tokenizer, decoders, models
 
-    chars = list(ALPHABET) + sorted({**GENERAL_TASKS, **TARGET_TASKS}) + [":", "="]
+    chars = sorted(c for c, n in Counter(text).items() if n >= min_count and c not in _SPECIAL)
     vocab = {token: i for i, token in enumerate(_SPECIAL + chars)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"
     )
 
 
-def make_examples(
-    tasks: Sequence[str],
-    n: int,
-    rng: random.Random,
-    tokenizer: Any,
-    cfg: DecoderConfig,
-    exclude: set[str] | frozenset[str] = frozenset(),
-) -> list[dict[str, Any]]:
-    """``n`` examples, tasks taken in turn: ``{"prompt", "input_ids", "labels"}`` with labels ``-100`` over the
-    prompt (``"R:dcab="``) and the answer's tokens then ``<eos>`` after it. Prompts in ``exclude`` are skipped."""
-    out: list[dict[str, Any]] = []
-    while len(out) < n:
-        task = tasks[len(out) % len(tasks)]
-        text = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(cfg.min_length, cfg.max_length)))
-        prompt = f"{task}:{text}="
-        if prompt in exclude:
-            continue
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a = tokenizer(answer(task, text), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        out.append({"prompt": prompt, "input_ids": p + a, "labels": [-100] * len(p) + a})
-    return out
+def encode(tokenizer: Any, text: str) -> torch.Tensor:
+    """``text`` as token ids ``(len(text),)``, one per character (what ``tokenizer(text)`` gives, computed directly:
+    the fast tokenizer is slow on megabyte-long strings)."""
+    vocab = tokenizer.get_vocab()
+    unk = vocab["<unk>"]
+    return torch.tensor([vocab.get(c, unk) for c in text], dtype=torch.long)
+
+
+def windows(ids: torch.Tensor, n: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` windows of ``length`` consecutive tokens at random starts of ``ids``: ``(n, length)``.
+
+    Raises:
+        UsageError: ``ids`` is shorter than one window.
+    """
+    if len(ids) <= length:
+        raise UsageError(
+            f"the text has {len(ids)} tokens, fewer than one window of {length}; lower context= or use more text"
+        )
+    starts = torch.randint(0, len(ids) - length + 1, (n,), generator=generator)
+    return torch.stack([ids[s : s + length] for s in starts.tolist()])
 
 
 class LMCollator:
@@ -211,73 +191,85 @@ class LMCollator:
         mask = torch.zeros((len(examples), width), dtype=torch.long)
         for i, e in enumerate(examples):
             n = len(e["input_ids"])
-            ids[i, :n] = torch.tensor(e["input_ids"])
-            labels[i, :n] = torch.tensor(e["labels"])
+            ids[i, :n] = torch.as_tensor(e["input_ids"])
+            labels[i, :n] = torch.as_tensor(e["labels"])
             mask[i, :n] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 @torch.inference_mode()
-def exact_match_hits(
-    model: torch.nn.Module,
-    examples: Sequence[Mapping[str, Any]],
-    pad_id: int,
-    batch_size: int = 128,
-    bar: Any = None,
+def next_char_hits(
+    model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 100, bar: Any = None
 ) -> list[bool]:
-    """Per example: does greedy decoding from the prompt produce exactly the answer and ``<eos>``?
-
-    Computed in one teacher-forced pass: greedy decoding reproduces the answer exactly if and only if, given the
-    right prefix, the most likely next token is the right one at every answer position.
-    """
+    """Per predicted character of ``windows`` ``(N, T + 1)``: is the model's most likely next token the right one
+    (given the true text before it)? ``N·T`` hits, window by window."""
     model.eval()
-    collate = LMCollator(pad_id)
     hits: list[bool] = []
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size])
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).logits  # (B, T, V)
-        predicted = logits[:, :-1].argmax(-1)  # (B, T-1): the token predicted after each position
-        wanted = batch["labels"][:, 1:]  # (B, T-1)
-        hits += ((predicted == wanted) | (wanted == -100)).all(dim=1).tolist()
+    for start in range(0, len(windows), batch_size):
+        w = windows[start : start + batch_size]
+        logits = model(input_ids=w[:, :-1]).logits  # (B, T, V)
+        hits += (logits.argmax(-1) == w[:, 1:]).flatten().tolist()
         if bar is not None:
-            bar.update(len(batch["input_ids"]))
+            bar.update(len(w))
     return hits
+
+
+def _examples(block: torch.Tensor) -> list[dict[str, list[int]]]:
+    """Trainer examples of ``(N, T + 1)`` windows: the model shifts ``labels`` itself."""
+    return [{"input_ids": row, "labels": row} for row in block.tolist()]
 
 
 # ---------------------------------------------------------------------------- data and model
 @dataclass(frozen=True)
 class _Data:
-    pretrain: list[dict[str, Any]]
-    target_train: list[dict[str, Any]]
-    general_probe: list[dict[str, Any]]
-    target_probe: list[dict[str, Any]]
-    general_test: list[dict[str, Any]]
-    target_test: list[dict[str, Any]]
+    """Token windows ``(N, context + 1)`` of every set, and the text they come from."""
+
+    pretrain: torch.Tensor
+    target_train: torch.Tensor
+    general_probe: torch.Tensor
+    target_probe: torch.Tensor
+    general_test: torch.Tensor
+    target_test: torch.Tensor
+    prose: Corpus
+    code: Corpus
 
     def sizes(self) -> dict[str, int]:
-        return {name: len(getattr(self, name)) for name in self.__dataclass_fields__}
+        """Windows per set, and characters per split of each domain."""
+        out = {
+            name: len(getattr(self, name))
+            for name in self.__dataclass_fields__
+            if name not in ("prose", "code")
+        }
+        out.update({f"prose_{k}_chars": v for k, v in self.prose.sizes().items()})
+        out.update({f"code_{k}_chars": v for k, v in self.code.sizes().items()})
+        return out
 
 
-def _data(tokenizer: Any, cfg: DecoderConfig) -> _Data:
-    rng = random.Random(cfg.seed)
-    general, target = list(GENERAL_TASKS), [cfg.target_task]
-    general_test = make_examples(general, cfg.test_examples * len(general), rng, tokenizer, cfg)
-    target_test = make_examples(target, cfg.test_examples, rng, tokenizer, cfg)
-    seen = {e["prompt"] for e in general_test + target_test}
-    general_probe = make_examples(general, cfg.probe_examples * len(general), rng, tokenizer, cfg, seen)
-    target_probe = make_examples(target, cfg.probe_examples, rng, tokenizer, cfg, seen)
-    seen |= {e["prompt"] for e in general_probe + target_probe}
-    pretrain = make_examples(general, cfg.pretrain_steps * cfg.pretrain_batch_size, rng, tokenizer, cfg, seen)
-    target_train = make_examples(target, cfg.steps * cfg.batch_size, rng, tokenizer, cfg, seen)
-    return _Data(pretrain, target_train, general_probe, target_probe, general_test, target_test)
+def _data(tokenizer: Any, prose: Corpus, code: Corpus, cfg: DecoderConfig) -> _Data:
+    """The windows, drawn with ``cfg.seed``: pre-training and fine-tuning from the train documents, probes from
+    the validation documents, test sets from the test documents."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    length = cfg.context + 1
+    ids = {
+        (d, s): encode(tokenizer, c.texts[s]) for d, c in (("prose", prose), ("code", code)) for s in c.texts
+    }
+    # the held-out sets first: their windows do not move when the training budget changes
+    return _Data(
+        general_test=windows(ids["prose", "test"], cfg.test_windows, length, g),
+        target_test=windows(ids["code", "test"], cfg.test_windows, length, g),
+        general_probe=windows(ids["prose", "val"], cfg.probe_windows, length, g),
+        target_probe=windows(ids["code", "val"], cfg.probe_windows, length, g),
+        pretrain=windows(ids["prose", "train"], cfg.pretrain_steps * cfg.pretrain_batch_size, length, g),
+        target_train=windows(ids["code", "train"], cfg.steps * cfg.batch_size, length, g),
+        prose=prose,
+        code=code,
+    )
 
 
 def _new_model(tokenizer: Any, cfg: DecoderConfig) -> GPT2LMHeadModel:
     config = GPT2Config(
         vocab_size=len(tokenizer),
-        n_positions=2 * cfg.max_length + 8,
+        n_positions=cfg.context + 1,
         n_embd=cfg.n_embd,
         n_layer=cfg.n_layer,
         n_head=cfg.n_head,
@@ -293,7 +285,7 @@ def _new_model(tokenizer: Any, cfg: DecoderConfig) -> GPT2LMHeadModel:
 
 
 def _pretrain(model: torch.nn.Module, tokenizer: Any, data: _Data, out: Path, cfg: DecoderConfig) -> None:
-    """Stage 1: the general mix with a plain ``Trainer`` (warm-up then linear decay); saves ``out/base``."""
+    """Stage 1: prose with a plain ``Trainer`` (warm-up then linear decay); saves ``out/base``."""
     if cfg.pretrain_steps:
         args = training_args(
             out / "pretraining",
@@ -303,19 +295,50 @@ def _pretrain(model: torch.nn.Module, tokenizer: Any, data: _Data, out: Path, cf
             learning_rate=cfg.pretrain_learning_rate,
             lr_scheduler_type="linear",
             warmup_steps=max(1, cfg.pretrain_steps // 10),
+            adam_beta2=0.98,
             eval_strategy="no",
         )
         trainer = Trainer(
             model=model,
             args=args,
-            train_dataset=data.pretrain,
+            train_dataset=_examples(data.pretrain),
             data_collator=LMCollator(tokenizer.pad_token_id),
             processing_class=tokenizer,
         )
-        use_demo_progress(trainer, "pre-training (general mix)")
+        use_demo_progress(trainer, "pre-training (prose)")
         trainer.train()
     model.save_pretrained(out / "base")
     tokenizer.save_pretrained(out / "base")
+
+
+def _with_lora(model: torch.nn.Module, rank: int) -> Any:
+    """``model`` wrapped with a fresh LoRA adapter of ``rank`` (the base weights frozen inside it)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UsageError(
+            f"lora_rank={rank} needs the peft package; pip install 'resilient-tune[peft]' or set lora_rank=0"
+        ) from None
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+        fan_in_fan_out=True,  # GPT-2's Conv1D stores weights transposed
+    )
+    return get_peft_model(model, config)
+
+
+def _merged_fine_tune(peft_model: Any, folder: Path, tokenizer: Any) -> torch.nn.Module:
+    """The adapter-trained model with the adapter merged in (θ₀ + Δ, a plain model), saved to ``folder`` in place
+    of the adapter the Trainer saved there (``resilient/adapter/`` keeps the α-scaled adapter)."""
+    import shutil
+
+    merged = peft_model.merge_and_unload()
+    shutil.rmtree(folder, ignore_errors=True)
+    merged.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return merged
 
 
 # ---------------------------------------------------------------------------- the run
@@ -329,10 +352,12 @@ def run_decoder(
     """Run the decoder demo into ``out`` and return its report (also written to ``out/report.json``).
 
     Args:
-        out: Run folder: ``report.json``, ``report.png``, ``base/`` (the pre-trained model), ``resilient/`` (the
-            resilient checkpoint), ``fine-tuned/`` and ``cocktail_report.json`` (the callback's α history).
+        out: Run folder: ``report.json``, ``report.png``, ``base/`` (the pre-trained model and its tokenizer),
+            ``resilient/`` (the resilient checkpoint), ``fine-tuned/`` and ``cocktail_report.json`` (the
+            callback's α history).
         config: The recipe (:class:`DecoderConfig`; default: the documented run).
-        base_path: A ``base/`` folder of an earlier run with the same model settings: skips pre-training.
+        base_path: A ``base/`` folder of an earlier run with the same model settings: skips pre-training (its
+            tokenizer is used).
         echo: Where progress lines go.
     """
     cfg = config or DecoderConfig()
@@ -342,12 +367,21 @@ def run_decoder(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     hf_logging.set_verbosity_error()
 
-    tokenizer = char_tokenizer()
-    data = _data(tokenizer, cfg)
-    target_name = TARGET_TASKS[cfg.target_task]
+    t = time.perf_counter()
+    prose, code = corpus(prose_documents()), corpus(code_documents())
+    if base_path is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(base_path)
+    else:
+        tokenizer = char_tokenizer(prose.texts["train"] + code.texts["train"], cfg.min_char_count)
+    data = _data(tokenizer, prose, code, cfg)
+    timing["data"] = time.perf_counter() - t
     echo(
-        f"data: SYNTHETIC string tasks; general = copy/reverse/sort, target = {target_name}; "
-        + ", ".join(f"{k} {v}" for k, v in data.sizes().items())
+        "data: real text of the standard library; general = English prose (reference manual topics, docstrings), "
+        "target = Python source (docstrings and comments removed); "
+        f"{len(tokenizer)} tokens; prose {prose.sizes()['train']:,} / code {code.sizes()['train']:,} training "
+        "characters"
     )
     t = time.perf_counter()
     if base_path is not None:
@@ -361,39 +395,40 @@ def run_decoder(
     def score(m: torch.nn.Module, label: str) -> Hits:
         sets = {"target": data.target_test, "general": data.general_test}
         total = sum(len(s) for s in sets.values())
-        with tqdm(total=total, desc=f"scoring {label}", unit="ex", leave=False, dynamic_ncols=True) as bar:
-            return {
-                k: exact_match_hits(m, s, tokenizer.pad_token_id, cfg.eval_batch_size, bar)
-                for k, s in sets.items()
-            }
+        with tqdm(total=total, desc=f"scoring {label}", unit="win", leave=False, dynamic_ncols=True) as bar:
+            return {k: next_char_hits(m, s, cfg.eval_batch_size, bar) for k, s in sets.items()}
 
     hits = {"base": score(model, "base")}
-    echo_scores(echo, "base", hits["base"], "exact match")
+    echo_scores(echo, "base", hits["base"], SCORE_NAME)
 
     t = time.perf_counter()
+    trained = _with_lora(model, cfg.lora_rank) if cfg.lora_rank else model
     callback, policy = fine_tune(
         out,
         cfg,
-        general_probe=[_tokens(e) for e in data.general_probe],
-        target_probe=[_tokens(e) for e in data.target_probe],
-        desc=f"fine-tuning (target: {target_name})",
-        model=model,
-        train_dataset=[_tokens(e) for e in data.target_train],
+        general_probe=_examples(data.general_probe),
+        target_probe=_examples(data.target_probe),
+        desc="fine-tuning (target: Python code" + (f", LoRA r={cfg.lora_rank})" if cfg.lora_rank else ")"),
+        model=trained,
+        train_dataset=_examples(data.target_train),
         data_collator=LMCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
     )
+    if cfg.lora_rank:
+        model = _merged_fine_tune(trained, out / "fine-tuned", tokenizer)
     timing["train"] = time.perf_counter() - t
     alpha = callback.alpha
 
     t = time.perf_counter()
     resilient = AutoModelForCausalLM.from_pretrained(out / "resilient")  # the written checkpoint itself
     curve = score_mixes(
-        model, base_state, resilient, alpha, (cfg.static_alpha, *cfg.curve), score, hits, echo, "exact match"
+        model, base_state, resilient, alpha, (cfg.static_alpha, *cfg.curve), score, hits, echo, SCORE_NAME
     )
     timing["score_after"] = time.perf_counter() - t
 
     final = callback.history[-1] if callback.history else {}
     params = sum(p.numel() for p in model.parameters())
+    chars = cfg.test_windows * cfg.context
     return finish(
         out,
         echo,
@@ -406,18 +441,23 @@ def run_decoder(
         curve=curve,
         history=callback.history,
         policy=policy.to_dict(),
-        score_name="exact match",
-        loss_name="LM loss on answer tokens",
+        score_name=SCORE_NAME,
+        loss_name="LM loss (next character)",
         metric={
-            "target": f"exact match (greedy answer + <eos>): {target_name}, unseen prompts",
-            "general": "exact match (greedy answer + <eos>): copy, reverse, sort (equal shares), unseen prompts",
+            "target": f"next-character accuracy (greedy, teacher-forced) on {chars:,} characters of held-out "
+            "Python source of the standard library",
+            "general": f"next-character accuracy (greedy, teacher-forced) on {chars:,} characters of held-out "
+            "English prose (reference manual topics and docstrings)",
+            "unit": "a character (hits of one window are not independent)",
         },
         model=f"{MODEL_LABEL}, {params / 1e6:.2f}M parameters",
         config=asdict(cfg),
         data={
             "sizes": data.sizes(),
-            "source": f"synthetic string tasks (copy, reverse, sort; target: {target_name})",
-            "synthetic": True,
+            "source": "standard library of this Python: pydoc_data topics and docstrings (general), module "
+            "source without docstrings and comments (target)",
+            "synthetic": False,
+            "fingerprint": text_fingerprint(prose, code),
             "base_path": None if base_path is None else str(base_path),
         },
         environment=environment(),
@@ -429,8 +469,3 @@ def run_decoder(
             "plot": "report.png",
         },
     )
-
-
-def _tokens(example: Mapping[str, Any]) -> dict[str, list[int]]:
-    """The fields the Trainer and the probes batch (``prompt`` is for bookkeeping only)."""
-    return {"input_ids": example["input_ids"], "labels": example["labels"]}

@@ -7,7 +7,7 @@
      "alpha": .., "summary": {...}, "significance": {...}, "curve": [{"alpha": .., "target": .., "general": ..}],
      "history": [...], "hits": {...}, "config": {...}, "data": {...}, "environment": {...}, "timing": {...}}
 
-``score_name`` names the score (``recall@1`` for the encoder, ``exact match`` for the decoder; ``recall@1`` when
+``score_name`` names the score (``recall@1`` for the encoder, ``next-char accuracy`` for the decoder; ``recall@1`` when
 absent) and ``loss_name`` the probe loss. ``hits`` keeps every model's per-example hits as ``"0"``/``"1"``
 strings, so paired statistics (McNemar's exact test, :func:`mcnemar`) can be recomputed from the file alone.
 
