@@ -100,7 +100,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "--lr", type=float, metavar="LR", help="learning rate (default: encoder 5e-4, decoder 3e-4)"
     )
     d.add_argument(
-        "--drift-budget", type=float, metavar="B", help="budget policy: allowed general-loss increase (0.05)"
+        "--drift-budget",
+        type=float,
+        metavar="B",
+        help="budget policy: allowed general-loss increase (default: encoder 0.05, decoder 0.02)",
     )
 
     r = sub.add_parser(

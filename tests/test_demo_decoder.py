@@ -209,6 +209,15 @@ def test_lora_run_writes_the_merged_models(tmp_path):
     assert (out / "resilient" / "adapter" / "adapter_config.json").exists()
     transformers.AutoModelForCausalLM.from_pretrained(out / "fine-tuned")
 
+    # from the saved base the adapter starts from the same seed: the same fine-tune, the same scores
+    again = run_decoder(
+        tmp_path / "again",
+        DecoderConfig(**TINY, lora_rank=2, learning_rate=1e-2),
+        base_path=out / "base",
+        echo=lambda _: None,
+    )
+    assert again["models"] == report["models"]
+
 
 def test_lora_rank_is_validated():
     with pytest.raises(UsageError, match=r"lora_rank=-1 must be an int >= 0"):

@@ -190,3 +190,15 @@ def test_cli_report_on_an_empty_folder_is_a_usage_error(tmp_path, capsys):
 def test_cli_demo_rejects_unknown_scenarios(capsys):
     assert main(["demo", "--scenario", "nope"]) == 2
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_plot_title_names_the_text():
+    from resilient_tune.demo.report import _title
+
+    env = {"python": "3.11.7"}
+    decoder = {"scenario": "decoder", "model": "m", "config": {"steps": 100}, "environment": env}
+    decoder["data"] = {"source": "prose and docstrings (general), code (target)", "title": "stdlib prose → code"}
+    assert _title(decoder) == "resilient-tune demo (decoder) · m · 100 steps · Python 3.11.7 stdlib prose → code"
+    encoder = {"scenario": "encoder", "model": "m", "environment": env, "data": {"source": "stdlib docstrings"}}
+    assert _title(encoder) == "resilient-tune demo (encoder) · m · Python 3.11.7 docstrings"
+    assert _title({"data": {"source": "my data"}}) == "resilient-tune demo (?) · my data"

@@ -311,8 +311,9 @@ def _pretrain(model: torch.nn.Module, tokenizer: Any, data: _Data, out: Path, cf
     tokenizer.save_pretrained(out / "base")
 
 
-def _with_lora(model: torch.nn.Module, rank: int) -> Any:
-    """``model`` wrapped with a fresh LoRA adapter of ``rank`` (the base weights frozen inside it)."""
+def _with_lora(model: torch.nn.Module, rank: int, seed: int) -> Any:
+    """``model`` wrapped with a fresh LoRA adapter of ``rank`` (the base weights frozen inside it), initialised
+    from ``seed`` (the same adapter whether the base was pre-trained in this run or loaded)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
@@ -326,6 +327,7 @@ def _with_lora(model: torch.nn.Module, rank: int) -> Any:
         target_modules=["c_attn", "c_proj", "c_fc"],
         fan_in_fan_out=True,  # GPT-2's Conv1D stores weights transposed
     )
+    torch.manual_seed(seed)
     return get_peft_model(model, config)
 
 
@@ -402,7 +404,7 @@ def run_decoder(
     echo_scores(echo, "base", hits["base"], SCORE_NAME)
 
     t = time.perf_counter()
-    trained = _with_lora(model, cfg.lora_rank) if cfg.lora_rank else model
+    trained = _with_lora(model, cfg.lora_rank, cfg.seed) if cfg.lora_rank else model
     callback, policy = fine_tune(
         out,
         cfg,
@@ -456,6 +458,7 @@ def run_decoder(
             "sizes": data.sizes(),
             "source": "standard library of this Python: pydoc_data topics and docstrings (general), module "
             "source without docstrings and comments (target)",
+            "title": "stdlib prose → code",
             "synthetic": False,
             "fingerprint": text_fingerprint(prose, code),
             "base_path": None if base_path is None else str(base_path),

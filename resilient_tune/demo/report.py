@@ -249,8 +249,11 @@ def _title(report: Mapping[str, Any]) -> str:
     env = report.get("environment") or {}
     parts = [f"resilient-tune demo ({report.get('scenario', '?')})", report.get("model")]
     parts += [f"{cfg['steps']} steps" if cfg.get("steps") else None]
-    source = (report.get("data") or {}).get("source", "")
-    if "docstring" in source and env.get("python"):
+    data = report.get("data") or {}
+    source = data.get("source", "")
+    if data.get("title") and env.get("python"):  # a short name of the text, e.g. "stdlib prose → code"
+        parts += [f"Python {env['python']} {data['title']}"]
+    elif "docstring" in source and env.get("python"):
         parts += [f"Python {env['python']} docstrings"]
     else:
         parts += [source or None]
