@@ -197,8 +197,18 @@ def test_plot_title_names_the_text():
 
     env = {"python": "3.11.7"}
     decoder = {"scenario": "decoder", "model": "m", "config": {"steps": 100}, "environment": env}
-    decoder["data"] = {"source": "prose and docstrings (general), code (target)", "title": "stdlib prose → code"}
-    assert _title(decoder) == "resilient-tune demo (decoder) · m · 100 steps · Python 3.11.7 stdlib prose → code"
-    encoder = {"scenario": "encoder", "model": "m", "environment": env, "data": {"source": "stdlib docstrings"}}
+    decoder["data"] = {
+        "source": "prose and docstrings (general), code (target)",
+        "title": "stdlib prose → code",
+    }
+    assert (
+        _title(decoder) == "resilient-tune demo (decoder) · m · 100 steps · Python 3.11.7 stdlib prose → code"
+    )
+    encoder = {
+        "scenario": "encoder",
+        "model": "m",
+        "environment": env,
+        "data": {"source": "stdlib docstrings"},
+    }
     assert _title(encoder) == "resilient-tune demo (encoder) · m · Python 3.11.7 docstrings"
     assert _title({"data": {"source": "my data"}}) == "resilient-tune demo (?) · my data"
