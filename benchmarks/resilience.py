@@ -53,7 +53,7 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "encoder-200": ("encoder", {"steps": 200, "decisions": 4, "curve": _CURVE}),
     "decoder": ("decoder", {"curve": _CURVE}),
     # the same base, a LoRA adapter instead of every weight (r 8, lr 1.5e-4: the scratch study's recipe closest to
-    # the aim; its learning rate was picked on a replica's test figures, see docs/demo.md)
+    # the aim, first picked on a replica's test figures, then checked on validation documents only: docs/demo.md)
     "decoder-lora": ("decoder", {"lora_rank": 8, "learning_rate": 1.5e-4, "curve": (*_CURVE, 0.9)}),
 }
 SCENARIOS = tuple(RUNS)

@@ -117,6 +117,11 @@ def main() -> None:
         json.dumps(summary)
     )  # stdout lines of ranks may interleave
     print("SUMMARY " + json.dumps(summary), flush=True)
+    # tear the process group down before the interpreter exits: left to exit-time destructors, gloo's threads can
+    # abort rank 0 ("terminate called without an active exception", SIGABRT) after all the work is done
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
