@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import transformers
-from _e2e import arguments, count_calls, examples, model
+from _e2e import arguments, close_distributed, count_calls, examples, model
 from safetensors.torch import save_file
 
 from resilient_tune import distributed
@@ -117,11 +117,7 @@ def main() -> None:
         json.dumps(summary)
     )  # stdout lines of ranks may interleave
     print("SUMMARY " + json.dumps(summary), flush=True)
-    # tear the process group down before the interpreter exits: left to exit-time destructors, gloo's threads can
-    # abort rank 0 ("terminate called without an active exception", SIGABRT) after all the work is done
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    close_distributed()
 
 
 if __name__ == "__main__":
