@@ -6,6 +6,7 @@ Every function works without a process group (a single process: world size 1, ra
 - :func:`on_rank_zero`: run a side effect (a write) on rank 0 only, then let every rank learn whether it worked,
   with one collective that every rank makes. A failure on rank 0 then raises on every rank (the other ranks get
   an error naming rank 0's) instead of leaving them blocked in the next collective of the training loop.
+- :func:`close_process_group`: the end of a run's distributed part (a barrier, then the default group destroyed).
 - :func:`mean_across_ranks`, :func:`sum_across_ranks`: numbers agreed over the ranks, so that decisions made from
   measured numbers (the budget policy's search) take the same path on every rank, and norms of sharded
   parameters add up.
@@ -36,6 +37,7 @@ __all__ = [
     "RankError",
     "RankZeroError",
     "agree_on_failure",
+    "close_process_group",
     "full_state_dict",
     "global_shape",
     "is_rank_zero",
@@ -66,6 +68,18 @@ class RankZeroError(RankError):
 
 def _active() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def close_process_group() -> None:
+    """Wait for every rank, then destroy the default process group (nothing without one).
+
+    Call it at the end of a multi-process script, on every rank. Left to the interpreter's exit, gloo's threads can
+    abort a rank after all its work is done ("terminate called without an active exception", SIGABRT); Lightning
+    destroys the group at exit only for NCCL.
+    """
+    if _active():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def world_size() -> int:

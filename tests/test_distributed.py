@@ -27,6 +27,16 @@ def test_without_a_process_group_everything_is_local():
     assert full.keys() == plain.state_dict().keys() and full["weight"] is not plain.weight
 
 
+def test_close_process_group_destroys_the_group_and_is_a_no_op_without_one(tmp_path):
+    distributed.close_process_group()  # no group: nothing to do
+    store = f"file://{tmp_path / 'store'}"
+    torch.distributed.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    assert torch.distributed.is_initialized()
+    distributed.close_process_group()
+    assert not torch.distributed.is_initialized()
+    distributed.close_process_group()  # already closed: still nothing to do
+
+
 class _Zero3Param(torch.nn.Parameter):
     """A stand-in for a DeepSpeed ZeRO-3 parameter: an empty placeholder with ``ds_shape`` and this rank's flat
     partition in ``ds_tensor`` (partition size ``ceil(numel / world)``; the flattened tensor zero-padded)."""

@@ -43,16 +43,6 @@ def model() -> transformers.GPT2LMHeadModel:
     return transformers.GPT2LMHeadModel(config)
 
 
-def close_distributed() -> None:
-    """Barrier, then destroy the process group, if one is up (a no-op in a single process).
-
-    Left to exit-time destructors, gloo's threads can abort a rank after all its work is done ("terminate called
-    without an active exception", SIGABRT), which clean-clone CI runs saw in these scripts."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
 def arguments(description: str) -> argparse.ArgumentParser:
     """The arguments every script takes: ``OUT``, ``--alpha``, ``--policy``, ``--drift-budget``, ``--fail-write``."""
     parser = argparse.ArgumentParser(description=description)

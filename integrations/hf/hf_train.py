@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import transformers
-from _e2e import arguments, close_distributed, count_calls, examples, model
+from _e2e import arguments, count_calls, examples, model
 from safetensors.torch import save_file
 
 from resilient_tune import distributed
@@ -117,7 +117,7 @@ def main() -> None:
         json.dumps(summary)
     )  # stdout lines of ranks may interleave
     print("SUMMARY " + json.dumps(summary), flush=True)
-    close_distributed()
+    distributed.close_process_group()
 
 
 if __name__ == "__main__":

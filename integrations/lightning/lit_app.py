@@ -27,6 +27,8 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+from resilient_tune.distributed import close_process_group
+
 VOCAB, LENGTH = 64, 8
 THETA0, FINAL = "theta0.safetensors", "final.safetensors"
 
@@ -107,16 +109,6 @@ def write_general(path: str) -> None:
     Path(path).write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def close_distributed() -> None:
-    """Barrier, then destroy the process group, if one is up (a no-op in a single process).
-
-    Left to exit-time destructors, gloo's threads can abort a rank after all its work is done ("terminate called
-    without an active exception", SIGABRT), which clean-clone CI runs saw in these scripts."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
 def main() -> None:
     from lightning.pytorch.cli import LightningCLI
 
@@ -126,7 +118,7 @@ def main() -> None:
     cli = LightningCLI(TinyLM, TokenData, save_config_kwargs={"overwrite": True})
     cocktails = [type(cb).__name__ for cb in cli.trainer.callbacks if type(cb).__name__ == "CocktailCallback"]
     print(json.dumps({"cocktail_callbacks": len(cocktails)}))
-    close_distributed()
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -20,11 +20,11 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lit_app import FINAL, TinyLM, TokenData, close_distributed, tokens
+from lit_app import FINAL, TinyLM, TokenData, tokens
 from safetensors.torch import save_file
 from torch.distributed.fsdp import fully_shard
 
-from resilient_tune.distributed import full_state_dict
+from resilient_tune.distributed import close_process_group, full_state_dict
 from resilient_tune.integrations.lightning import CocktailCallback
 
 
@@ -114,7 +114,7 @@ def main() -> None:
         "sharded": sorted({type(p).__name__ for p in trainer.lightning_module.parameters()}),
     }
     (args.root / f"summary-rank{trainer.global_rank}.json").write_text(json.dumps(summary))
-    close_distributed()
+    close_process_group()
 
 
 if __name__ == "__main__":

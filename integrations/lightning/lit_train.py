@@ -18,8 +18,9 @@ from pathlib import Path
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lit_app import TinyLM, TokenData, close_distributed, tokens
+from lit_app import TinyLM, TokenData, tokens
 
+from resilient_tune.distributed import close_process_group
 from resilient_tune.integrations.lightning import CocktailCallback
 
 
@@ -95,7 +96,7 @@ def main() -> None:
     # one file per rank: the ranks' stdout lines may interleave under load
     (args.root / f"summary-rank{trainer.global_rank}.json").write_text(json.dumps(summary))
     print("SUMMARY " + json.dumps(summary), flush=True)
-    close_distributed()
+    close_process_group()
 
 
 if __name__ == "__main__":

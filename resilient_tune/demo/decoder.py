@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -142,8 +143,6 @@ def char_tokenizer(text: str, min_count: int = 1) -> PreTrainedTokenizerFast:
     """One token per character of ``text`` seen at least ``min_count`` times (sorted), after ``<pad>``, ``<unk>``
     and ``<eos>``; other characters become ``<unk>``. Saved with the model, so the checkpoints load with
     ``AutoTokenizer.from_pretrained``."""
-    from collections import Counter
-
     from tokenizers import Tokenizer, decoders, models
 
     chars = sorted(c for c, n in Counter(text).items() if n >= min_count and c not in _SPECIAL)
@@ -199,14 +198,14 @@ class LMCollator:
 
 @torch.inference_mode()
 def next_char_hits(
-    model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 100, bar: Any = None
+    model: torch.nn.Module, block: torch.Tensor, batch_size: int = 100, bar: Any = None
 ) -> list[bool]:
-    """Per predicted character of ``windows`` ``(N, T + 1)``: is the model's most likely next token the right one
-    (given the true text before it)? ``N·T`` hits, window by window."""
+    """Per predicted character of the windows ``block`` ``(N, T + 1)``: is the model's most likely next token the
+    right one (given the true text before it)? ``N·T`` hits, window by window."""
     model.eval()
     hits: list[bool] = []
-    for start in range(0, len(windows), batch_size):
-        w = windows[start : start + batch_size]
+    for start in range(0, len(block), batch_size):
+        w = block[start : start + batch_size]
         logits = model(input_ids=w[:, :-1]).logits  # (B, T, V)
         hits += (logits.argmax(-1) == w[:, 1:]).flatten().tolist()
         if bar is not None:
