@@ -14,7 +14,14 @@ def model_card(doc: Mapping[str, Any]) -> str:
     recipe = doc["recipe"]
     ingredients = doc.get("ingredients", [])
     base = next((i["name"] for i in ingredients if i.get("role") == "base"), None)
-    lines = ["---", "library_name: transformers", "tags:", "- resilient-tune", "- merge", "- lm-cocktail"]
+    layout = doc.get("layout") or {}
+    library = layout.get("library", "transformers")
+    loader = (
+        f"`{layout['loader']}`"
+        if "loader" in layout
+        else ("`AutoModel.from_pretrained(path)` (or the task's `AutoModelFor...` class)")
+    )
+    lines = ["---", f"library_name: {library}", "tags:", "- resilient-tune", "- merge", "- lm-cocktail"]
     if base is not None:
         lines.append(f"base_model: {json.dumps(base)}")
     lines += [
@@ -37,7 +44,7 @@ def model_card(doc: Mapping[str, Any]) -> str:
         f"Options: {options}; output dtype: {recipe.get('dtype') or 'as the inputs'}; seed: {recipe.get('seed', 0)}.",
         "",
         "The full recipe, the ingredient fingerprints and any probe metrics are in `cocktail.json`.",
-        "Load it like any checkpoint: `AutoModel.from_pretrained(path)` (or the task's `AutoModelFor...` class).",
+        f"Load it like any checkpoint: {loader}.",
         "",
     ]
     return "\n".join(lines)

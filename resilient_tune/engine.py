@@ -60,7 +60,7 @@ from .recipe import COCKTAIL_FILE, Recipe, cocktail_document, normalize_dtype_na
 from .snapshot import PeerCheckpoints, Snapshot
 from .sources import ModelLike
 
-__all__ = ["CocktailEngine", "Drift", "check_alpha", "check_weights", "write_model_folder"]
+__all__ = ["CocktailEngine", "Drift", "FamilySaver", "check_alpha", "check_weights", "write_model_folder"]
 
 _LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+)\.")
 
@@ -109,6 +109,21 @@ def check_weights(weights: Sequence[float], *, count: int | None = None) -> tupl
             f"weights {values} sum to {total:g}; pass weights of the base and the peers that sum to 1"
         )
     return tuple(values)
+
+
+@dataclass(frozen=True)
+class FamilySaver:
+    """A model family's own folder writer, for models whose ``state_dict`` keys are not their checkpoint's.
+
+    Attributes:
+        library: The library whose loader reads the folder (``"sentence-transformers"``).
+        loader: How to load it, for the model card (``"SentenceTransformer(path)"``).
+        save: ``save(folder)`` writes the live model's weights and files into ``folder``.
+    """
+
+    library: str
+    loader: str
+    save: Callable[[Path], None]
 
 
 @dataclass(frozen=True)
@@ -485,6 +500,7 @@ class CocktailEngine:
         max_shard_size: int | str = "5GB",
         weights: Sequence[float] | None = None,
         dedupe_tied: bool = True,
+        saver: FamilySaver | None = None,
     ) -> Path:
         """Write the resilient model θ(α) as a ``from_pretrained``-loadable folder, atomically.
 
@@ -509,6 +525,10 @@ class CocktailEngine:
             weights: Weights of the base and the peers (default :attr:`weights`).
             dedupe_tied: Write tied tensors once (``True``, as ``save_pretrained``); ``False`` writes every key of
                 ``model.state_dict()`` (what ``load_state_dict`` of the same module expects, e.g. Lightning's).
+            saver: The model family's own writer (e.g. a ``SentenceTransformer``'s ``save``): ``saver.save(folder)``
+                is called while θ(α) is swapped into the live weights (restored bit-exactly afterwards), so the
+                folder has the family's layout; ``cocktail.json`` (with ``layout``: the library and its loader) and
+                the model card are added. Not for sharded models.
 
         A sharded model (FSDP2, ZeRO-3) is written collectively: **every rank must call this**. Each rank swaps
         θ(α) into its own shards (no gather to merge), the merged model is gathered once to rank 0's CPU
@@ -535,6 +555,18 @@ class CocktailEngine:
             "overwrite": overwrite,
             "max_shard_size": max_shard_size,
         }
+        if saver is not None:
+            if self._sharded:
+                raise UsageError(
+                    "this model family is written by its own save method, which cannot write a sharded (FSDP2/ZeRO-3) "
+                    "model; train it with DDP or on one process"
+                )
+            doc["layout"] = {"library": saver.library, "loader": saver.loader}
+            with atomic_dir(folder, overwrite=overwrite) as tmp:
+                with self.swapped(model, alpha, mix):
+                    saver.save(tmp)
+                write_recipe_files(tmp, doc)
+            return Path(os.path.abspath(folder))
         if not self._sharded:
             items = lambda lazy: self._iter_state(model, alpha, dedupe=dedupe_tied, lazy=lazy, weights=mix)  # noqa: E731
             return write_model_folder(folder, items, doc, **files)
@@ -775,9 +807,14 @@ def write_model_folder(
         if extra_files is not None:
             extra_files(tmp)
         _write_support(config_from, tmp, support_from, tokenizer)
-        (tmp / COCKTAIL_FILE).write_text(json.dumps(doc, indent=2) + "\n")
-        (tmp / "README.md").write_text(model_card(doc))
+        write_recipe_files(tmp, doc)
     return Path(os.path.abspath(folder))
+
+
+def write_recipe_files(folder: Path, doc: Mapping[str, Any]) -> None:
+    """``cocktail.json`` (``doc``) and the model card ``README.md`` made from it, into ``folder``."""
+    (folder / COCKTAIL_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+    (folder / "README.md").write_text(model_card(doc))
 
 
 def _write_support(model: Any, folder: Path, support_from: Any, tokenizer: Any) -> None:

@@ -331,6 +331,7 @@ class LoraEngine:
         weights: Sequence[float] | None = None,
         dedupe_tied: bool = True,
         merged: bool = True,
+        saver: Any = None,
         **files: Any,
     ) -> Path:
         """Write the resilient model to ``folder``, atomically.
@@ -340,7 +341,7 @@ class LoraEngine:
         adapter scaled by α (every key; for ``load_state_dict`` of the same PEFT-wrapped module), no ``adapter/``.
 
         Args: as :meth:`CocktailEngine.write <resilient_tune.engine.CocktailEngine.write>`; ``files`` are its
-        ``support_from``, ``tokenizer``, ``overwrite`` and ``max_shard_size``. ``support_from`` is a folder whose
+        ``support_from``, ``tokenizer``, ``overwrite`` and ``max_shard_size``; a family ``saver`` is refused. ``support_from`` is a folder whose
         config/tokenizer files are copied (the Trainer's checkpoint holds the tokenizer; the base model's
         ``config.json`` comes from ``model.config`` when the folder has none). ``dedupe_tied=False`` writes every
         alias of a tied tensor in the merged form.
@@ -348,6 +349,11 @@ class LoraEngine:
         alpha = self.alpha if alpha is None else check_alpha(alpha)
         if weights is not None:
             check_weights(weights, count=1)
+        if saver is not None:
+            raise UsageError(
+                f"a PEFT LoRA model is written as a merged model plus its α-scaled adapter; the {saver.library} "
+                "layout is not supported for it"
+            )
         self._check(model)
         peft_model = self._peft(model)
         if merged:

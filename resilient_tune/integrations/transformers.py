@@ -82,6 +82,8 @@ from resilient_tune.integrations._common import (
     metrics,
     scalars,
 )
+from resilient_tune.integrations.hf_families import is_sentence_transformer, probe_batches, saver_for
+from resilient_tune.integrations.peft import find_peft_model
 
 try:
     from transformers import TrainerCallback
@@ -177,6 +179,14 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
         if self.save_resilient:  # before any work: a run must not train for hours and then fail to save
             output = Path(args.output_dir)
             on_rank_zero(lambda: check_writable(output), f"checking that {output} is writable")
+        if is_sentence_transformer(model) and find_peft_model(model) is not None:
+            raise UsageError(
+                "CocktailCallback does not support a SentenceTransformer with a PEFT adapter (model.add_adapter) yet: "
+                "its checkpoints hold the adapter alone, and a resilient folder would need the α-scaled adapter in "
+                "sentence-transformers' layout. Train the full model (the resilient folders then load with "
+                "SentenceTransformer(path)), or merge offline: model.merge_and_unload() on the transformer module, "
+                "then resilient_tune.merge([fine_tuned_dir, base_dir], [alpha, 1 - alpha])"
+            )
         if state.global_step > 0:
             self._restore(
                 _stored_state(state), model, state.global_step, moved=Path(args.output_dir) / BASE_FOLDER
@@ -216,13 +226,15 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
         self._decision_at(state.global_step, model, log=False)
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         folder = checkpoint / RESILIENT_FOLDER
+        saver = saver_for(model)
         self._guarded(  # every rank: rank 0 writes (a sharded model is gathered first), all agree on the outcome
             lambda: self._write(
                 model,
                 folder,
                 state.global_step,
-                support_from=checkpoint,
+                support_from=None if saver else checkpoint,
                 tokenizer=kwargs.get("processing_class"),
+                saver=saver,
             ),
             folder,
             state.global_step,
@@ -237,8 +249,11 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
         if self.save_resilient:
             tokenizer = kwargs.get("processing_class")
             folder = output / RESILIENT_FOLDER
+            saver = saver_for(model)
             self._guarded(
-                lambda: self._write(model, folder, step, entry=entry, tokenizer=tokenizer), folder, step
+                lambda: self._write(model, folder, step, entry=entry, tokenizer=tokenizer, saver=saver),
+                folder,
+                step,
             )
         report = output / REPORT_FILE
         self._guarded(
@@ -268,8 +283,10 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
                 "CocktailCallback could not find the Trainer running it (needed to batch general_data/target_data); "
                 "call callback.bind(trainer) before trainer.train()"
             )
-        general = {name: _batches(self._trainer, args, data, name) for name, data in self._general.items()}
-        target = {n: _batches(self._trainer, args, d, n) for n, d in self._target_sets().items()}
+        general = {
+            name: probe_batches(self._trainer, args, data, name) for name, data in self._general.items()
+        }
+        target = {n: probe_batches(self._trainer, args, d, n) for n, d in self._target_sets().items()}
         self._set_probes(model, general, target, self._score_fn or _trainer_score_fn(self._trainer))
 
     def _default_target(self) -> dict[str, Any]:
@@ -371,27 +388,6 @@ def _stored_state(state: Any) -> dict[str, Any] | None:
         return None
     resume = (stored.get("attributes") or {}).get("_resume_state")
     return dict(resume) if isinstance(resume, Mapping) else None
-
-
-def _batches(trainer: Any, args: Any, dataset: Any, name: str) -> list[Mapping[str, Any]]:
-    """Batch a probe dataset once, as the Trainer batches eval data (collator, unused columns removed)."""
-    collator = trainer.data_collator
-    description = f"cocktail probes {name!r}"
-    if hasattr(dataset, "column_names") and hasattr(trainer, "_remove_unused_columns"):
-        dataset = trainer._remove_unused_columns(dataset, description=description)
-    elif hasattr(trainer, "_get_collator_with_removed_columns"):
-        collator = trainer._get_collator_with_removed_columns(collator, description=description)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collator, shuffle=False
-    )
-    try:
-        batches = list(loader)
-    except Exception as exc:
-        raise UsageError(
-            f"cannot batch the probe data {name!r} with the Trainer's data collator: {exc}; tokenize it like the "
-            "eval data (same fields, lengths the collator can pad or stack)"
-        ) from exc
-    return batches
 
 
 def _trainer_score_fn(trainer: Any) -> ScoreFn | None:
