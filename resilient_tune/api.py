@@ -11,8 +11,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import queue
-import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -20,17 +18,14 @@ from typing import Any, NamedTuple, overload
 
 import torch
 
-from . import __version__
-from .card import model_card
+from ._version import __version__
 from .checkpoint import (
-    StreamingWriter,
     TensorInfo,
-    atomic_dir,
     check_destination,
-    copy_support_files,
     parse_size,
 )
 from .errors import IncompatibleModelsError, UsageError
+from .folder import Item, write_model_folder
 from .merging import (
     check_compatible,
     get_method,
@@ -39,7 +34,7 @@ from .merging import (
     raise_if_non_finite,
     validate_weights,
 )
-from .recipe import COCKTAIL_FILE, Recipe, cocktail_document
+from .recipe import Recipe, cocktail_document
 from .sources import ModelLike, TensorSource, check_same_architecture, open_source
 
 __all__ = ["merge"]
@@ -173,19 +168,24 @@ def merge(
             ingredients.append(_identity(base_src, "base", None))
         recipe_used = dataclasses.replace(recipe, weights=tuple(final_weights))
         doc = cocktail_document(recipe_used, ingredients, version=__version__, extra=metadata)
-        with atomic_dir(dest, overwrite=overwrite) as tmp:
-            with StreamingWriter(
-                tmp, plan, max_shard_size=shard_bytes, metadata={"resilient_tune": __version__}
-            ) as writer:
-                _write_behind(writer, tensors)
-            if sources[0].folder is not None:
-                copy_support_files(sources[0].folder, tmp)
-                if recipe.dtype is not None:
-                    _set_config_dtype(tmp / "config.json", recipe.dtype)
-            (tmp / COCKTAIL_FILE).write_text(json.dumps(doc, indent=2) + "\n")
-            (tmp / "README.md").write_text(model_card(doc))
+
+        def finish(tmp: Path) -> None:
+            if sources[0].folder is not None and recipe.dtype is not None:
+                _set_config_dtype(tmp / "config.json", recipe.dtype)
             for rel, content in (extra_files or {}).items():
                 _write_extra(tmp, rel, content)
+
+        write_model_folder(
+            dest,
+            plan,
+            (Item(m.key, m.tensor, m.check) for m in tensors),
+            doc,
+            support_from=sources[0].folder,
+            overwrite=overwrite,
+            max_shard_size=shard_bytes,
+            extra_files=finish,
+            write_behind=True,
+        )
         return dest
 
 
@@ -324,43 +324,6 @@ def _collect(merged: Iterator[_Merged]) -> dict[str, torch.Tensor]:
         item.check()
         state[item.key] = item.tensor
     return state
-
-
-def _write_behind(writer: StreamingWriter, merged: Iterator[_Merged]) -> None:
-    """Check and write each merged tensor on a second thread while the next one is computed.
-
-    File writes and the NaN/Inf check release the GIL, so they overlap the merge arithmetic and the reads (a
-    GPT-2-small merge on 2 cores: see docs/benchmarks.md). At most one tensor waits in the hand-off queue and one is
-    being written, so memory stays a small multiple of the largest tensor. The first failure on either side stops
-    both; nothing is committed (the caller's ``atomic_dir`` removes the temp folder).
-    """
-    handoff: queue.Queue[_Merged | None] = queue.Queue(maxsize=1)
-    failures: list[BaseException] = []
-
-    def work() -> None:
-        while (item := handoff.get()) is not None:
-            if failures:
-                continue  # drain after a failure so the producer never blocks
-            try:
-                item.check()
-                writer.write(item.key, item.tensor)
-            except BaseException as exc:  # re-raised on the calling thread
-                failures.append(exc)
-            del item
-
-    thread = threading.Thread(target=work, name="resilient-tune-writer", daemon=True)
-    thread.start()
-    try:
-        for item in merged:
-            if failures:
-                break
-            handoff.put(item)
-            del item
-    finally:
-        handoff.put(None)
-        thread.join()
-    if failures:
-        raise failures[0]
 
 
 def _partial_buffers(sources: Sequence[TensorSource]) -> dict[str, list[TensorSource]]:

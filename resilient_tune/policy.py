@@ -23,8 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Union, runtime_checkable
 
-from .engine import check_alpha, check_weights
 from .errors import NonFiniteError, UsageError
+from .validation import check_alpha, check_weights
 from .weights import softmax_weights
 
 __all__ = [
@@ -118,7 +118,7 @@ class FixedPolicy:
 
     def __init__(self, alpha: float = 0.5, *, weights: Sequence[float] | None = None) -> None:
         self.alpha = check_alpha(alpha)
-        self.weights = None if weights is None else check_weights(weights)
+        self.weights = None if weights is None else check_weights(weights, nonnegative=True, per="ingredient")
 
     def choose(self, evaluate: Evaluate | None = None, **_: Any) -> Decision:
         return Decision(self.alpha, 0, self.name, reason="fixed alpha", weights=self.weights)

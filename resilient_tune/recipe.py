@@ -7,13 +7,12 @@ it was made: the method, the weights, the options, the output dtype and the ingr
 from __future__ import annotations
 
 import json
-import math
-import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UsageError
+from .validation import as_floats
 
 __all__ = ["COCKTAIL_FILE", "DTYPES", "Recipe"]
 
@@ -74,7 +73,7 @@ class Recipe:
 
         get_method(self.method)  # unknown name -> UsageError listing the valid ones
         if self.weights is not None:
-            weights = _finite_weights(self.weights)
+            weights = tuple(as_floats(self.weights))
             object.__setattr__(self, "weights", weights)
         if not isinstance(self.options, Mapping):
             raise UsageError(
@@ -141,20 +140,6 @@ class Recipe:
                 f"the recipe is not valid JSON ({exc}); pass the text of a cocktail.json"
             ) from None
         return cls.from_dict(data)
-
-
-def _finite_weights(weights: object) -> tuple[float, ...]:
-    """The weights as a tuple of floats; a string, a non-number or NaN/Inf is a UsageError."""
-    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
-        raise UsageError(f"weights={weights!r} must be a sequence of numbers, one per model, e.g. (0.5, 0.5)")
-    values = []
-    for i, w in enumerate(weights):
-        if isinstance(w, bool) or not isinstance(w, numbers.Real):
-            raise UsageError(f"weights[{i}] is {w!r}; pass a real number for every model")
-        values.append(float(w))
-    if not all(math.isfinite(w) for w in values):
-        raise UsageError(f"weights must be finite numbers, got {values}; remove the NaN/Inf values")
-    return tuple(values)
 
 
 def cocktail_document(

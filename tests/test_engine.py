@@ -272,7 +272,7 @@ def test_ingredients_swap_in_as_stored_and_restore_bit_exactly(with_peers):
 
 
 def test_peers_are_streamed_one_tensor_at_a_time(with_peers, monkeypatch, tmp_path):
-    from resilient_tune.snapshot import PeerCheckpoints
+    from resilient_tune.peers import PeerCheckpoints
 
     model, _, peers, _ = with_peers
     engine = CocktailEngine(peers=peers)

@@ -95,7 +95,7 @@ def test_bad_inputs():
 
 def test_peers_pair_by_any_name_of_a_tied_parameter_and_stay_lazy():
     from resilient_tune.errors import IncompatibleModelsError
-    from resilient_tune.snapshot import PeerCheckpoints
+    from resilient_tune.peers import PeerCheckpoints
 
     class Tied(torch.nn.Module):
         def __init__(self) -> None:

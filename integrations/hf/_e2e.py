@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import transformers
 
-import resilient_tune.engine as engine_module
+import resilient_tune.engine._full as engine_module  # where the full-weight engine looks its writers up
 
 VOCAB, LENGTH = 64, 8
 

@@ -24,6 +24,7 @@ from lit_app import FINAL, TinyLM, TokenData, tokens
 from safetensors.torch import save_file
 from torch.distributed.fsdp import fully_shard
 
+import resilient_tune.engine._full as engine_module  # where the full-weight engine looks its writer up
 from resilient_tune.distributed import close_process_group, full_state_dict
 from resilient_tune.integrations.lightning import CocktailCallback
 
@@ -48,13 +49,13 @@ class ShardedLM(TinyLM):
             )
 
 
-class FailingCallback(CocktailCallback):
-    fail = False
+def fail_writes() -> None:
+    """Every resilient folder write raises the ``OSError`` of a full disk (on rank 0, which writes)."""
 
-    def _finish_folder(self, tmp):
-        if self.fail:
-            raise OSError(28, "No space left on device (injected by lit_sharded.py --fail-write)")
-        return super()._finish_folder(tmp)
+    def write_model_folder(*args, **kwargs):
+        raise OSError(28, "No space left on device (injected by lit_sharded.py --fail-write)")
+
+    engine_module.write_model_folder = write_model_folder
 
 
 def main() -> None:
@@ -77,8 +78,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     general = tokens(16, 2, False) if args.policy == "budget" else None
-    callback = FailingCallback(alpha=args.alpha, policy=args.policy, general_data=general, strict=args.strict)
-    callback.fail = args.fail_write
+    callback = CocktailCallback(
+        alpha=args.alpha, policy=args.policy, general_data=general, strict=args.strict
+    )
+    if args.fail_write:
+        fail_writes()
     every = ModelCheckpoint(dirpath=args.root / "ckpts", every_n_train_steps=2, save_top_k=-1)
     if args.deepspeed:
         from lightning.pytorch.strategies import DeepSpeedStrategy

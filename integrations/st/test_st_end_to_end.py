@@ -171,7 +171,9 @@ def test_a_peft_adapter_is_refused_with_a_clear_message(tmp_path):
     config = peft.LoraConfig(r=4, target_modules=["query", "value"])
     try:
         model.add_adapter(config)
-    except ValueError:  # transformers 5 wants peft >= 0.22 for add_adapter: inject the adapter as add_adapter does
+    except (
+        ValueError
+    ):  # transformers 5 wants peft >= 0.22 for add_adapter: inject the adapter as add_adapter does
         inner = model[0].auto_model
         peft.inject_adapter_in_model(config, inner)
         inner.peft_config = {"default": config}

@@ -47,14 +47,14 @@ from resilient_tune.distributed import (
     rank,
     world_size,
 )
-from resilient_tune.engine import CocktailEngine, check_alpha
+from resilient_tune.engine import FORMAT as LORA_FORMAT
+from resilient_tune.engine import CocktailEngine, LoraEngine, engine_for
 from resilient_tune.errors import IncompatibleModelsError, UsageError
-from resilient_tune.integrations.peft import FORMAT as LORA_FORMAT
-from resilient_tune.integrations.peft import LoraEngine, engine_for
 from resilient_tune.policy import Decision, Policy, choose, get_policy
 from resilient_tune.probes import BaseLogits, ProbeResult, base_log_probs, ingredient_losses, probe
 from resilient_tune.report import PLOT_FILE, REPORT_FILE, plot_history
 from resilient_tune.snapshot import Snapshot
+from resilient_tune.validation import check_alpha
 
 __all__ = [
     "BASE_FOLDER",

@@ -74,10 +74,11 @@ from typing import Any
 
 import torch
 
-from resilient_tune.checkpoint import atomic_dir, open_checkpoint
+from resilient_tune.checkpoint import atomic_dir
 from resilient_tune.distributed import on_rank_zero
-from resilient_tune.engine import write_model_folder
+from resilient_tune.engine import LoraEngine
 from resilient_tune.errors import UsageError
+from resilient_tune.folder import SubFolder
 from resilient_tune.integrations._common import (
     BASE_FOLDER,
     REPORT_FILE,
@@ -86,8 +87,6 @@ from resilient_tune.integrations._common import (
     ScoreFn,
     metrics,
 )
-from resilient_tune.integrations.peft import LoraEngine
-from resilient_tune.recipe import COCKTAIL_FILE
 
 __all__ = ["CocktailCallback", "LightningCocktail", "load_examples"]
 
@@ -506,60 +505,35 @@ class LightningCocktail(CocktailCore):
     def _write_folder_collective(self, folder: Path, step: int, entry: Mapping[str, Any] | None) -> None:
         """The resilient folder of a sharded module, **every rank calls it**: the same layout as
         :meth:`_write_folder`. Each rank merges its own shards, one gather brings the merged module to rank 0's CPU,
-        rank 0 writes (``hf/`` is cut from the merged ``model.safetensors``), and a failure raises on every rank."""
-        module = self._module
-        entry = entry or self._current_entry()
+        rank 0 writes ``model.safetensors`` and ``hf/`` from the same tensors, and a failure raises on every rank."""
         if isinstance(self._engine, LoraEngine):
             raise NotImplementedError(
                 "PEFT LoRA under a sharded Lightning strategy is not supported; use strategy='ddp' for LoRA runs"
             )
-        staging: dict[str, Path] = {}
-        with contextlib.ExitStack() as stack:
+        self._write(
+            self._module,
+            folder,
+            step,
+            entry=entry,
+            collective=True,
+            form="module",
+            subfolders=self._hf_subfolder(),
+        )
 
-            def begin() -> None:
-                staging["tmp"] = stack.enter_context(atomic_dir(folder, overwrite=True))
-
-            on_rank_zero(begin, f"writing {folder}")  # a folder that cannot be made fails every rank here
-            tmp = Path(self._trainer.strategy.broadcast(str(staging.get("tmp", "")), src=0))
-            self._write(module, tmp / "engine", step, entry=entry, collective=True, dedupe_tied=False)
-            on_rank_zero(lambda: self._finish_folder(tmp), f"writing {folder}")
-
-    def _finish_folder(self, tmp: Path) -> None:
-        """Rank 0, sharded path: move the engine's files up to ``tmp`` and cut ``hf/`` out of them."""
-        inner = tmp / "engine"
-        for path in inner.iterdir():
-            os.replace(path, tmp / path.name)
-        inner.rmdir()
-        if _transformers_model(self._module) is not None:
-            self._cut_hf(tmp)
-
-    def _cut_hf(self, tmp: Path) -> None:
-        """``tmp/hf/``: the transformers model inside the module, cut out of the merged ``tmp/model.safetensors``
-        (its keys without the module prefix), with its config, the tokenizer when one is found and
-        ``cocktail.json``; ``from_pretrained``-loadable."""
+    def _hf_subfolder(self) -> list[SubFolder]:
+        """``hf/``: the transformers model inside the module (its keys without the module prefix), with its config
+        and the tokenizer when one is found; ``from_pretrained``-loadable. None without such a model."""
         hf_model = _transformers_model(self._module)
+        if hf_model is None:
+            return []
         prefix = next(name for name, sub in self._module.named_modules() if sub is hf_model)
         prefix = f"{prefix}." if prefix else ""
-        doc = json.loads((tmp / COCKTAIL_FILE).read_text())
-        with open_checkpoint(tmp) as reader:
-            keys = [k for k in reader if k.startswith(prefix)]
-
-            def items(lazy: bool) -> Iterator[tuple[str, torch.Tensor]]:
-                for key in keys:  # lazily: shapes and dtypes only (the writer plans its header)
-                    info = reader.info(key)
-                    value = (
-                        torch.empty(info.shape, dtype=info.dtype, device="meta") if lazy else reader.get(key)
-                    )
-                    yield key[len(prefix) :], value
-
-            write_model_folder(
-                tmp / HF_FOLDER,
-                items,
-                doc,
-                config_from=hf_model,
-                tokenizer=_tokenizer(self._module, self._trainer),
-                max_shard_size=self.max_shard_size,
+        keys = {k: k[len(prefix) :] for k in self._module.state_dict(keep_vars=True) if k.startswith(prefix)}
+        return [
+            SubFolder(
+                HF_FOLDER, keys, config_from=hf_model, tokenizer=_tokenizer(self._module, self._trainer)
             )
+        ]
 
     def _remove_companion(self, checkpoint_path: Any) -> None:
         folder = _companion(checkpoint_path)
@@ -568,23 +542,28 @@ class LightningCocktail(CocktailCore):
 
     def _write_folder(self, folder: Path, step: int, entry: Mapping[str, Any] | None) -> Path:
         """The resilient folder: every ``state_dict`` key of the module at θ(α), ``cocktail.json``, and ``hf/`` when
-        the module holds a transformers model. With a PEFT LoRA model the weights file is the module's state dict
-        with the adapter scaled by α, and ``hf/`` the merged model plus the α-scaled adapter (``hf/adapter/``)."""
+        the module holds a transformers model (written from the same merged tensors). With a PEFT LoRA model the
+        weights file is the module's state dict with the adapter scaled by α, and ``hf/`` the merged model plus the
+        α-scaled adapter (``hf/adapter/``)."""
         module = self._module
-        entry = entry or self._current_entry()
-        lora = isinstance(self._engine, LoraEngine)
-        hf_model = _transformers_model(module)
+        if not isinstance(self._engine, LoraEngine):
+            written = self._write(
+                module,
+                folder,
+                step,
+                entry=entry,
+                collective=False,
+                form="module",
+                subfolders=self._hf_subfolder(),
+            )
+            return Path(written or folder)
         tokenizer = _tokenizer(module, self._trainer)
         with atomic_dir(folder, overwrite=True) as tmp:
-            options = {"merged": False} if lora else {"dedupe_tied": False}
-            inner = self._write(module, tmp / "engine", step, entry=entry, collective=False, **options)
+            inner = self._write(module, tmp / "engine", step, entry=entry, collective=False, form="module")
             for path in inner.iterdir():
                 os.replace(path, tmp / path.name)
             inner.rmdir()
-            if lora:
-                self._write(module, tmp / HF_FOLDER, step, entry=entry, tokenizer=tokenizer, collective=False)
-            elif hf_model is not None:
-                self._cut_hf(tmp)  # the same merged tensors as model.safetensors, bit for bit
+            self._write(module, tmp / HF_FOLDER, step, entry=entry, tokenizer=tokenizer, collective=False)
         return Path(os.path.abspath(folder))
 
 

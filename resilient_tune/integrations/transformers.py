@@ -70,6 +70,7 @@ from typing import Any
 import torch
 
 from resilient_tune.distributed import on_rank_zero
+from resilient_tune.engine import find_peft_model
 from resilient_tune.errors import UsageError
 from resilient_tune.integrations._common import (
     BASE_FOLDER,
@@ -83,7 +84,6 @@ from resilient_tune.integrations._common import (
     scalars,
 )
 from resilient_tune.integrations.hf_families import is_sentence_transformer, probe_batches, saver_for
-from resilient_tune.integrations.peft import find_peft_model
 
 try:
     from transformers import TrainerCallback

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from resilient_tune.errors import IncompatibleModelsError, UsageError
 from resilient_tune.merging._registry import MergeMethod, as_method
+from resilient_tune.validation import as_floats, check_weights
 
 __all__ = ["as_floats", "check_compatible", "validate_weights"]
-
-_SUM_TOLERANCE = 1e-3
-_ZERO_SUM = 1e-8
 
 TensorSpec = tuple[tuple[int, ...], torch.dtype]
 
@@ -26,11 +22,11 @@ def validate_weights(
     method: MergeMethod | str = "linear",
     normalize: bool = False,
 ) -> list[float]:
-    """Check merge weights and return them as floats (divided by their sum when ``normalize``).
+    """Check merge weights by :func:`resilient_tune.validation.check_weights`'s rule and return them as floats.
 
-    For ``linear`` the weights are mixing proportions: they must sum to 1 within ``1e-3`` (on both
-    sides) unless ``normalize=True``. For task-vector methods they are per-task scales and may sum to
-    anything; ``normalize=True`` still divides them by their sum. Negative weights are allowed.
+    For ``linear`` the weights are mixing proportions: they must sum to 1 within ``1e-3`` (on both sides) unless
+    ``normalize=True``. For task-vector methods they are per-task scales and may sum to anything; ``normalize=True``
+    still divides them by their sum. Negative weights are allowed.
 
     Args:
         weights: one weight per model (base excluded for task-vector methods).
@@ -42,44 +38,14 @@ def validate_weights(
         The (possibly normalised) weights as a new list of floats.
 
     Raises:
-        UsageError: wrong count, a non-number, NaN/Inf, a linear sum that is not 1 without
-            ``normalize``, or a sum of ~0 with ``normalize``.
+        UsageError: wrong count, a non-number, NaN/Inf, a linear sum that is not 1 without ``normalize``, or a sum
+            of ~0 with ``normalize``.
     """
     spec = as_method(method)
     if n_models < 1:
         raise UsageError(f"n_models={n_models}: a merge needs at least one model")
-    values = as_floats(weights)
-    if len(values) != n_models:
-        raise UsageError(
-            f"got {len(values)} weights for {n_models} models; pass exactly one weight per model"
-        )
-    total = math.fsum(values)
-    if normalize:
-        if abs(total) < _ZERO_SUM:
-            raise UsageError(
-                f"weights {values} sum to {total:g}, which cannot be normalised; pass weights with a nonzero sum"
-            )
-        return [v / total for v in values]
-    if not spec.needs_base and abs(total - 1.0) > _SUM_TOLERANCE:
-        raise UsageError(
-            f"weights {values} sum to {total:g}; pass weights that sum to 1 or set normalize=True"
-        )
-    return values
-
-
-def as_floats(weights: Sequence[float]) -> list[float]:
-    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence | torch.Tensor):
-        raise UsageError(f"weights={weights!r} must be a sequence of numbers, one per model")
-    values = []
-    for i, w in enumerate(weights):
-        if isinstance(w, torch.Tensor) and w.numel() == 1:
-            w = w.item()
-        if isinstance(w, bool) or not isinstance(w, numbers.Real):
-            raise UsageError(f"weight {i} is {w!r}; pass a real number")
-        if not math.isfinite(w):
-            raise UsageError(f"weight {i} is {w}; pass a finite number")
-        values.append(float(w))
-    return values
+    kind = "scales" if spec.needs_base else "mixture"
+    return list(check_weights(weights, n_models, kind=kind, normalize=normalize))
 
 
 def check_compatible(specs: Sequence[Mapping[str, TensorSpec]], names: Sequence[str]) -> None:

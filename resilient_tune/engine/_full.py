@@ -29,21 +29,17 @@ trainable parameters are mixed). This module imports only torch and resilient-tu
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import __version__
-from .card import model_card
-from .checkpoint import StreamingWriter, TensorInfo, atomic_dir, copy_support_files, locate, parse_size
-from .distributed import (
+from .._version import __version__
+from ..checkpoint import TensorInfo, atomic_dir
+from ..distributed import (
     agree_on_failure,
     full_state_dict,
     is_sharded,
@@ -54,95 +50,18 @@ from .distributed import (
     reshard,
     sum_across_ranks,
 )
-from .errors import CheckpointFormatError, UsageError
-from .merging import get_method, layer_depths, merge_tensor, raise_if_non_finite, resolve_options
-from .recipe import COCKTAIL_FILE, Recipe, cocktail_document, normalize_dtype_name
-from .snapshot import PeerCheckpoints, Snapshot
-from .sources import ModelLike
+from ..errors import UsageError
+from ..folder import SubFolder, write_model_folder, write_recipe_files
+from ..merging import get_method, layer_depths, merge_tensor, raise_if_non_finite, resolve_options
+from ..peers import PeerCheckpoints
+from ..recipe import Recipe, cocktail_document
+from ..snapshot import Snapshot
+from ..sources import ModelLike
+from ..validation import check_alpha, check_weights
+from ._options import check_peers, check_snapshot_device, check_snapshot_dtype, into, peer_label, state_keys
+from ._protocol import Drift, FamilySaver, WriteForm, layer_of
 
-__all__ = ["CocktailEngine", "Drift", "FamilySaver", "check_alpha", "check_weights", "write_model_folder"]
-
-_LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+)\.")
-
-
-def check_alpha(alpha: float, name: str = "alpha") -> float:
-    """Return ``alpha`` as a float after checking it is a real number in ``[0, 1]``.
-
-    Raises:
-        UsageError: Not a number, NaN, or outside ``[0, 1]``.
-    """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise UsageError(f"{name}={alpha!r} must be a number in [0, 1] (the weight of the fine-tuned model)")
-    value = float(alpha)
-    if not (0.0 <= value <= 1.0):
-        raise UsageError(
-            f"{name}={alpha!r} is outside [0, 1]; pass the weight of the fine-tuned model, e.g. 0.5 "
-            "(0 = the base model, 1 = the fine-tuned model)"
-        )
-    return value
-
-
-def check_weights(weights: Sequence[float], *, count: int | None = None) -> tuple[float, ...]:
-    """Return ``weights`` (of the base and the peers) as a tuple after checking them.
-
-    Args:
-        weights: Non-negative finite numbers summing to 1 (within 1e-5: float32 softmax outputs pass).
-        count: The expected number (1 + number of peers), when known.
-
-    Raises:
-        UsageError: Not a sequence of numbers, a negative or non-finite value, a sum other than 1, a wrong count.
-    """
-    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
-        raise UsageError(f"weights={weights!r} must be a list of numbers, one for the base and one per peer")
-    values = []
-    for w in weights:
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-            raise UsageError(f"weights={list(weights)!r}: each weight must be a finite number >= 0")
-        values.append(float(w))
-    if count is not None and len(values) != count:
-        raise UsageError(
-            f"got {len(values)} weights for {count} ingredients; pass one weight for the base and one per peer"
-        )
-    total = sum(values)
-    if not values or abs(total - 1.0) > 1e-5:
-        raise UsageError(
-            f"weights {values} sum to {total:g}; pass weights of the base and the peers that sum to 1"
-        )
-    return tuple(values)
-
-
-@dataclass(frozen=True)
-class FamilySaver:
-    """A model family's own folder writer, for models whose ``state_dict`` keys are not their checkpoint's.
-
-    Attributes:
-        library: The library whose loader reads the folder (``"sentence-transformers"``).
-        loader: How to load it, for the model card (``"SentenceTransformer(path)"``).
-        save: ``save(folder)`` writes the live model's weights and files into ``folder``.
-    """
-
-    library: str
-    loader: str
-    save: Callable[[Path], None]
-
-
-@dataclass(frozen=True)
-class Drift:
-    """Weight-space drift of the trainable parameters from the base.
-
-    Attributes:
-        total: ``‖θₜ − θ₀‖₂`` over all trainable parameters (float32 arithmetic).
-        relative: ``total / ‖θ₀‖₂`` (0 when ``‖θ₀‖ = 0``).
-        per_layer: ``‖θₜ − θ₀‖₂`` per layer (parameters grouped by their numbered block prefix such as
-            ``transformer.h.3``; parameters outside numbered blocks are their own group), in model order.
-    """
-
-    total: float
-    relative: float
-    per_layer: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"total": self.total, "relative": self.relative, "per_layer": dict(self.per_layer)}
+__all__ = ["CocktailEngine"]
 
 
 class CocktailEngine:
@@ -185,16 +104,20 @@ class CocktailEngine:
         allow_pickle: bool = False,
     ) -> None:
         self.alpha = check_alpha(alpha)
-        self._peer_specs = _check_peers(peers, allow_pickle=allow_pickle)
+        self._peer_specs = check_peers(peers, allow_pickle=allow_pickle)
         count = 1 + len(self._peer_specs)
-        self.weights = (1.0 / count,) * count if weights is None else check_weights(weights, count=count)
+        self.weights = (
+            (1.0 / count,) * count
+            if weights is None
+            else check_weights(weights, count, nonnegative=True, per="ingredient")
+        )
         self._allow_pickle = allow_pickle
         self._peers: PeerCheckpoints | None = None
         self.recipe = Recipe(method=method, options=dict(options or {}), seed=seed, dtype=None)
         self._spec = get_method(method)
         self._options = resolve_options(self._spec, self.recipe.options)
-        self.snapshot_device = _check_snapshot_device(snapshot_device)
-        self.snapshot_dtype = _check_snapshot_dtype(snapshot_dtype)
+        self.snapshot_device = check_snapshot_device(snapshot_device)
+        self.snapshot_dtype = check_snapshot_dtype(snapshot_dtype)
         self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
         self._snapshot: Snapshot | None = None
         self._depths: dict[str, float] = {}  # LiNeS depths of the snapshot's parameters, computed once
@@ -259,7 +182,7 @@ class CocktailEngine:
         peers = (
             self._peers.names
             if self._peers is not None
-            else [_peer_label(p, i) for i, p in enumerate(self._peer_specs, 1)]
+            else [peer_label(p, i) for i, p in enumerate(self._peer_specs, 1)]
         )
         return ["base", *peers]
 
@@ -270,7 +193,7 @@ class CocktailEngine:
 
     def set_weights(self, weights: Sequence[float]) -> tuple[float, ...]:
         """Set :attr:`weights` (base first, one per peer; non-negative, summing to 1) and return them."""
-        self.weights = check_weights(weights, count=1 + self.num_peers)
+        self.weights = check_weights(weights, 1 + self.num_peers, nonnegative=True, per="ingredient")
         return self.weights
 
     @contextlib.contextmanager
@@ -345,7 +268,7 @@ class CocktailEngine:
             raise_if_non_finite(
                 mixed, key=name, inputs=[current, base], names=["the fine-tuned model", "the base"]
             )
-            return mixed if in_place else _into(out, mixed.to(current.dtype))
+            return mixed if in_place else into(out, mixed.to(current.dtype))
         peers = [self._peer_loader(i, name) for i in range(self.num_peers)]
         base_arg: torch.Tensor | None
         if self._spec.needs_base:
@@ -365,7 +288,7 @@ class CocktailEngine:
             seed=self.recipe.seed,
             out_dtype=current.dtype,
         )
-        return _into(out, merged)
+        return into(out, merged)
 
     def _depth(self, name: str) -> float:
         """LiNeS depth of parameter ``name`` among the snapshot's parameters (0 for methods without depth)."""
@@ -463,7 +386,7 @@ class CocktailEngine:
                 live = local_tensor(p).detach().to("cpu", torch.float32)
                 delta_sq = float(torch.linalg.vector_norm(live - base, dtype=torch.float64)) ** 2
                 total_sq += delta_sq
-                group = _layer_of(name)
+                group = layer_of(name)
                 per_layer[group] = per_layer.get(group, 0.0) + delta_sq
         base_sq = sum(base_norms.values())
         if self._sharded:
@@ -494,19 +417,20 @@ class CocktailEngine:
         alpha: float | None = None,
         *,
         metadata: Mapping[str, Any] | None = None,
+        weights: Sequence[float] | None = None,
+        form: WriteForm = "pretrained",
+        saver: FamilySaver | None = None,
         support_from: str | os.PathLike[str] | None = None,
         tokenizer: Any = None,
         overwrite: bool = False,
         max_shard_size: int | str = "5GB",
-        weights: Sequence[float] | None = None,
-        dedupe_tied: bool = True,
-        saver: FamilySaver | None = None,
+        subfolders: Sequence[SubFolder] = (),
+        dedupe_tied: bool | None = None,
     ) -> Path:
-        """Write the resilient model θ(α) as a ``from_pretrained``-loadable folder, atomically.
+        """Write the resilient model θ(α) as a folder, atomically (through :func:`resilient_tune.folder.write_model_folder`).
 
-        The folder holds the weights (``model.safetensors``, sharded with an index above ``max_shard_size``;
-        parameters tied to another are written once, as ``save_pretrained`` does, unless ``dedupe_tied=False``),
-        the config and generation config (copied from ``support_from`` when given, else from ``model.config`` /
+        The folder holds the weights (``model.safetensors``, sharded with an index above ``max_shard_size``), the
+        config and generation config (copied from ``support_from`` when given, else from ``model.config`` /
         ``model.generation_config``), the tokenizer (``support_from`` files, or ``tokenizer.save_pretrained``),
         ``cocktail.json`` (recipe, ingredients, α and ``metadata`` such as step and probe metrics) and a model
         card ``README.md``. Tensors are merged and written one at a time (peers read one tensor at a time).
@@ -518,17 +442,19 @@ class CocktailEngine:
             folder: The destination folder.
             alpha: Weight of the fine-tuned model (default: the engine's ``alpha``).
             metadata: Extra JSON-able ``cocktail.json`` entries (``step``, ``probes``, ...).
-            support_from: A model folder whose config/tokenizer files are copied (e.g. the Trainer's checkpoint).
-            tokenizer: Anything with ``save_pretrained(folder)`` (used when ``support_from`` has no tokenizer).
-            overwrite: Replace ``folder`` if it exists.
-            max_shard_size: Shard size limit (bytes or ``"5GB"``-style string).
             weights: Weights of the base and the peers (default :attr:`weights`).
-            dedupe_tied: Write tied tensors once (``True``, as ``save_pretrained``); ``False`` writes every key of
-                ``model.state_dict()`` (what ``load_state_dict`` of the same module expects, e.g. Lightning's).
+            form: ``"pretrained"`` writes tied tensors once, as ``save_pretrained`` does; ``"module"`` writes every
+                key of ``model.state_dict()`` (what ``load_state_dict`` of the same module expects, e.g. Lightning's).
             saver: The model family's own writer (e.g. a ``SentenceTransformer``'s ``save``): ``saver.save(folder)``
                 is called while θ(α) is swapped into the live weights (restored bit-exactly afterwards), so the
                 folder has the family's layout; ``cocktail.json`` (with ``layout``: the library and its loader) and
                 the model card are added. Not for sharded models.
+            support_from: A model folder whose config/tokenizer files are copied (e.g. the Trainer's checkpoint).
+            tokenizer: Anything with ``save_pretrained(folder)`` (used when ``support_from`` has no tokenizer).
+            overwrite: Replace ``folder`` if it exists.
+            max_shard_size: Shard size limit (bytes or ``"5GB"``-style string).
+            subfolders: Further folders written from the same merged tensors (e.g. Lightning's ``hf/``).
+            dedupe_tied: Older spelling of ``form``: ``False`` is ``form="module"``.
 
         A sharded model (FSDP2, ZeRO-3) is written collectively: **every rank must call this**. Each rank swaps
         θ(α) into its own shards (no gather to merge), the merged model is gathered once to rank 0's CPU
@@ -538,6 +464,9 @@ class CocktailEngine:
         Returns:
             The written folder.
         """
+        if dedupe_tied is not None:
+            form = "pretrained" if dedupe_tied else "module"
+        dedupe = _check_form(form) == "pretrained"
         alpha = self.alpha if alpha is None else check_alpha(alpha)
         mix = self._ingredient_weights(weights)
         params = self._params(model)
@@ -554,22 +483,14 @@ class CocktailEngine:
             "tokenizer": tokenizer,
             "overwrite": overwrite,
             "max_shard_size": max_shard_size,
+            "subfolders": subfolders,
         }
         if saver is not None:
-            if self._sharded:
-                raise UsageError(
-                    "this model family is written by its own save method, which cannot write a sharded (FSDP2/ZeRO-3) "
-                    "model; train it with DDP or on one process"
-                )
-            doc["layout"] = {"library": saver.library, "loader": saver.loader}
-            with atomic_dir(folder, overwrite=overwrite) as tmp:
-                with self.swapped(model, alpha, mix):
-                    saver.save(tmp)
-                write_recipe_files(tmp, doc)
-            return Path(os.path.abspath(folder))
+            return self._write_with(saver, model, folder, alpha, mix, doc, overwrite=overwrite)
         if not self._sharded:
-            items = lambda lazy: self._iter_state(model, alpha, dedupe=dedupe_tied, lazy=lazy, weights=mix)  # noqa: E731
-            return write_model_folder(folder, items, doc, **files)
+            plan = _plan(self._iter_state(model, alpha, dedupe=dedupe, lazy=True, weights=mix))
+            tensors = self._iter_state(model, alpha, dedupe=dedupe, weights=mix)
+            return write_model_folder(folder, plan, tensors, doc, **files)
         with contextlib.ExitStack() as stack:  # every rank: θ(α) in its shards, then one gather
             failure: Exception | None = None
             try:
@@ -578,12 +499,36 @@ class CocktailEngine:
                 failure = exc
             agree_on_failure(failure, f"merging {folder}")  # no rank enters the gather alone
             gathered = full_state_dict(model)
-        keys = _state_keys(model, dedupe=dedupe_tied)
+        keys = state_keys(model, dedupe=dedupe)
         state = {k: v for k, v in gathered.items() if k in keys}
         on_rank_zero(
-            lambda: write_model_folder(folder, lambda lazy: iter(state.items()), doc, **files),
+            lambda: write_model_folder(folder, _plan(state.items()), state.items(), doc, **files),
             f"writing {folder}",
         )
+        return Path(os.path.abspath(folder))
+
+    def _write_with(
+        self,
+        saver: FamilySaver,
+        model: torch.nn.Module,
+        folder: str | os.PathLike[str],
+        alpha: float,
+        mix: Sequence[float],
+        doc: dict[str, Any],
+        *,
+        overwrite: bool,
+    ) -> Path:
+        """The folder written by the family's own ``saver`` while θ(α) is in the live weights, plus the recipe files."""
+        if self._sharded:
+            raise UsageError(
+                f"a {saver.library} model is written by its own save method, which cannot write a sharded "
+                "(FSDP2/ZeRO-3) model; train it with DDP or on one process"
+            )
+        doc["layout"] = {"library": saver.library, "loader": saver.loader}
+        with atomic_dir(folder, overwrite=overwrite) as tmp:
+            with self.swapped(model, alpha, mix):
+                saver.save(tmp)
+            write_recipe_files(tmp, doc)
         return Path(os.path.abspath(folder))
 
     # ---------------------------------------------------------------- internals
@@ -623,7 +568,11 @@ class CocktailEngine:
                     yield key, self.merged_tensor(name, live.to("cpu"), alpha, weights)
 
     def _ingredient_weights(self, weights: Sequence[float] | None) -> tuple[float, ...]:
-        return self.weights if weights is None else check_weights(weights, count=1 + self.num_peers)
+        return (
+            self.weights
+            if weights is None
+            else check_weights(weights, 1 + self.num_peers, nonnegative=True, per="ingredient")
+        )
 
     def _mix_weights(self, alpha: float, weights: Sequence[float] | None) -> tuple[float, ...]:
         """Recipe weights: ``[α, (1−α)·w₀, (1−α)·w₁, ...]`` (linear) or ``[α, (1−α)·w₁, ...]`` (task vectors)."""
@@ -683,151 +632,14 @@ class CocktailEngine:
         return extra
 
 
-def _state_keys(model: torch.nn.Module, *, dedupe: bool) -> set[str]:
-    """The ``state_dict`` keys to write: all, or (``dedupe``) one per parameter/buffer object (tied ones once)."""
-    keys, seen = set(), set()
-    for key, value in model.state_dict(keep_vars=True).items():
-        if dedupe and id(value) in seen:
-            continue
-        seen.add(id(value))
-        keys.add(key)
-    return keys
+def _plan(items: Iterable[tuple[str, torch.Tensor]]) -> dict[str, TensorInfo]:
+    """Key -> dtype and shape of the tensors to write, in order."""
+    return {key: TensorInfo(t.dtype, tuple(t.shape)) for key, t in items}
 
 
-def _check_peers(peers: Sequence[ModelLike] | None, *, allow_pickle: bool = False) -> list[ModelLike]:
-    """Validate the peers early: types, and that each path is a checkpoint (its weight files are found; nothing is
-    read). They are opened later, against the model."""
-    if peers is None:
-        return []
-    if isinstance(peers, (str, bytes, os.PathLike, Mapping)):
-        raise UsageError(f"peers={peers!r} must be a list of checkpoint paths, e.g. peers=['/models/peer-a']")
-    out = list(peers)
-    for i, peer in enumerate(out, start=1):
-        if isinstance(peer, (str, os.PathLike)):
-            path = Path(peer)
-            if not path.exists():
-                raise UsageError(
-                    f"peer {i} ({os.fspath(peer)!r}) does not exist; pass checkpoint folders or files"
-                )
-            try:
-                locate(path.resolve(), allow_pickle=allow_pickle)
-            except CheckpointFormatError as exc:
-                raise UsageError(
-                    f"peers: peer {i} ({os.fspath(peer)!r}) is not a checkpoint: {exc}; pass a folder saved with "
-                    "save_pretrained or a .safetensors file"
-                ) from exc
-        elif not isinstance(peer, Mapping):
-            raise UsageError(
-                f"peer {i} is a {type(peer).__name__}; pass checkpoint paths (or state dicts Mapping[str, Tensor])"
-            )
-    return out
-
-
-def _check_snapshot_device(device: str | torch.device) -> torch.device:
-    """Return ``device`` as a ``torch.device`` or refuse it naming the option."""
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as exc:
+def _check_form(form: str) -> str:
+    if form not in ("pretrained", "module"):
         raise UsageError(
-            f"snapshot_device={device!r} is not a torch device; pass 'cpu' (the default, keeps GPU memory free) or "
-            "an accelerator such as 'cuda' / 'cuda:0'"
-        ) from exc
-
-
-def _check_snapshot_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype | None:
-    """Return ``dtype`` after checking it names a floating storage dtype, or refuse it naming the option."""
-    try:
-        normalize_dtype_name(dtype)
-    except UsageError as exc:
-        raise UsageError(
-            f"snapshot_dtype={dtype!r} is not a snapshot storage dtype; pass None (the parameters' own dtype), "
-            "'bf16' or 'fp16' (half the memory)"
-        ) from exc
-    return dtype
-
-
-def _into(out: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
-    """``value`` copied into ``out`` (then ``out``), or ``value`` itself without ``out``."""
-    if out is None:
-        return value
-    return out.copy_(value)
-
-
-def _peer_label(peer: ModelLike, index: int) -> str:
-    return str(peer) if isinstance(peer, (str, os.PathLike)) else f"peer {index}"
-
-
-def _layer_of(name: str) -> str:
-    match = _LAYER.match(name)
-    return match.group(1) if match else name
-
-
-TensorItems = Callable[[bool], Iterator[tuple[str, torch.Tensor]]]
-"""``items(lazy)``: ``(key, tensor)`` pairs to write; with ``lazy=True`` only dtypes and shapes are used."""
-
-
-def write_model_folder(
-    folder: str | os.PathLike[str],
-    items: TensorItems,
-    doc: Mapping[str, Any],
-    *,
-    config_from: Any = None,
-    support_from: str | os.PathLike[str] | None = None,
-    tokenizer: Any = None,
-    overwrite: bool = False,
-    max_shard_size: int | str = "5GB",
-    extra_files: Callable[[Path], None] | None = None,
-) -> Path:
-    """Write a resilient-model folder atomically: the tensors of ``items`` streamed into ``model.safetensors``
-    (sharded above ``max_shard_size``), config/tokenizer files, ``cocktail.json`` (``doc``) and a model card.
-
-    Args:
-        folder: The destination folder.
-        items: ``items(lazy)`` yields ``(key, tensor)``; called once lazily (the plan: dtypes and shapes) and once
-            for the values, which are written one at a time.
-        doc: The ``cocktail.json`` document (also the source of the model card).
-        config_from: A model whose ``config`` / ``generation_config`` are saved when ``support_from`` has none.
-        support_from: A model folder whose config/tokenizer files are copied.
-        tokenizer: Anything with ``save_pretrained(folder)`` (used when no tokenizer file was copied).
-        overwrite: Replace ``folder`` if it exists.
-        max_shard_size: Shard size limit (bytes or ``"5GB"``-style string).
-        extra_files: ``extra_files(tmp)`` adds files to the folder before it is committed.
-
-    Returns:
-        The written folder (absolute).
-    """
-    shard_bytes = parse_size(max_shard_size)
-    plan = {key: TensorInfo(t.dtype, tuple(t.shape)) for key, t in items(True)}
-    alpha = doc.get("alpha")
-    meta = {"resilient_tune": __version__, "alpha": repr(alpha)}
-    with atomic_dir(folder, overwrite=overwrite) as tmp:
-        with StreamingWriter(tmp, plan, max_shard_size=shard_bytes, metadata=meta) as writer:
-            for key, tensor in items(False):
-                writer.write(key, tensor)
-        if extra_files is not None:
-            extra_files(tmp)
-        _write_support(config_from, tmp, support_from, tokenizer)
-        write_recipe_files(tmp, doc)
-    return Path(os.path.abspath(folder))
-
-
-def write_recipe_files(folder: Path, doc: Mapping[str, Any]) -> None:
-    """``cocktail.json`` (``doc``) and the model card ``README.md`` made from it, into ``folder``."""
-    (folder / COCKTAIL_FILE).write_text(json.dumps(doc, indent=2) + "\n")
-    (folder / "README.md").write_text(model_card(doc))
-
-
-def _write_support(model: Any, folder: Path, support_from: Any, tokenizer: Any) -> None:
-    if support_from is not None:
-        copy_support_files(support_from, folder)
-    config = getattr(model, "config", None)
-    if not (folder / "config.json").exists() and hasattr(config, "to_json_file"):
-        config.to_json_file(str(folder / "config.json"))
-    generation = getattr(model, "generation_config", None)
-    if not (folder / "generation_config.json").exists() and hasattr(generation, "to_json_file"):
-        generation.to_json_file(str(folder / "generation_config.json"))
-    has_tokenizer = any(
-        (folder / n).exists() for n in ("tokenizer_config.json", "tokenizer.json", "vocab.txt")
-    )
-    if tokenizer is not None and not has_tokenizer and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(str(folder))
+            f"form={form!r} must be 'pretrained' (from_pretrained layout) or 'module' (every state_dict key)"
+        )
+    return form
