@@ -13,6 +13,7 @@ from ._version import __version__
 
 __all__ = [
     "CheckpointFormatError",
+    "Cocktail",
     "CocktailCallback",
     "IncompatibleModelsError",
     "NonFiniteError",
@@ -29,6 +30,7 @@ __all__ = [
 
 # public name -> module that defines it
 _LAZY = {
+    "Cocktail": ".session",
     "CocktailCallback": ".integrations.transformers",
     "CheckpointFormatError": ".errors",
     "IncompatibleModelsError": ".errors",
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
     from .lm_cocktail import mix_models, mix_models_with_data
     from .merging import method_names
     from .recipe import Recipe
+    from .session import Cocktail
     from .weights import compute_auto_weights
 
 

@@ -101,7 +101,7 @@ import json, sys
 from pathlib import Path
 import torch, torch.distributed as dist
 from resilient_tune.distributed import agree_on_failure
-from resilient_tune.integrations._common import CocktailCore
+from resilient_tune.session import Cocktail
 
 rank, root = int(sys.argv[1]), Path(sys.argv[2])
 dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=2)
@@ -110,11 +110,11 @@ model = torch.nn.Linear(4, 2)
 folder = root / "blocked" / "resilient"  # rank 0's write fails: "blocked" is a file
 outcomes = []
 for strict in (False, True):
-    core = CocktailCore(strict=strict)
-    core._take_snapshot(model, root / "base")
+    core = Cocktail(strict=strict)
+    core.begin(model)
     outcome = {"rank": rank, "strict": strict}
     try:
-        outcome["returned"] = core._guarded(lambda: core._write(model, folder, 3), folder, 3)
+        outcome["returned"] = core.write(model, folder, 3)  # every rank; rank 0 writes, all learn the outcome
     except Exception as exc:
         outcome["raised"] = f"{type(exc).__name__}: {exc}"
     outcome["failures"] = core.save_failures
@@ -182,7 +182,7 @@ def test_a_failed_rank_zero_write_keeps_two_ranks_in_agreement(tmp_path):
 
 
 def test_a_sharded_resume_state_gives_each_rank_its_own_folder(tmp_path):
-    from resilient_tune.integrations._common import PER_RANK_FORMAT, _rank_state
+    from resilient_tune.session._base import PER_RANK_FORMAT, _rank_state
 
     state = {
         "format": PER_RANK_FORMAT,

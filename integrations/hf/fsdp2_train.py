@@ -1,12 +1,13 @@
-"""FSDP2 on the CPU: a plain torch training loop, sharded with ``fully_shard``, drives the callbacks' shared core.
+"""FSDP2 on the CPU: a plain torch training loop, sharded with ``fully_shard``, drives a ``Cocktail`` session.
 
     torchrun --standalone --nproc_per_node 2 fsdp2_train.py OUT [--policy budget --drift-budget 0.002]
              [--policy cocktail --peer PEER_FOLDER] [--alpha 0.4] [--fail-write] [--no-callback]
 
 The transformers ``Trainer`` cannot drive FSDP2 on the CPU (accelerate ignores its ``fsdp`` options there and runs
-plain DDP), so this loop does what the Trainer would and calls what ``CocktailCallback`` calls at the same events:
-``CocktailCore._take_snapshot`` before the first step, ``_set_probes`` (the base's KL reference is a forward, i.e.
-an all-gather, on every rank), ``_decide`` and ``_write`` at steps 2 and 4 on every rank.
+plain DDP), so this loop does what the Trainer would and calls the session as ``CocktailCallback`` does, through its
+public lifecycle: ``begin`` before the first step (it batches the probes; the base's KL reference is a forward, i.e.
+an all-gather, on every rank), ``decide`` and ``write`` at steps 2 and 4 on every rank. The session is strict: a
+failed write stops every rank.
 
 The model is a 2-layer GPT-2 (tied embeddings), each block and the root wrapped with
 ``fully_shard(module, mesh=init_device_mesh("cpu", (2,)))`` over gloo: its parameters become ``DTensor`` shards.
@@ -33,15 +34,14 @@ from safetensors.torch import save_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from resilient_tune import distributed
-from resilient_tune.integrations._common import CocktailCore
+from resilient_tune import Cocktail, distributed
 
 
 def batches(data: list[dict], size: int) -> list[dict[str, torch.Tensor]]:
     return [transformers.default_data_collator(data[i : i + size]) for i in range(0, len(data), size)]
 
 
-def swap_deviation(core: CocktailCore, net: torch.nn.Module, alpha: float, base: dict) -> float:
+def swap_deviation(core: Cocktail, net: torch.nn.Module, alpha: float, base: dict) -> float:
     """Inside ``engine.swapped(net, α)``: the largest |shard − cut of θ₀ + α(θ − θ₀)| over the parameters. The full
     θ is gathered (``full_tensor``, every rank) before the swap; the swap itself gathers nothing."""
     distributed.reshard(net)  # a no-grad forward (the probes) leaves the root's parameters unsharded
@@ -58,7 +58,7 @@ def swap_deviation(core: CocktailCore, net: torch.nn.Module, alpha: float, base:
 
 
 def main() -> None:
-    parser = arguments("FSDP2 on the CPU: a plain loop driving CocktailCallback's shared core")
+    parser = arguments("FSDP2 on the CPU: a plain loop driving a Cocktail session")
     parser.add_argument("--peer", type=Path, default=None)
     parser.add_argument("--lr", type=float, default=3e-2)
     parser.add_argument("--epochs", type=int, default=1)
@@ -83,18 +83,18 @@ def main() -> None:
     calls: dict[str, int] = {}
     count_calls(calls, "write_model_folder", fail=args.fail_write)
     count_calls(calls, "full_state_dict")
-    core = CocktailCore(
+    core = Cocktail(
         args.alpha,
         policy=args.policy,
         drift_budget=args.drift_budget,
         general_data=examples(16, 2, False, low=12) if args.policy == "budget" else None,
         target_data=examples(8, 1, True) if args.policy == "cocktail" else None,
         peers=[args.peer] if args.peer else None,
+        strict=True,  # a failed write stops every rank (the test of --fail-write)
+        batch_size=8,
+        collate_fn=transformers.default_data_collator,
     )
-    core._take_snapshot(net, args.out / "resilient_base")
-    general = {n: batches(d, 8) for n, d in core._general.items()}
-    target = {n: batches(d, 8) for n, d in core._target_sets().items()}
-    core._set_probes(net, general, target, None)
+    core.begin(net, base_dir=args.out / "resilient_base")
 
     train = examples(32, 0, True)[
         rank::2
@@ -109,10 +109,10 @@ def main() -> None:
             optimizer.step()
             if step % 2 == 0 and not args.no_callback:
                 before = calls["full_state_dict"]
-                core._decide(step, net, log=False)
+                core.decide(step, net)
                 gathers_while_deciding += calls["full_state_dict"] - before
                 deviation = max(deviation, swap_deviation(core, net, 0.3, base))
-                core._write(net, args.out / f"step-{step}" / "resilient", step)
+                core.write(net, args.out / f"step-{step}" / "resilient", step)
                 live = distributed.full_state_dict(net)  # θ at this step, for the tests (not counted above)
                 if rank == 0:
                     save_file(

@@ -20,21 +20,25 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lit_app import TinyLM, TokenData, tokens
 
+import resilient_tune.engine._full as engine_module  # where the full-weight engine looks its writer up
 from resilient_tune.distributed import close_process_group
 from resilient_tune.integrations.lightning import CocktailCallback
 
 
-class CountingCallback(CocktailCallback):
-    """CocktailCallback that counts the resilient folders this process writes."""
+def count_writes(fail: bool) -> dict[str, int]:
+    """Count the resilient folders this process writes (the engine's folder writer); with ``fail`` each write
+    raises the ``OSError`` of a full disk instead."""
+    calls = {"writes": 0}
+    original = engine_module.write_model_folder
 
-    writes = 0
-    fail = False
-
-    def _write_folder(self, *args, **kwargs):
-        self.writes += 1
-        if self.fail:
+    def write_model_folder(*args, **kwargs):
+        calls["writes"] += 1
+        if fail:
             raise OSError(28, "No space left on device (injected by lit_train.py --fail-write)")
-        return super()._write_folder(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    engine_module.write_model_folder = write_model_folder
+    return calls
 
 
 def main() -> None:
@@ -57,14 +61,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     general = tokens(16, 2, False) if args.policy == "budget" else None
-    callback = CountingCallback(
+    calls = count_writes(args.fail_write)
+    callback = CocktailCallback(
         alpha=args.alpha,
         policy=args.policy,
         general_data=general,
         strict=args.strict,
         snapshot_on_disk=args.snapshot_on_disk,
     )
-    callback.fail = args.fail_write
     every = ModelCheckpoint(dirpath=args.root / "ckpts", every_n_train_steps=2, save_top_k=-1)
     distributed = (
         {"strategy": "ddp", "accelerator": "cpu", "devices": 2} if args.ddp else {"accelerator": "cpu"}
@@ -88,7 +92,7 @@ def main() -> None:
     summary = {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
-        "writes": callback.writes,
+        "writes": calls["writes"],
         "save_failures": [f["path"] for f in callback.save_failures],
         "history": [{"step": h["step"], "alpha": h["alpha"]} for h in callback.history],
         "snapshot_bytes": callback.engine.snapshot.nbytes,

@@ -53,49 +53,48 @@ batch) -> loss``. When the module holds a transformers language model and the ba
 current)`` of its next-token distributions is measured too (one more forward per batch).
 
 Peers, the ``cocktail`` policy and PEFT LoRA work as in the Hugging Face callback (the logic is shared in
-:mod:`resilient_tune.integrations._common`). Peer checkpoints may be ``save_pretrained`` folders of the transformers
+the :class:`~resilient_tune.Cocktail` session both callbacks hold). Peer checkpoints may be ``save_pretrained`` folders of the transformers
 model inside the module. With a LoRA model inside the module no snapshot is taken; ``model.safetensors`` is the
 module's state dict with the adapter scaled by α, and ``hf/`` the merged model plus the scaled adapter.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import inspect
-import json
 import logging
 import os
 import shutil
-import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from resilient_tune.checkpoint import atomic_dir
 from resilient_tune.distributed import on_rank_zero
-from resilient_tune.engine import LoraEngine
+from resilient_tune.engine import Engine
 from resilient_tune.errors import UsageError
-from resilient_tune.folder import SubFolder
-from resilient_tune.integrations._common import (
-    BASE_FOLDER,
-    REPORT_FILE,
-    RESILIENT_FOLDER,
-    CocktailCore,
-    ScoreFn,
-    metrics,
-)
+from resilient_tune.policy import Policy
+from resilient_tune.report import REPORT_FILE
+from resilient_tune.session import BASE_FOLDER, RESILIENT_FOLDER, Cocktail, ScoreFn, metrics
 
-__all__ = ["CocktailCallback", "LightningCocktail", "load_examples"]
+from ._lightning_data import (
+    RAW,
+    ProbeModule,
+    Scorer,
+    from_files,
+    load_examples,
+    probe_batches,
+    transformers_model,
+    validation_batching,
+)
+from ._lightning_io import COMPANION_SUFFIX, CollectiveSave, ResilientCheckpointIO
+from ._lightning_output import HF_FOLDER, LightningWriter
+
+__all__ = ["COMPANION_SUFFIX", "HF_FOLDER", "CocktailCallback", "LightningCocktail", "load_examples"]
 
 logger = logging.getLogger(__name__)
 
-COMPANION_SUFFIX = ".resilient"
-HF_FOLDER = "hf"
 _PENDING = ".pending"
-_RAW = "__resilient_tune_batch__"  # wraps a batch that is not a dict, so that the probes can carry it
 _ADAPTERS = {"lightning.pytorch": "lightning", "pytorch_lightning": "pytorch_lightning"}
 # strategies whose save_checkpoint runs on every rank (their parameters may be sharded): companions are written
 # collectively from a wrapper of strategy.save_checkpoint, not from the rank-0 CheckpointIO
@@ -118,56 +117,98 @@ def callback_bases(package: str) -> tuple[tuple[type, ...], ImportError | None]:
         return (object,), exc
 
 
-class LightningCocktail(CocktailCore):
-    """The Lightning glue of ``CocktailCallback``, for either Lightning package (a mixin; see the module docs).
+class LightningCocktail:
+    """The Lightning glue of ``CocktailCallback``, for either Lightning package; see the module docs.
 
-    The arguments are :class:`~resilient_tune.integrations._common.CocktailCore`'s (the constructor every
-    ``CocktailCallback`` shares). Here probe data may also be a ``DataLoader`` or a ``.json``/``.jsonl`` file of
-    tokenized examples (lists of numbers become tensors; handy from LightningCLI or ``RESILIENT_TUNE_GENERAL_DATA``),
-    examples need not be dicts, and the probes score ``training_step``'s loss (``score_fn(pl_module, batch)``
-    replaces it; manual optimization needs it). With ``policy="cocktail"`` and no ``target_data`` the target
-    examples are the first 64 of each validation dataset.
+    It holds a :class:`~resilient_tune.Cocktail` session (:attr:`session`) built from the arguments, which are the
+    session's. Here probe data may also be a ``DataLoader`` or a ``.json``/``.jsonl`` file of tokenized examples
+    (lists of numbers become tensors; handy from LightningCLI or ``RESILIENT_TUNE_GENERAL_DATA``), examples need not
+    be dicts, and the probes score ``training_step``'s loss (``score_fn(pl_module, batch)`` replaces it; manual
+    optimization needs it). With ``policy="cocktail"`` and no ``target_data`` the target examples are the first 64 of
+    each validation dataset.
 
     Raises:
         ImportError: The Lightning package is not installed (``pip install 'resilient-tune[lightning]'``).
-        UsageError: Bad arguments (see ``CocktailCore``).
+        UsageError: Bad arguments (see :class:`~resilient_tune.Cocktail`).
     """
 
     _package = "lightning.pytorch"
     _import_error: ImportError | None = None
-    _accepts_loaders = True
-    _needs_mapping_examples = False
-    _eval_data = "validation data"
 
-    def _check_installed(self) -> None:
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        *,
+        policy: str | Policy = "fixed",
+        drift_budget: float | None = None,
+        general_data: Any = None,
+        target_data: Any = None,
+        peers: Sequence[str | os.PathLike[str]] | None = None,
+        temperature: float | None = None,
+        method: str = "linear",
+        method_options: Mapping[str, float] | None = None,
+        score_fn: ScoreFn | None = None,
+        snapshot_device: str | torch.device = "cpu",
+        snapshot_dtype: str | torch.dtype | None = None,
+        snapshot_on_disk: bool = False,
+        save_resilient: bool = True,
+        kl_top_k: int | None = 32,
+        max_shard_size: int | str = "5GB",
+        seed: int = 0,
+        strict: bool = False,
+    ) -> None:
         if self._import_error is not None:
             extra = "lightning" if self._package == "lightning.pytorch" else "pytorch-lightning"
             raise ImportError(
                 f"this CocktailCallback needs {self._package}; install it with: pip install 'resilient-tune[lightning]' "
                 f"(or pip install {extra})"
             ) from self._import_error
-
-    def _load_probe_data(self, data: Any) -> Any:
-        return _from_files(data)
-
-    def _init_framework(self) -> None:
+        self._session = Cocktail(
+            alpha, policy=policy, drift_budget=drift_budget, general_data=from_files(general_data),
+            target_data=from_files(target_data), peers=peers, temperature=temperature, method=method,
+            method_options=method_options, score_fn=score_fn, snapshot_device=snapshot_device,
+            snapshot_dtype=snapshot_dtype, snapshot_on_disk=snapshot_on_disk, save_resilient=save_resilient,
+            kl_top_k=kl_top_k, max_shard_size=max_shard_size, seed=seed, strict=strict,
+        )  # fmt: skip
+        self._session.on_save_failed = self._announce_failure
         self.from_env = False
         self._active = False
+        self._reset_run()
+
+    @property
+    def session(self) -> Cocktail:
+        """The :class:`~resilient_tune.Cocktail` session this callback drives."""
+        return self._session
+
+    @property
+    def engine(self) -> Engine:
+        """The session's engine (a ``LoraEngine`` for a PEFT LoRA model once training has begun)."""
+        return self._session.engine
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One entry per decision (see :attr:`Cocktail.history <resilient_tune.Cocktail.history>`)."""
+        return self._session.history
+
+    @property
+    def save_failures(self) -> list[dict[str, Any]]:
+        """The resilient saves that failed in this run (``strict=False``)."""
+        return self._session.save_failures
+
+    @property
+    def alpha(self) -> float:
+        """The current α."""
+        return self._session.alpha
 
     def _reset_run(self) -> None:
-        super()._reset_run()
         self._trainer: Any = None
         self._module: Any = None
         self._stored: dict[str, Any] | None = None
-        self._probes_ready = False
         self._in_epoch_end = False
-        self._io: _ResilientCheckpointIO | None = None
-        self._warned_remote = False
-        # a rank-0 write that failed, not yet agreed on: (what, error, folder, step)
-        self._deferred: tuple[str, Exception, Path, int] | None = None
-        self._saves_to_agree = 0
+        self._io: ResilientCheckpointIO | None = None
+        self._saver: CollectiveSave | None = None
         self._collective = False  # a strategy that saves on every rank (see _COLLECTIVE)
-        self._saver: _CollectiveSave | None = None
+        self._writer: LightningWriter | None = None
 
     # ------------------------------------------------------------------ Lightning: state
     @property
@@ -177,27 +218,31 @@ class LightningCocktail(CocktailCore):
         return f"{name}{{'source': 'env'}}" if self.from_env else name
 
     def state_dict(self) -> dict[str, Any]:
-        """The resume state saved in the checkpoint (see :meth:`CocktailCore._run_state`)."""
-        if not self._active or not self._engine.has_snapshot:
+        """The resume state saved in the checkpoint (the session's :meth:`~resilient_tune.Cocktail.state_dict`)."""
+        session, trainer = self._session, self._trainer
+        if not self._active or not session.started:
             return {}
-        trainer = self._trainer
-        if trainer is not None and not trainer.sanity_checking and self._last_step != trainer.global_step:
+        last = session.last_entry
+        if (
+            trainer is not None
+            and not trainer.sanity_checking
+            and (last is None or last["step"] != trainer.global_step)
+        ):
             # a save before (or without) a validation at this step: decide now so that state and files agree; the
             # metrics are logged by the validation that may follow at this step
             self._ensure_probes(trainer, self._module)
-            self._decide(trainer.global_step, self._module, log=False)
-        if self._snapshot_state is None and trainer is not None:
+            session.decide(trainer.global_step, self._module)
+        if not session.base_kept and trainer is not None:
             base_dir = _root(trainer) / BASE_FOLDER  # the first checkpoint: keep θ₀ for a resume
-            if self._sharded_snapshot:  # every rank writes its own shards (every rank runs this hook)
-                self._guarded(lambda: self._persist_shards(base_dir), base_dir, trainer.global_step)
+            if session.sharded_base:  # every rank writes its own shards (every rank runs this hook)
+                session.keep_base(base_dir)
             elif trainer.is_global_zero:
-                self._rank_zero(
-                    lambda: self._persist_snapshot(base_dir),
-                    f"writing the base snapshot to {base_dir}",
-                    base_dir,
-                )
-        self._saves_to_agree += 1  # every rank: a checkpoint (and its companion on rank 0) is being saved
-        return self._run_state()
+                keep = lambda: session.keep_base(base_dir, collective=False, guard=False)  # noqa: E731
+                self._writer.rank_zero(keep, f"writing the base snapshot to {base_dir}", base_dir)
+        self._writer.saves_to_agree += (
+            1  # every rank: a checkpoint (and its companion on rank 0) is being saved
+        )
+        return session.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._active:
@@ -233,74 +278,77 @@ class LightningCocktail(CocktailCore):
         self._reset_run()
         self._trainer, self._module = trainer, pl_module
         self._collective = _strategy_named(trainer, self._package, _COLLECTIVE) is not None
+        self._writer = LightningWriter(self._session, trainer, pl_module, self._collective)
         if not self._collective:
             # a resume is only known after this hook: an on-disk θ₀ goes to a pending folder until on_train_start
-            self._take_snapshot(pl_module, _root(trainer) / (BASE_FOLDER + _PENDING))
-        self._io = _ResilientCheckpointIO.install(trainer.strategy, self)
+            self._session.begin(pl_module, base_dir=_root(trainer) / (BASE_FOLDER + _PENDING), probes=False)
+        self._io = ResilientCheckpointIO.install(trainer.strategy, self)
         if self._collective:
-            self._saver = _CollectiveSave.install(trainer.strategy, self)
+            self._saver = CollectiveSave.install(trainer.strategy, self)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Sharded strategies: snapshot θ₀ now, after ``configure_model`` and the strategy's setup built and sharded
         the module, and before a checkpoint is restored (these strategies restore after ``on_fit_start``)."""
         if self._active and self._collective:
-            self._take_snapshot(pl_module, _root(trainer) / (BASE_FOLDER + _PENDING))
+            self._session.begin(pl_module, base_dir=_root(trainer) / (BASE_FOLDER + _PENDING), probes=False)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if not self._active:
             return
-        root = _root(trainer)
+        session, root = self._session, _root(trainer)
         pending = root / (BASE_FOLDER + _PENDING)
         if self._stored is not None or trainer.ckpt_path is not None:
-            self._drop_pending(pending)
-            self._restore(self._stored, pl_module, trainer.global_step, moved=root / BASE_FOLDER)
+            if session.engine.snapshot.storage == "disk":
+                session.engine.snapshot.close()
+            shutil.rmtree(pending, ignore_errors=True)
+            session.load_state_dict(self._stored or {})
+            session.begin(pl_module, step=trainer.global_step, base_dir=root / BASE_FOLDER, probes=False)
             return
         if not self._collective:  # sharded: each rank's θ₀ shards differ by design
             self._align_ranks(trainer, pl_module)
-        if self._engine.snapshot.storage == "disk":
-            self._promote_pending(pending, root / BASE_FOLDER)
+        if session.engine.snapshot.storage == "disk":
+            session.move_base(root / BASE_FOLDER, move=lambda: self._promote(pending, root / BASE_FOLDER))
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if not self._active or trainer.sanity_checking or not self._engine.has_snapshot:
+        session = self._session
+        if not self._active or trainer.sanity_checking or not session.started:
             return
         if trainer.state.fn != "fit":
             return  # a standalone trainer.validate()
         self._ensure_probes(trainer, pl_module)
         self._in_epoch_end = True
-        try:
-            if self._last_step == trainer.global_step and self._history:
-                self._log(self._history[-1])  # decided at a save of this step already
-            else:
-                self._decide(trainer.global_step, pl_module)
+        try:  # decided at a save of this step already: logged now
+            session.decide(trainer.global_step, pl_module)
+            self._log(session.last_entry or {})
         finally:
             self._in_epoch_end = False
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if not self._active or not self._engine.has_snapshot:
+        session = self._session
+        if not self._active or not session.started:
             return
-        self._agree(force=True)
+        self._writer.agree(force=True)
         self._ensure_probes(trainer, pl_module)
-        entry = self._decision_at(trainer.global_step, pl_module)
-        root = _root(trainer)
-
-        step, folder, report = trainer.global_step, root / RESILIENT_FOLDER, root / REPORT_FILE
-        # every rank takes part and learns the outcome; a failure raises (strict) or is logged and recorded
-        if self.save_resilient:
-            if self._collective:  # the gather needs every rank
-                self._guarded(lambda: self._write_folder_collective(folder, step, entry), folder, step)
-            else:
-                write = lambda: self._write_folder(folder, step, entry)  # noqa: E731
-                self._guarded(lambda: on_rank_zero(write, f"writing {folder}"), folder, step)
-        self._guarded(
-            lambda: on_rank_zero(lambda: self._write_report(report, entry), f"writing {report}"), report, step
+        made = session.last_entry is not None and session.last_entry["step"] == trainer.global_step
+        session.decide(trainer.global_step, pl_module)
+        entry = session.last_entry or {}
+        if not made:
+            self._log(entry)
+        step, root = trainer.global_step, _root(trainer)
+        if session.save_resilient:  # every rank takes part and learns the outcome
+            self._writer.final(root / RESILIENT_FOLDER, step, entry)
+        report = root / REPORT_FILE
+        session.guarded(
+            lambda: on_rank_zero(lambda: session.report(report, entry), f"writing {report}"), report, step
         )
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self._agree()
+        if self._active and self._writer is not None:
+            self._writer.agree()
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
-        if not trainer.sanity_checking:
-            self._agree()
+        if self._active and self._writer is not None and not trainer.sanity_checking:
+            self._writer.agree()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
@@ -315,7 +363,21 @@ class LightningCocktail(CocktailCore):
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, "fit")
 
-    # ------------------------------------------------------------------ checks and snapshot
+    # ------------------------------------------------------------------ checkpoint files (called by the IO wrappers)
+    def write_companion(self, checkpoint_path: Any, *, collective: bool = False) -> None:
+        if (
+            self._active
+            and self._session.save_resilient
+            and self._session.started
+            and self._writer is not None
+        ):
+            self._writer.companion(checkpoint_path, collective=collective)
+
+    def remove_companion(self, checkpoint_path: Any) -> None:
+        if self._writer is not None:
+            self._writer.remove(checkpoint_path)
+
+    # ------------------------------------------------------------------ glue
     def _check_framework(self, trainer: Any) -> None:
         package = importlib.import_module(self._package)
         if not isinstance(trainer, package.Trainer):
@@ -334,76 +396,56 @@ class LightningCocktail(CocktailCore):
 
     def _align_ranks(self, trainer: Any, pl_module: Any) -> None:
         """Under DDP: if a rank's θ₀ differs from rank 0's, snapshot the live (already broadcast) weights again."""
-        if trainer.world_size <= 1 or self._engine.snapshot.storage == "none":
+        snapshot = self._session.engine.snapshot
+        if trainer.world_size <= 1 or snapshot.storage == "none":
             return  # one process, or LoRA: nothing copied (the frozen base weights are rank 0's after DDP's broadcast)
-        mine = _checksum(self._engine.snapshot.items())
+        mine = _checksum(snapshot.items())
         reference = trainer.strategy.broadcast(mine, src=0)
         if trainer.strategy.reduce_boolean_decision(mine != reference, all=False):
             logger.info(
                 "CocktailCallback: ranks started from different weights; θ₀ is rank 0's (DDP broadcast)"
             )
-            self._take_snapshot(pl_module, _root(trainer) / (BASE_FOLDER + _PENDING))
+            self._session.begin(pl_module, base_dir=_root(trainer) / (BASE_FOLDER + _PENDING), probes=False)
 
-    def _drop_pending(self, pending: Path) -> None:
-        if self._engine.has_snapshot and self._engine.snapshot.storage == "disk":
-            self._engine.snapshot.close()
-        if pending.is_dir():
-            shutil.rmtree(pending, ignore_errors=True)
-
-    def _promote_pending(self, pending: Path, base_dir: Path) -> None:
-        """Move the on-disk θ₀ of a fresh run from the pending folder to ``resilient_base/`` and reopen it. Several
-        processes (every rank calls it): rank 0 moves the folder holding every rank's ``rank<r>-of-<n>/`` between
-        two barriers, and each rank reopens its own."""
-        from resilient_tune.snapshot import Snapshot
-
-        state = self._engine.snapshot.state()
-        self._engine.snapshot.close()
-        several = self._trainer is not None and self._trainer.world_size > 1
+    def _promote(self, pending: Path, base_dir: Path) -> None:
+        """Move a fresh run's on-disk θ₀ from the pending folder to ``resilient_base/`` (its files are closed). Several
+        processes (every rank calls it): rank 0 moves the folder holding every rank's ``rank<r>-of-<n>/`` between two
+        barriers."""
+        trainer = self._trainer
+        several = trainer.world_size > 1
         if several:
-            self._trainer.strategy.barrier("resilient_base")  # every rank has closed its files
-        if not several or self._trainer.is_global_zero:
+            trainer.strategy.barrier("resilient_base")  # every rank has closed its files
+        if not several or trainer.is_global_zero:
             if base_dir.exists():
                 shutil.rmtree(base_dir)
             os.replace(pending, base_dir)
         if several:
-            self._trainer.strategy.barrier("resilient_base moved")
-            state["folder"] = str((base_dir / Path(state["folder"]).name).resolve())
-            self._engine.attach(Snapshot.load(state))
-            self._gather_snapshot_states()
-        else:
-            state["folder"] = str(base_dir.resolve())
-            self._engine.attach(Snapshot.load(state))
-            self._note_snapshot()
+            trainer.strategy.barrier("resilient_base moved")
 
-    # ------------------------------------------------------------------ probes
     def _ensure_probes(self, trainer: Any, pl_module: Any) -> None:
-        if self._probes_ready:
+        session = self._session
+        if session.probes_ready:
             return
-        self._probes_ready = True
-        target_sets = self._target_sets()
-        if not (self._general or target_sets):
+        target_sets = session.target_sets(self._val_datasets())
+        if not (session.general_data or target_sets):
             return
-        if self._score_fn is None and not pl_module.automatic_optimization:
+        if session.score_fn is None and not pl_module.automatic_optimization:
             raise UsageError(
                 "the probes score the module with training_step, which runs the optimizer under manual "
                 "optimization; pass score_fn(pl_module, batch) -> loss to CocktailCallback"
             )
-        collate, batch_size = _validation_batching(trainer)
-        general = {n: _batches(d, collate, batch_size, n) for n, d in self._general.items()}
-        target = {n: _batches(d, collate, batch_size, n) for n, d in target_sets.items()}
-        lm = _transformers_model(pl_module, language_model=True)
-        dict_batches = all(_RAW not in b for batches in general.values() for b in batches)
-        view = _ProbeModule(pl_module, lm if dict_batches else None)
-        self._set_probes(
-            pl_module,
-            general,
-            target,
-            _Scorer(pl_module, self._score_fn, getattr(trainer, "precision_plugin", None)),
-            probe_module=view,
-            with_kl=view.lm is not None,
+        collate, batch_size = validation_batching(trainer)
+        general = {n: probe_batches(d, collate, batch_size, n) for n, d in session.general_data.items()}
+        target = {n: probe_batches(d, collate, batch_size, n) for n, d in target_sets.items()}
+        lm = transformers_model(pl_module, language_model=True)
+        dict_batches = all(RAW not in b for batches in general.values() for b in batches)
+        view = ProbeModule(pl_module, lm if dict_batches else None)
+        scorer = Scorer(pl_module, session.score_fn, getattr(trainer, "precision_plugin", None))
+        session.use_probes(
+            pl_module, general, target, score_fn=scorer, probe_module=view, with_kl=view.lm is not None
         )
 
-    def _default_target(self) -> dict[str, Any]:
+    def _val_datasets(self) -> dict[str, Any]:
         """The datasets of the Trainer's validation dataloaders (``val``, or ``val_<i>`` / ``val_<name>``)."""
         loaders = getattr(self._trainer, "val_dataloaders", None)
         if isinstance(loaders, torch.utils.data.DataLoader):
@@ -431,312 +473,16 @@ class LightningCocktail(CocktailCore):
             for lightning_logger in trainer.loggers:
                 lightning_logger.log_metrics(logs, step=trainer.global_step)
 
-    # ------------------------------------------------------------------ output
-    def _write_companion(self, checkpoint_path: Any, *, collective: bool = False) -> None:
-        """Write ``<stem>.resilient/`` next to a checkpoint just saved: from the rank-0 ``CheckpointIO``, or, with
-        ``collective``, from the sharded strategies' ``save_checkpoint``, which **every rank** runs (the path is rank
-        0's). Each strategy writes through one of the two; the other call does nothing."""
-        if not self._active or not self.save_resilient or not self._engine.has_snapshot:
-            return
-        if collective != self._collective:
-            return
-        if collective:
-            checkpoint_path = self._trainer.strategy.broadcast(checkpoint_path, src=0)
-        folder = _companion(checkpoint_path)
-        if folder is None:
-            if not self._warned_remote:
-                logger.warning("CocktailCallback: %s is not a local path; no resilient copy", checkpoint_path)
-                self._warned_remote = True
-            return
-        step = self._trainer.global_step
-        if collective:
-            self._guarded(lambda: self._write_folder_collective(folder, step, None), folder, step)
-        else:
-            self._rank_zero(lambda: self._write_folder(folder, step, None), f"writing {folder}", folder)
-
-    def _rank_zero(self, action: Any, what: str, path: Path) -> None:
-        """Run a write on rank 0 from a hook only rank 0 runs (checkpoint IO). One process: a failure raises
-        (``strict``) or is logged and recorded. Several: a failure is held, not raised here (the other ranks wait in
-        Lightning's barrier after the save), and every rank learns it in :meth:`_agree` at the next hook they all
-        run."""
-        step = self._trainer.global_step if self._trainer is not None else 0
-        if self._trainer is None or self._trainer.world_size <= 1:
-            self._guarded(action, path, step)
-            return
-        try:
-            action()
-        except Exception as exc:
-            then = (
-                "stopping every rank at the next step" if self.strict else "training goes on (strict=False)"
-            )
-            logger.error("CocktailCallback: %s failed on rank 0: %s (%s)", what, exc, then)
-            self._deferred = self._deferred or (what, exc, path, step)
-
-    def _agree(self, *, force: bool = False) -> None:
-        """After a checkpoint save (or with ``force``), every rank learns whether rank 0's writes worked. A failure
-        is raised on every rank with ``strict`` (rank 0 its own error, the others the same error class or
-        ``RankZeroError``), else logged and recorded on every rank, and training goes on."""
-        if not self._active or (not force and not self._saves_to_agree):
-            return
-        self._saves_to_agree = 0
-        what, _, path, step = self._deferred or (
-            "writing a checkpoint's resilient files",
-            None,
-            _root(self._trainer),
-            0,
-        )
-
-        def held_error() -> None:
-            if self._deferred is not None:
-                error, self._deferred = self._deferred[1], None
-                raise error
-
-        self._guarded(lambda: on_rank_zero(held_error, what), path, step)
-
-    def _on_save_failed(self, record: Mapping[str, Any]) -> None:
+    def _announce_failure(self, record: Mapping[str, Any]) -> None:
         """``cocktail/save_failed`` (the count so far) to the Trainer's loggers, on global rank 0 (no collective)."""
         trainer = self._trainer
         if trainer is not None and trainer.is_global_zero:
             for lightning_logger in trainer.loggers:
-                lightning_logger.log_metrics(
-                    {"cocktail/save_failed": float(len(self._save_failures))}, step=record["step"]
-                )
-
-    def _write_folder_collective(self, folder: Path, step: int, entry: Mapping[str, Any] | None) -> None:
-        """The resilient folder of a sharded module, **every rank calls it**: the same layout as
-        :meth:`_write_folder`. Each rank merges its own shards, one gather brings the merged module to rank 0's CPU,
-        rank 0 writes ``model.safetensors`` and ``hf/`` from the same tensors, and a failure raises on every rank."""
-        if isinstance(self._engine, LoraEngine):
-            raise NotImplementedError(
-                "PEFT LoRA under a sharded Lightning strategy is not supported; use strategy='ddp' for LoRA runs"
-            )
-        self._write(
-            self._module,
-            folder,
-            step,
-            entry=entry,
-            collective=True,
-            form="module",
-            subfolders=self._hf_subfolder(),
-        )
-
-    def _hf_subfolder(self) -> list[SubFolder]:
-        """``hf/``: the transformers model inside the module (its keys without the module prefix), with its config
-        and the tokenizer when one is found; ``from_pretrained``-loadable. None without such a model."""
-        hf_model = _transformers_model(self._module)
-        if hf_model is None:
-            return []
-        prefix = next(name for name, sub in self._module.named_modules() if sub is hf_model)
-        prefix = f"{prefix}." if prefix else ""
-        keys = {k: k[len(prefix) :] for k in self._module.state_dict(keep_vars=True) if k.startswith(prefix)}
-        return [
-            SubFolder(
-                HF_FOLDER, keys, config_from=hf_model, tokenizer=_tokenizer(self._module, self._trainer)
-            )
-        ]
-
-    def _remove_companion(self, checkpoint_path: Any) -> None:
-        folder = _companion(checkpoint_path)
-        if folder is not None and folder.is_dir():
-            shutil.rmtree(folder)
-
-    def _write_folder(self, folder: Path, step: int, entry: Mapping[str, Any] | None) -> Path:
-        """The resilient folder: every ``state_dict`` key of the module at θ(α), ``cocktail.json``, and ``hf/`` when
-        the module holds a transformers model (written from the same merged tensors). With a PEFT LoRA model the
-        weights file is the module's state dict with the adapter scaled by α, and ``hf/`` the merged model plus the
-        α-scaled adapter (``hf/adapter/``)."""
-        module = self._module
-        if not isinstance(self._engine, LoraEngine):
-            written = self._write(
-                module,
-                folder,
-                step,
-                entry=entry,
-                collective=False,
-                form="module",
-                subfolders=self._hf_subfolder(),
-            )
-            return Path(written or folder)
-        tokenizer = _tokenizer(module, self._trainer)
-        with atomic_dir(folder, overwrite=True) as tmp:
-            inner = self._write(module, tmp / "engine", step, entry=entry, collective=False, form="module")
-            for path in inner.iterdir():
-                os.replace(path, tmp / path.name)
-            inner.rmdir()
-            self._write(module, tmp / HF_FOLDER, step, entry=entry, tokenizer=tokenizer, collective=False)
-        return Path(os.path.abspath(folder))
-
-
-class _ResilientCheckpointIO:
-    """Wraps the strategy's ``CheckpointIO``: after a checkpoint file is saved, its resilient companion is written;
-    when it is removed (``ModelCheckpoint`` rotation), the companion goes too. Everything else is delegated.
-
-    The strategy calls its ``CheckpointIO`` on global rank 0 only, so companions are written once.
-    """
-
-    def __init__(self, inner: Any, callback: LightningCocktail) -> None:
-        self._inner = inner
-        self._callback = callback
-
-    @classmethod
-    def install(cls, strategy: Any, callback: LightningCocktail) -> _ResilientCheckpointIO:
-        io_base = importlib.import_module(f"{callback._package}.plugins.io").CheckpointIO
-        wrapper_class = type("ResilientCheckpointIO", (cls, io_base), {})
-        wrapper = wrapper_class(strategy.checkpoint_io, callback)  # the getter configures wrapped plugins
-        wrapper._strategy = strategy
-        strategy.checkpoint_io = wrapper
-        return wrapper
-
-    def uninstall(self) -> None:
-        strategy = getattr(self, "_strategy", None)
-        if strategy is not None and strategy.checkpoint_io is self:
-            strategy.checkpoint_io = self._inner
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        self._inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
-        self._callback._write_companion(path)
-
-    def remove_checkpoint(self, path: Any) -> None:
-        self._inner.remove_checkpoint(path)
-        self._callback._remove_companion(path)
-
-    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return self._inner.load_checkpoint(path, *args, **kwargs)
-
-    def teardown(self) -> None:
-        self._inner.teardown()
-
-    def __getattr__(self, name: str) -> Any:  # any other plugin API (e.g. AsyncCheckpointIO's)
-        if name.startswith("__") or name in ("_inner", "_callback", "_strategy"):
-            raise AttributeError(name)
-        return getattr(self._inner, name)
-
-
-class _CollectiveSave:
-    """Wraps ``strategy.save_checkpoint`` of a strategy that saves on every rank (``ModelParallelStrategy``,
-    ``DeepSpeedStrategy``): after the checkpoint is saved, every rank writes its resilient companion together."""
-
-    def __init__(self, strategy: Any, callback: LightningCocktail) -> None:
-        self._strategy = strategy
-        self._callback = callback
-        self._inner = strategy.save_checkpoint
-
-    @classmethod
-    def install(cls, strategy: Any, callback: LightningCocktail) -> _CollectiveSave:
-        saver = cls(strategy, callback)
-        strategy.save_checkpoint = saver  # an instance attribute: the class method stays untouched
-        return saver
-
-    def uninstall(self) -> None:
-        if self._strategy.__dict__.get("save_checkpoint") is self:
-            del self._strategy.save_checkpoint
-
-    def __call__(self, checkpoint: dict[str, Any], filepath: Any, *args: Any, **kwargs: Any) -> None:
-        self._inner(checkpoint, filepath, *args, **kwargs)
-        self._callback._write_companion(filepath, collective=True)
-
-
-class _ProbeModule(torch.nn.Module):
-    """What the probes call: the ``LightningModule`` (a child, so that eval mode covers it) and, for the KL probe,
-    its transformers language model, fed the batch keys its ``forward`` accepts."""
-
-    def __init__(self, module: torch.nn.Module, lm: torch.nn.Module | None) -> None:
-        super().__init__()
-        self.module = module
-        self.lm = lm
-        params = inspect.signature(lm.forward).parameters if lm is not None else {}
-        self._any_key = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        self._keys = set(params)
-
-    def forward(self, **batch: Any) -> Any:
-        if self.lm is None:
-            raise UsageError("internal: the probe module has no language model to compute logits with")
-        return self.lm(**{k: v for k, v in batch.items() if self._any_key or k in self._keys})
-
-
-class _Scorer:
-    """``score(view, batch) -> loss``: the user's ``score_fn(pl_module, batch)`` or ``training_step``'s loss, with
-    the batch converted and the forward run as the Trainer's precision plugin does for a training step."""
-
-    def __init__(self, module: Any, score_fn: ScoreFn | None, precision: Any = None) -> None:
-        self._module = module
-        self._score_fn = score_fn
-        self._precision = precision
-
-    def __call__(self, view: torch.nn.Module, batch: Mapping[str, Any]) -> Any:
-        module = self._module
-        raw: Any = dict(batch)
-        if _RAW in batch:  # not a dict: moved here, the probes move only a dict's tensors
-            raw = module.transfer_batch_to_device(batch[_RAW], module.device, 0)
-        context: Any = contextlib.nullcontext()
-        if self._precision is not None:  # e.g. bf16-true: float inputs cast like the training batches
-            raw = self._precision.convert_input(raw)
-            context = self._precision.forward_context()
-        with context:
-            if self._score_fn is not None:
-                return self._score_fn(module, raw)
-            with _muted_logging(module):
-                output = module.training_step(raw, 0)
-        loss = output.get("loss") if isinstance(output, Mapping) else output
-        if not isinstance(loss, (torch.Tensor, float, int)) or isinstance(loss, bool):
-            raise UsageError(
-                f"training_step returned {type(output).__name__} on a probe batch, not a loss; return the loss "
-                "(or {'loss': loss}), or pass score_fn(pl_module, batch) -> loss to CocktailCallback"
-            )
-        return loss
-
-
-@contextlib.contextmanager
-def _muted_logging(module: Any) -> Iterator[None]:
-    """``module.log`` / ``module.log_dict`` do nothing in this block (training_step's logging during probes)."""
-    module.log = _ignore
-    module.log_dict = _ignore
-    try:
-        yield
-    finally:
-        del module.log
-        del module.log_dict
-
-
-def _ignore(*args: Any, **kwargs: Any) -> None:
-    return None
+                count = float(len(self._session.save_failures))
+                lightning_logger.log_metrics({"cocktail/save_failed": count}, step=record["step"])
 
 
 # ---------------------------------------------------------------------------- helpers
-def load_examples(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Tokenized examples from a ``.json`` list or a ``.jsonl`` file (one object per line); every list becomes a
-    tensor, so that ``default_collate`` stacks equal-length examples.
-
-    Raises:
-        UsageError: The file is missing, is not JSON, or does not hold example objects.
-    """
-    file = Path(path).expanduser()
-    try:
-        text = file.read_text()
-        rows = (
-            json.loads(text)
-            if file.suffix == ".json"
-            else [json.loads(x) for x in text.splitlines() if x.strip()]
-        )
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read probe examples from {file}: {exc}") from None
-    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-        raise UsageError(
-            f'{file} must hold example objects such as {{"input_ids": [...], "labels": [...]}}: a JSON list, or '
-            "one object per line (.jsonl)"
-        )
-    return [{k: torch.tensor(v) if isinstance(v, list) else v for k, v in row.items()} for row in rows]
-
-
-def _from_files(data: Any) -> Any:
-    """Probe data given as file paths (or a dict of them) loaded with :func:`load_examples`."""
-    if isinstance(data, (str, os.PathLike)):
-        return load_examples(data)
-    if isinstance(data, Mapping):
-        return {k: load_examples(v) if isinstance(v, (str, os.PathLike)) else v for k, v in data.items()}
-    return data
-
-
 def _strategy_named(trainer: Any, package: str, names: tuple[str, ...]) -> str | None:
     """The first of ``names`` (classes of ``<package>.strategies``) that ``trainer.strategy`` is an instance of."""
     strategies = importlib.import_module(f"{package}.strategies")
@@ -766,73 +512,6 @@ def _checksum(items: Iterator[tuple[str, torch.Tensor]]) -> tuple[float, float]:
     return total, squares
 
 
-def _companion(checkpoint_path: Any) -> Path | None:
-    """``<stem>.resilient`` next to ``<stem>.ckpt``; ``None`` for a remote (non-local) path."""
-    text = os.fspath(checkpoint_path)
-    if "://" in text and not text.startswith("file://"):
-        return None
-    path = Path(text.removeprefix("file://"))
-    stem = path.name[: -len(".ckpt")] if path.name.endswith(".ckpt") else path.name
-    return path.with_name(stem + COMPANION_SUFFIX)
-
-
-def _validation_batching(trainer: Any) -> tuple[Any, int]:
-    """The first validation dataloader's ``collate_fn`` and batch size, else ``default_collate`` and 8."""
-    loaders = trainer.val_dataloaders
-    if isinstance(loaders, Mapping):
-        loaders = list(loaders.values())
-    if isinstance(loaders, (list, tuple)):
-        loaders = loaders[0] if loaders else None
-    if isinstance(loaders, torch.utils.data.DataLoader):
-        return loaders.collate_fn, loaders.batch_size or 8
-    return torch.utils.data.default_collate, 8
-
-
-def _batches(data: Any, collate: Any, batch_size: int, name: str) -> list[Any]:
-    """The probe batches, once; batches that are not dicts are wrapped in ``{_RAW: batch}``."""
-    if isinstance(data, torch.utils.data.DataLoader):
-        loader = data
-    else:
-        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=collate, shuffle=False)
-    try:
-        batches = list(loader)
-    except Exception as exc:
-        raise UsageError(
-            f"cannot batch the probe data {name!r}: {exc}; give examples in the validation data's format (batched "
-            "with its collate_fn), tensors of equal length, or a ready DataLoader"
-        ) from exc
-    if not batches:
-        raise UsageError(f"the probe data {name!r} gave no batches; pass a few dozen examples")
-    return [b if isinstance(b, Mapping) else {_RAW: b} for b in batches]
-
-
-def _transformers_model(module: torch.nn.Module, *, language_model: bool = False) -> Any | None:
-    """The outermost transformers ``PreTrainedModel`` inside ``module`` (the first in module order), or ``None``.
-
-    With ``language_model``: only one with an output embedding (an LM head returning ``(B, T, V)`` logits).
-    transformers is not imported here: a module holding its models has imported it already.
-    """
-    transformers = sys.modules.get("transformers")
-    if transformers is None:
-        return None
-    base = transformers.PreTrainedModel
-    for _, sub in module.named_modules():
-        if isinstance(sub, base):
-            if language_model and sub.get_output_embeddings() is None:
-                return None
-            return sub
-    return None
-
-
-def _tokenizer(module: Any, trainer: Any) -> Any | None:
-    datamodule = getattr(trainer, "datamodule", None)
-    for owner in (module, datamodule):
-        tokenizer = getattr(owner, "tokenizer", None)
-        if hasattr(tokenizer, "save_pretrained"):
-            return tokenizer
-    return None
-
-
 _BASES, _IMPORT_ERROR = callback_bases("lightning.pytorch")
 
 
@@ -842,7 +521,7 @@ class CocktailCallback(LightningCocktail, *_BASES):  # type: ignore[misc]
     ``Trainer(callbacks=[CocktailCallback()])`` (α = 0.5), ``CocktailCallback(alpha=0.3)``,
     ``CocktailCallback(policy="budget", general_data=examples, drift_budget=0.05)`` or
     ``CocktailCallback(policy="cocktail", peers=[...])``. See the module docs for what is written where and
-    :class:`~resilient_tune.integrations._common.CocktailCore` for the arguments.
+    :class:`~resilient_tune.Cocktail` for the arguments.
     """
 
     _package = "lightning.pytorch"

@@ -24,7 +24,7 @@ class CocktailCallback(LightningCocktail, *_BASES):  # type: ignore[misc]
     """``pytorch_lightning`` callback writing resilient (LM-Cocktail) checkpoints.
 
     Identical to :class:`resilient_tune.integrations.lightning.CocktailCallback` (same arguments, documented on
-    :class:`~resilient_tune.integrations._common.CocktailCore`, same outputs and resume state) except for the
+    :class:`~resilient_tune.Cocktail`, same outputs and resume state) except for the
     Lightning package it plugs into.
     """
 

@@ -61,29 +61,31 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import uuid
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from resilient_tune.distributed import on_rank_zero
-from resilient_tune.engine import find_peft_model
+from resilient_tune.engine import Engine, find_peft_model
 from resilient_tune.errors import UsageError
-from resilient_tune.integrations._common import (
+from resilient_tune.integrations.hf_families import is_sentence_transformer, probe_batches, saver_for
+from resilient_tune.policy import Policy
+from resilient_tune.report import REPORT_FILE
+from resilient_tune.session import (
     BASE_FOLDER,
-    CONFIG_FIELDS,
-    REPORT_FILE,
     RESILIENT_FOLDER,
-    CocktailCore,
+    Cocktail,
     ScoreFn,
     check_writable,
     metrics,
+    probe_sets,
     scalars,
 )
-from resilient_tune.integrations.hf_families import is_sentence_transformer, probe_batches, saver_for
 
 try:
     from transformers import TrainerCallback
@@ -102,33 +104,86 @@ logger = logging.getLogger(__name__)
 _LIVE: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 
 
-class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
+class CocktailCallback(*_BASES):  # type: ignore[misc]
     """Hugging Face ``Trainer`` callback writing resilient (LM-Cocktail) checkpoints; see the module docs.
 
-    The arguments (``alpha``, ``policy``, ``general_data``, ``peers``, ...) are documented on
-    :class:`~resilient_tune.integrations._common.CocktailCore`, the constructor every ``CocktailCallback`` shares.
-    Here ``general_data`` / ``target_data`` are tokenized example dicts batched with the Trainer's collator and eval
-    batch size (once, at train begin), and the probes use the Trainer's ``compute_loss`` when the Trainer overrides
-    it (custom objectives, label smoothing).
+    It holds a :class:`~resilient_tune.Cocktail` session (:attr:`session`) built from the arguments, which are the
+    session's (``alpha``, ``policy``, ``general_data``, ``peers``, ...). Here ``general_data`` / ``target_data`` are
+    batched as the Trainer batches its eval data (once, at train begin), and the probes use the Trainer's
+    ``compute_loss`` when the Trainer overrides it (custom objectives, label smoothing, sentence-transformers losses).
 
     Raises:
         ImportError: transformers is not installed (``pip install 'resilient-tune[hf]'``).
-        UsageError: Bad arguments (see ``CocktailCore``).
+        UsageError: Bad arguments (see :class:`~resilient_tune.Cocktail`).
     """
 
-    _eval_data = "an eval_dataset"
-
-    def _check_installed(self) -> None:
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        *,
+        policy: str | Policy = "fixed",
+        drift_budget: float | None = None,
+        general_data: Any = None,
+        target_data: Any = None,
+        peers: Sequence[str | os.PathLike[str]] | None = None,
+        temperature: float | None = None,
+        method: str = "linear",
+        method_options: Mapping[str, float] | None = None,
+        score_fn: ScoreFn | None = None,
+        snapshot_device: str | torch.device = "cpu",
+        snapshot_dtype: str | torch.dtype | None = None,
+        snapshot_on_disk: bool = False,
+        save_resilient: bool = True,
+        kl_top_k: int | None = 32,
+        max_shard_size: int | str = "5GB",
+        seed: int = 0,
+        strict: bool = False,
+    ) -> None:
         if _IMPORT_ERROR is not None:
             raise ImportError(
                 "CocktailCallback needs transformers; install it with: pip install 'resilient-tune[hf]'"
             ) from _IMPORT_ERROR
-
-    def _init_framework(self) -> None:
+        for label, data in (("general_data", general_data), ("target_data", target_data)):
+            probe_sets(
+                data, label, loaders=False, mapping_examples=True
+            )  # Trainer collators batch example dicts
+        self._session = Cocktail(
+            alpha, policy=policy, drift_budget=drift_budget, general_data=general_data, target_data=target_data,
+            peers=peers, temperature=temperature, method=method, method_options=method_options, score_fn=score_fn,
+            snapshot_device=snapshot_device, snapshot_dtype=snapshot_dtype, snapshot_on_disk=snapshot_on_disk,
+            save_resilient=save_resilient, kl_top_k=kl_top_k, max_shard_size=max_shard_size, seed=seed, strict=strict,
+        )  # fmt: skip
+        self._session.on_save_failed = self._announce_failure
+        self._trainer: Any = None
         self._token = uuid.uuid4().hex
         _LIVE[self._token] = self
 
     # ------------------------------------------------------------------ public helpers
+    @property
+    def session(self) -> Cocktail:
+        """The :class:`~resilient_tune.Cocktail` session this callback drives."""
+        return self._session
+
+    @property
+    def engine(self) -> Engine:
+        """The session's engine (a ``LoraEngine`` for a PEFT LoRA model once training has begun)."""
+        return self._session.engine
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One entry per decision (see :attr:`Cocktail.history <resilient_tune.Cocktail.history>`)."""
+        return self._session.history
+
+    @property
+    def save_failures(self) -> list[dict[str, Any]]:
+        """The resilient saves that failed in this run (``strict=False``)."""
+        return self._session.save_failures
+
+    @property
+    def alpha(self) -> float:
+        """The current α."""
+        return self._session.alpha
+
     def bind(self, trainer: Any) -> CocktailCallback:
         """Give the callback its Trainer explicitly (only needed when the call-stack lookup fails)."""
         self._trainer = trainer
@@ -136,14 +191,17 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ ExportableState
     def state(self) -> dict[str, Any]:
-        """JSON-able state saved in ``trainer_state.json``: the snapshot's location and the α history.
+        """JSON-able state saved in ``trainer_state.json``: the session's :meth:`~resilient_tune.Cocktail.state_dict`.
 
         ``args`` is empty on purpose: when the Trainer rebuilds callbacks from checkpoints
         (``restore_callback_states_from_checkpoint=True``) it calls ``CocktailCallback()`` and then sets the
-        attributes; setting ``_origin`` copies the configuration (probe data, policy, ...) from the callback
-        being replaced, which cannot be stored as JSON.
+        attributes; setting ``_origin`` takes the session (probe data, policy, ...) of the callback being replaced,
+        which cannot be stored as JSON.
         """
-        return {"args": {}, "attributes": {"_origin": self._token, "_resume_state": self._run_state()}}
+        return {
+            "args": {},
+            "attributes": {"_origin": self._token, "_resume_state": self._session.state_dict()},
+        }
 
     @property
     def _origin(self) -> str:
@@ -151,7 +209,7 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
 
     @_origin.setter
     def _origin(self, token: str) -> None:
-        """Copy the configuration from the callback this one replaces (see :meth:`state`).
+        """Take the session of the callback this one replaces (see :meth:`state`).
 
         The source is the ``CocktailCallback`` still registered in the Trainer that is restoring callbacks (found
         on the call stack, as in ``on_train_begin``), else the live callback that saved the state, else the most
@@ -167,18 +225,15 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
             )
             return
         source._config_taken = True
-        for name in CONFIG_FIELDS:
-            setattr(self, name, getattr(source, name))
+        self._session = source._session
+        self._session.on_save_failed = self._announce_failure
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        self._reset_run()
+        session = self._session
         self._trainer = self._trainer or _find_trainer()
         if model is None:
             raise UsageError("the Trainer passed no model to CocktailCallback.on_train_begin")
-        if self.save_resilient:  # before any work: a run must not train for hours and then fail to save
-            output = Path(args.output_dir)
-            on_rank_zero(lambda: check_writable(output), f"checking that {output} is writable")
         if is_sentence_transformer(model) and find_peft_model(model) is not None:
             raise UsageError(
                 "CocktailCallback does not support a SentenceTransformer with a PEFT adapter (model.add_adapter) yet: "
@@ -187,12 +242,19 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
                 "SentenceTransformer(path)), or merge offline: model.merge_and_unload() on the transformer module, "
                 "then resilient_tune.merge([fine_tuned_dir, base_dir], [alpha, 1 - alpha])"
             )
+        output = Path(args.output_dir)
+        if session.save_resilient:  # before any work: a run must not train for hours and then fail to save
+            on_rank_zero(lambda: check_writable(output), f"checking that {output} is writable")
         if state.global_step > 0:
-            self._restore(
-                _stored_state(state), model, state.global_step, moved=Path(args.output_dir) / BASE_FOLDER
-            )
-        else:
-            self._begin(args, state, model)
+            session.load_state_dict(_stored_state(state) or {})
+        session.begin(model, step=state.global_step, base_dir=output / BASE_FOLDER, probes=False)
+        strategy = getattr(args, "save_strategy", "steps")
+        if (
+            state.global_step == 0
+            and not session.snapshot_on_disk
+            and getattr(strategy, "value", strategy) != "no"
+        ):
+            session.keep_base(output / BASE_FOLDER)  # θ₀ for a resume in a new process
         self._build_probes(args, model)
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -210,7 +272,7 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
         model: Any = None,
         **kw: Any,
     ) -> None:
-        if model is None or not self._engine.has_snapshot:
+        if model is None or not self._session.started:
             return
         prefix = self._root_prefix(metrics or {})
         if prefix is None:
@@ -220,77 +282,61 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
             metrics.update({f"{prefix}_cocktail_{k}": v for k, v in scalars(entry).items()})
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if not self.save_resilient or model is None or not self._engine.has_snapshot:
+        session = self._session
+        if not session.save_resilient or model is None or not session.started:
             return
         # a save without an evaluation: decide now (the state saved before on_save lands one save late)
-        self._decision_at(state.global_step, model, log=False)
+        self._decide(state.global_step, model, log=False)
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        folder = checkpoint / RESILIENT_FOLDER
         saver = saver_for(model)
-        self._guarded(  # every rank: rank 0 writes (a sharded model is gathered first), all agree on the outcome
-            lambda: self._write(
-                model,
-                folder,
-                state.global_step,
-                support_from=None if saver else checkpoint,
-                tokenizer=kwargs.get("processing_class"),
-                saver=saver,
-            ),
-            folder,
+        session.write(  # every rank: rank 0 writes (a sharded model is gathered first), all agree on the outcome
+            model,
+            checkpoint / RESILIENT_FOLDER,
             state.global_step,
+            support_from=None if saver or not checkpoint.is_dir() else checkpoint,
+            tokenizer=kwargs.get("processing_class"),
+            saver=saver,
         )
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if model is None or not self._engine.has_snapshot:
+        session = self._session
+        if model is None or not session.started:
             return
         entry = self._final_entry(args, state, model)
         output = Path(args.output_dir)
-        step = state.global_step
-        if self.save_resilient:
-            tokenizer = kwargs.get("processing_class")
-            folder = output / RESILIENT_FOLDER
-            saver = saver_for(model)
-            self._guarded(
-                lambda: self._write(model, folder, step, entry=entry, tokenizer=tokenizer, saver=saver),
-                folder,
-                step,
+        if session.save_resilient:
+            session.write(
+                model,
+                output / RESILIENT_FOLDER,
+                state.global_step,
+                entry=entry,
+                tokenizer=kwargs.get("processing_class"),
+                saver=saver_for(model),
             )
         report = output / REPORT_FILE
-        self._guarded(
-            lambda: on_rank_zero(lambda: self._write_report(report, entry), f"writing {report}"), report, step
+        session.guarded(
+            lambda: on_rank_zero(lambda: session.report(report, entry), f"writing {report}"),
+            report,
+            state.global_step,
         )
 
-    # ------------------------------------------------------------------ run lifecycle
-    def _reset_run(self) -> None:
-        self._trainer: Any = getattr(self, "_trainer", None)
-        super()._reset_run()
-
-    def _begin(self, args: Any, state: Any, model: torch.nn.Module) -> None:
-        base_dir = Path(args.output_dir) / BASE_FOLDER
-        strategy = getattr(args, "save_strategy", "steps")
-        saves = getattr(strategy, "value", strategy) != "no"
-        self._take_snapshot(model, base_dir)
-        if not self.snapshot_on_disk and saves:
-            if self._sharded_snapshot:  # every rank writes its own shards
-                self._guarded(lambda: self._persist_shards(base_dir), base_dir, 0)
-                return
-            what = f"writing the base snapshot to {base_dir}"
-            self._guarded(lambda: on_rank_zero(lambda: self._persist_snapshot(base_dir), what), base_dir, 0)
-
+    # ------------------------------------------------------------------ glue
     def _build_probes(self, args: Any, model: torch.nn.Module) -> None:
-        if (self._general or self._target) and self._trainer is None:
+        session = self._session
+        target_sets = session.target_sets(self._eval_datasets())
+        if (session.general_data or target_sets) and self._trainer is None:
             raise UsageError(
                 "CocktailCallback could not find the Trainer running it (needed to batch general_data/target_data); "
                 "call callback.bind(trainer) before trainer.train()"
             )
-        general = {
-            name: probe_batches(self._trainer, args, data, name) for name, data in self._general.items()
-        }
-        target = {n: probe_batches(self._trainer, args, d, n) for n, d in self._target_sets().items()}
-        self._set_probes(model, general, target, self._score_fn or _trainer_score_fn(self._trainer))
+        general = {n: probe_batches(self._trainer, args, d, n) for n, d in session.general_data.items()}
+        target = {n: probe_batches(self._trainer, args, d, n) for n, d in target_sets.items()}
+        session.use_probes(
+            model, general, target, score_fn=session.score_fn or _trainer_score_fn(self._trainer)
+        )
 
-    def _default_target(self) -> dict[str, Any]:
-        """The Trainer's eval datasets (``eval`` or ``eval_<name>``)."""
+    def _eval_datasets(self) -> dict[str, Any]:
+        """The Trainer's eval datasets (``eval`` or ``eval_<name>``): the default target probes of ``cocktail``."""
         datasets = getattr(self._trainer, "eval_dataset", None)
         if datasets is None:
             return {}
@@ -298,27 +344,29 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
             return {f"eval_{name}": d for name, d in datasets.items()}
         return {"eval": datasets}
 
-    # ------------------------------------------------------------------ decisions
+    def _decide(self, step: int, model: torch.nn.Module, *, log: bool = True) -> dict[str, Any]:
+        """The decision of ``step`` (made once), logged through the Trainer when new and ``log``."""
+        session = self._session
+        made = session.last_entry is not None and session.last_entry["step"] == step
+        session.decide(step, model)
+        entry = session.last_entry or {}
+        if log and not made:
+            self._log(entry)
+        return entry
+
     def _decide_before_save(self, state: Any, control: Any, model: Any) -> None:
         """A save coming without an evaluation: decide now, so that the saved state already holds this α."""
-        if (
-            model is None
-            or not self._engine.has_snapshot
-            or not control.should_save
-            or control.should_evaluate
-        ):
+        if model is None or not self._session.started or not control.should_save or control.should_evaluate:
             return
-        self._decision_at(state.global_step, model)
+        self._decide(state.global_step, model)
 
     def _final_entry(self, args: Any, state: Any, model: torch.nn.Module) -> dict[str, Any]:
         best = getattr(state, "best_global_step", None)
         if getattr(args, "load_best_model_at_end", False) and best:
-            # the Trainer reloaded the best checkpoint: use the α decided for those weights
-            for entry in reversed(self._history):
-                if entry["step"] == best:
-                    self._engine.alpha = entry["alpha"]
-                    return entry
-        return self._decision_at(state.global_step, model)
+            entry = self._session.select(best)  # the Trainer reloaded the best checkpoint: its α
+            if entry is not None:
+                return entry
+        return self._decide(state.global_step, model)
 
     def _root_prefix(self, metrics: Mapping[str, Any]) -> str | None:
         """The metric prefix to add keys under, or ``None`` when this is not the last of several eval datasets."""
@@ -332,9 +380,8 @@ class CocktailCallback(CocktailCore, *_BASES):  # type: ignore[misc]
             prefix = prefix[: -len(last) - 1] or "eval"
         return prefix
 
-    # ------------------------------------------------------------------ output
-    def _on_save_failed(self, record: Mapping[str, Any]) -> None:
-        self._log({"step": record["step"], "save_failed": len(self._save_failures)})
+    def _announce_failure(self, record: Mapping[str, Any]) -> None:
+        self._log({"step": record["step"], "save_failed": len(self._session.save_failures)})
 
     def _log(self, entry: Mapping[str, Any]) -> None:
         logs = metrics(entry)

@@ -217,7 +217,12 @@ def test_restored_callback_objects_keep_their_configuration(tmp_path):
     )
     (restored,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CocktailCallback)]
     assert restored is not user  # the Trainer rebuilt it from the checkpoint's state...
-    assert restored._policy is user._policy and restored._general is user._general  # ...with our config
+    # ...with our configuration: the replaced callback's session (policy, probe data)
+    assert restored.session is user.session
+    assert (
+        restored.session.policy is user.session.policy
+        and restored.session.general_data is user.session.general_data
+    )
     assert [h["alpha"] for h in restored.history] == pytest.approx(
         [h["alpha"] for h in full.history], abs=1e-6
     )

@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 from resilient_tune.checkpoint import StreamingWriter  # noqa: E402
 from resilient_tune.errors import UsageError  # noqa: E402
 from resilient_tune.integrations.transformers import CocktailCallback  # noqa: E402
+from resilient_tune.session import Cocktail  # noqa: E402
 
 from ._tiny import tiny_gpt2, token_examples  # noqa: E402
 from .test_hf_callback import TRAIN, _args, _run  # noqa: E402
@@ -82,14 +83,14 @@ def test_strict_mode_raises_and_leaves_nothing_half_written(tmp_path, disk_full_
 def test_a_non_finite_merge_result_is_a_failed_save(tmp_path, monkeypatch, caplog):
     """A NaN reaching the merged weights (here: a corrupted base snapshot) is refused before anything is written."""
     callback = CocktailCallback()
-    original = CocktailCallback._take_snapshot
+    original = Cocktail.begin
 
-    def corrupt(self, model, base_dir):
-        original(self, model, base_dir)
-        name = self._engine.snapshot.names[0]
-        self._engine.snapshot.get(name).fill_(float("nan"))
+    def corrupt(self, model, **kwargs):
+        original(self, model, **kwargs)
+        name = self.engine.snapshot.names[0]
+        self.engine.snapshot.get(name).fill_(float("nan"))
 
-    monkeypatch.setattr(CocktailCallback, "_take_snapshot", corrupt)
+    monkeypatch.setattr(Cocktail, "begin", corrupt)
     with caplog.at_level(logging.ERROR, logger="resilient_tune"):
         trainer = _run(tmp_path, callback, save_strategy="no")
     assert trainer.state.global_step == 4

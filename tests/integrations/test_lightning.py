@@ -373,15 +373,21 @@ def test_fsdp1_strategy_is_refused_with_the_fsdp2_way(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
-class _FullDisk(CocktailCallback):
-    def _write_folder(self, folder, step, entry):
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Every resilient folder write fails as a full disk would (the engine's folder writer raises ENOSPC)."""
+    import resilient_tune.engine._full as engine_full
+
+    def write_model_folder(folder, *args, **kwargs):
         raise OSError(28, f"No space left on device: {folder}")
 
+    monkeypatch.setattr(engine_full, "write_model_folder", write_model_folder)
 
-def test_failed_save_is_logged_and_training_goes_on(tmp_path, caplog):
+
+def test_failed_save_is_logged_and_training_goes_on(tmp_path, caplog, full_disk):
     every = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=2, save_top_k=-1)
     csv = CSVLogger(tmp_path, name="logs")
-    callback = _FullDisk(alpha=0.3)
+    callback = CocktailCallback(alpha=0.3)
     trainer, _ = _fit(tmp_path, [callback, every], logger=csv)
     assert trainer.global_step == 6  # the run reached its end (max_steps)
     failures = callback.save_failures
@@ -395,7 +401,7 @@ def test_failed_save_is_logged_and_training_goes_on(tmp_path, caplog):
     assert "cocktail/save_failed" in logged
 
 
-def test_failed_save_stops_the_run_in_strict_mode(tmp_path):
+def test_failed_save_stops_the_run_in_strict_mode(tmp_path, full_disk):
     every = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=2, save_top_k=-1)
     with pytest.raises(OSError, match="No space left"):
-        _fit(tmp_path, [_FullDisk(alpha=0.3, strict=True), every])
+        _fit(tmp_path, [CocktailCallback(alpha=0.3, strict=True), every])

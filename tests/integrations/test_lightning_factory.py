@@ -73,7 +73,7 @@ def test_options_are_parsed(tmp_path):
         "seed": 3,
     }
     callback = CocktailCallback(**options_from_env(env))  # every option is a constructor argument
-    assert callback._general["general_data"][0]["input_ids"].tolist() == [1, 2]
+    assert callback.session.general_data["general_data"][0]["input_ids"].tolist() == [1, 2]
     assert {argument for argument, *_ in ENV_OPTIONS.values()} <= set(
         CocktailCallback.__init__.__code__.co_varnames
     )
@@ -93,7 +93,7 @@ def test_peers_and_temperature_from_the_environment(tmp_path):
     assert options["peers"] == [str(tmp_path / "a"), str(tmp_path / "b")] and options["temperature"] == 0.5
     assert options_from_env({**env, "RESILIENT_TUNE_PEERS": f"{tmp_path / 'a'},{tmp_path / 'b'}"}) == options
     callback = CocktailCallback(**options)
-    assert callback.engine.num_peers == 2 and callback._policy.temperature == 0.5
+    assert callback.engine.num_peers == 2 and callback.session.policy.temperature == 0.5
     with pytest.raises(UsageError, match=r"RESILIENT_TUNE_PEERS=.*no such path"):
         options_from_env({**env, "RESILIENT_TUNE_PEERS": str(tmp_path / "missing")})
 

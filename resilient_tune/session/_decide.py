@@ -1,0 +1,76 @@
+"""One decision: the policy run against the probes, its weights applied to the engine, and the history entry."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..engine import Engine
+from ..policy import Decision, Policy, choose
+from ..probes import ProbeResult
+from ._probing import ProbeRunner, loss_of
+
+__all__ = ["decide_entry"]
+
+
+def decide_entry(
+    engine: Engine,
+    policy: Policy,
+    probes: ProbeRunner,
+    step: int,
+    model: torch.nn.Module,
+    *,
+    previous: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run ``policy`` (probing candidates), apply its weights to ``engine``, set the engine's α, and return the history
+    entry of ``step``: α, drift, the general losses at α / the base / the fine-tuned model (and KL), the target losses,
+    the peer weights, the probe passes this decision cost, the decision itself and the per-layer drift.
+
+    ``previous`` is the last decision's record (``Decision.to_dict()``), which a policy may start its search from.
+    """
+    results: dict[float, ProbeResult] = {}
+    passes_before = probes.passes
+
+    def measure(alpha: float) -> ProbeResult:
+        if alpha == 0.0 and probes.base_result is not None:
+            return probes.base_result
+        if alpha not in results:
+            results[alpha] = probes.run_general(engine, model, alpha)
+            if alpha == 0.0:
+                probes.base_result = results[alpha]
+        return results[alpha]
+
+    evaluate = (lambda a: loss_of(measure(a))) if probes.general else None
+    decision: Decision = choose(
+        policy,
+        evaluate,
+        ingredient_losses=lambda: probes.losses_of_ingredients(engine, model),
+        previous=previous,
+    )
+    if decision.weights is not None and tuple(decision.weights) != tuple(engine.weights):
+        engine.set_weights(decision.weights)  # before the chosen mix is measured (and written)
+        results.clear()
+        probes.base_result = None
+    entry: dict[str, Any] = {"step": int(step), "alpha": decision.alpha}
+    drift = engine.drift(model)
+    entry.update(drift_norm=drift.total, drift_relative=drift.relative)
+    if probes.general:
+        chosen, tuned, base = measure(decision.alpha), measure(1.0), measure(0.0)
+        entry.update(general_loss=chosen.loss, general_loss_base=base.loss, general_loss_finetuned=tuned.loss)
+        if tuned.kl is not None:
+            entry.update(general_kl=tuned.kl, general_kl_merged=chosen.kl)
+    if probes.target:
+        entry["target_loss"] = probes.run_target(engine, model, decision.alpha)
+        entry["target_loss_finetuned"] = probes.run_target(engine, model, 1.0)
+    if engine.num_peers:
+        labels = ["base", *(f"peer{i}" for i in range(1, engine.num_peers + 1))]
+        entry.update({f"weight_{label}": w for label, w in zip(labels, engine.weights)})
+        entry["weights"] = list(engine.weights)
+    entry["probe_passes"] = probes.passes - passes_before
+    entry["snapshot_bytes"] = engine.snapshot.nbytes
+    entry["decision"] = decision.to_dict()
+    entry["drift_per_layer"] = drift.per_layer
+    engine.alpha = decision.alpha
+    return entry
