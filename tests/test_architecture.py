@@ -12,9 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "resilient_tune"
-PACKAGES = {"merging", "checkpoint", "engine", "session", "integrations", "demo"}  # units that are folders
+PACKAGES = {"merging", "checkpoint", "engine", "session", "integrations", "demo", "weights", "policy"}  # units that are folders
 MAX_MODULE_LINES = 420  # "about 400"
-MAX_CLASS_LINES = 320  # "about 300"
+MAX_CLASS_LINES = 320  # "about 300", not counting the class docstring (its arguments' documentation)
 
 
 def _layers() -> dict[str, int]:
@@ -112,11 +112,22 @@ def test_modules_and_classes_stay_readable():
         if lines > MAX_MODULE_LINES:
             too_big.append(f"{path.relative_to(ROOT)}: {lines} lines")
         for node in ast.walk(ast.parse(source)):
-            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
-                too_big.append(
-                    f"{path.relative_to(ROOT)}: class {node.name}, {node.end_lineno - node.lineno + 1} lines"
-                )
+            if isinstance(node, ast.ClassDef) and _class_lines(node) > MAX_CLASS_LINES:
+                too_big.append(f"{path.relative_to(ROOT)}: class {node.name}, {_class_lines(node)} lines")
     assert not too_big, "\n".join(too_big)
+
+
+def _class_lines(node: ast.ClassDef) -> int:
+    """Lines of a class without its own docstring."""
+    lines = node.end_lineno - node.lineno + 1
+    first = node.body[0] if node.body else None
+    if (
+        isinstance(first, ast.Expr)
+        and isinstance(first.value, ast.Constant)
+        and isinstance(first.value.value, str)
+    ):
+        lines -= first.end_lineno - first.lineno + 1
+    return lines
 
 
 def test_the_detector_sees_upward_imports(tmp_path):

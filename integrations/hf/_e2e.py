@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import transformers
 
-import resilient_tune.engine._full as engine_module  # where the full-weight engine looks its writers up
+import resilient_tune.engine._full_write as engine_module  # where the full-weight engine looks its writers up
 
 VOCAB, LENGTH = 64, 8
 

@@ -24,7 +24,7 @@ from lit_app import FINAL, TinyLM, TokenData, tokens
 from safetensors.torch import save_file
 from torch.distributed.fsdp import fully_shard
 
-import resilient_tune.engine._full as engine_module  # where the full-weight engine looks its writer up
+import resilient_tune.engine._full_write as engine_module  # where the full-weight engine looks its writer up
 from resilient_tune.distributed import close_process_group, full_state_dict
 from resilient_tune.integrations.lightning import CocktailCallback
 

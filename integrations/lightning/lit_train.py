@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lit_app import TinyLM, TokenData, tokens
 
-import resilient_tune.engine._full as engine_module  # where the full-weight engine looks its writer up
+import resilient_tune.engine._full_write as engine_module  # where the full-weight engine looks its writer up
 from resilient_tune.distributed import close_process_group
 from resilient_tune.integrations.lightning import CocktailCallback
 

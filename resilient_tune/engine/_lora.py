@@ -41,7 +41,6 @@ methods other than ``linear``. ``peft`` is imported when a PEFT model is met, ne
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -50,28 +49,24 @@ from typing import Any
 
 import torch
 
-from .._version import __version__
-from ..checkpoint import StreamingWriter, TensorInfo
+from ..checkpoint import TensorInfo
 from ..errors import UsageError
 from ..folder import SubFolder, write_model_folder
-from ..recipe import Recipe, cocktail_document
+from ..recipe import Recipe
 from ..validation import check_alpha, check_weights
 from ._full import CocktailEngine
 from ._lora_layers import (
     base_model,
     clean_name,
     find_peft_model,
-    ident,
     inspect_lora,
     mix,
-    params_of,
-    walk,
 )
+from ._lora_write import ADAPTER_FOLDER, document, merged_items, scaled_items, write_adapter
 from ._protocol import Drift, FamilySaver, WriteForm, layer_of
 
 __all__ = ["ADAPTER_FOLDER", "FORMAT", "LoraBase", "LoraEngine"]
 
-ADAPTER_FOLDER = "adapter"
 FORMAT = "resilient-tune/peft-lora"
 
 
@@ -286,7 +281,7 @@ class LoraEngine:
         """The merged full model ``θ₀ + α·Δ`` under the base model's own keys (tied tensors under every name)."""
         alpha = self.alpha if alpha is None else check_alpha(alpha)
         self._check(model)
-        return dict(self._merged_items(model, alpha, dedupe=False))
+        return dict(merged_items(self, model, alpha, dedupe=False))
 
     def write(
         self,
@@ -331,16 +326,16 @@ class LoraEngine:
         peft_model = self._peft(model)
         merged = form == "pretrained"
         if merged:
-            items = lambda lazy: self._merged_items(peft_model, alpha, lazy=lazy)  # noqa: E731
-            adapter = lambda tmp: self._write_adapter(peft_model, tmp / ADAPTER_FOLDER, alpha)  # noqa: E731
+            items = lambda lazy: merged_items(self, peft_model, alpha, lazy=lazy)  # noqa: E731
+            adapter = lambda tmp: write_adapter(self, peft_model, tmp / ADAPTER_FOLDER, alpha)  # noqa: E731
         else:
-            items, adapter = lambda lazy: self._scaled_items(model, alpha, lazy=lazy), None
+            items, adapter = lambda lazy: scaled_items(self, model, alpha, lazy=lazy), None
         plan = {key: TensorInfo(t.dtype, tuple(t.shape)) for key, t in items(True)}
         return write_model_folder(
             folder,
             plan,
             items(False),
-            self._document(peft_model, alpha, metadata, merged=merged),
+            document(self, peft_model, alpha, metadata, merged=merged),
             config_from=base_model(peft_model),
             extra_files=adapter,
             support_from=support_from,
@@ -387,113 +382,3 @@ class LoraEngine:
             return []
         bias = module.lora_B[adapter].bias.detach().float()
         return [bias * module.scaling[adapter]]
-
-    def _merged_items(
-        self, model: torch.nn.Module, alpha: float, *, dedupe: bool = True, lazy: bool = False
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(key, tensor)`` of the merged full model, one tensor at a time (``lazy``: the live base tensors, for
-        shapes and dtypes only). ``dedupe`` writes tied tensors once, as ``save_pretrained`` does; without it every
-        alias of a merged tensor (a head tied to a LoRA'd embedding) gets the merged value, as in
-        ``merge_and_unload``."""
-        items = list(walk(base_model(model), "", self.snapshot.adapter))
-        kinds = {ident(source): kind for _, source, kind in items if kind is not None}
-        seen: set[tuple[int, int, tuple[int, ...], torch.dtype]] = set()
-        with torch.no_grad():
-            for key, source, _ in items:
-                key_id = ident(source)
-                if dedupe and source.numel() > 0:
-                    if key_id in seen:
-                        continue
-                    seen.add(key_id)
-                kind = kinds.get(key_id)
-                value = source.detach()
-                if lazy or kind is None:
-                    yield key, value
-                elif kind[0] == "weight":
-                    merged = value.float() + alpha * self._delta(kind[1])
-                    yield key, merged.to(value.dtype)
-                elif kind[0] == "bias":
-                    merged = value.float() + alpha * self._bias_deltas(kind[1])[0]
-                    yield key, merged.to(value.dtype)
-                else:  # a modules_to_save copy, mixed with its frozen original
-                    yield key, mix(value.to("cpu"), kind[1].detach(), alpha, key)
-
-    def _scaled_items(
-        self, model: torch.nn.Module, alpha: float, *, lazy: bool = False
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(key, tensor)`` of ``model.state_dict()`` (every key) with the adapter scaled by α: each ``lora_B``
-        weight (and bias) × α, since ``scaling·(α·B)@A = α·Δ``, and ``modules_to_save`` copies mixed with their
-        frozen originals. Everything else is the live (frozen base) tensor. ``lazy``: no arithmetic."""
-        adapter = self.snapshot.adapter
-        scaled: set[int] = set()
-        for _, layer in self._layers:
-            for key in ("lora_B", "lora_embedding_B"):
-                scaled.update(id(p) for p in params_of(getattr(layer, key, None), adapter))
-        originals = {
-            id(p): original.get_parameter(name)
-            for trained, original in self._copy_pairs()
-            for name, p in trained.named_parameters()
-            if p.is_floating_point()
-        }
-        with torch.no_grad():
-            for key, value in model.state_dict(keep_vars=True).items():
-                tensor = value.detach()
-                if lazy or (id(value) not in scaled and id(value) not in originals):
-                    yield key, tensor
-                elif id(value) in scaled:
-                    yield key, (tensor.float() * alpha).to(tensor.dtype)
-                else:
-                    yield key, mix(tensor.to("cpu"), originals[id(value)].detach(), alpha, key)
-
-    def _write_adapter(self, model: torch.nn.Module, folder: Path, alpha: float) -> None:
-        """``adapter_model.safetensors`` (``modules_to_save`` mixed) and ``adapter_config.json`` with
-        ``lora_alpha`` × α."""
-        from peft.utils import get_peft_model_state_dict
-
-        adapter = self.snapshot.adapter
-        folder.mkdir()
-        with self._mixed_copies(model, alpha):
-            state = get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=False)
-            plan = {k: TensorInfo(t.dtype, tuple(t.shape)) for k, t in state.items()}
-            with StreamingWriter(folder, plan, filename="adapter_model.safetensors") as writer:
-                for key, tensor in state.items():
-                    writer.write(key, tensor.detach())
-        config = copy.deepcopy(model.peft_config[adapter])
-        config.lora_alpha = config.lora_alpha * alpha
-        config.alpha_pattern = {k: v * alpha for k, v in (config.alpha_pattern or {}).items()}
-        config.save_pretrained(str(folder))
-
-    def _document(
-        self, model: torch.nn.Module, alpha: float, metadata: Mapping[str, Any] | None, *, merged: bool = True
-    ) -> dict[str, Any]:
-        base = self.snapshot
-        ingredients = [
-            {"role": "model", "name": f"fine-tuned LoRA adapter {base.adapter!r} (live)", "weight": alpha},
-            {
-                "role": "base",
-                "name": base.base_model or "frozen base weights of the PEFT model",
-                "weight": 1.0 - alpha,
-            },
-        ]
-        config = model.peft_config[base.adapter]
-        extra: dict[str, Any] = {
-            "alpha": alpha,
-            "merged_parameters": len(self._layers) + len(self._wrappers),
-            "peft": {
-                "type": "LORA",
-                "adapter": base.adapter,
-                "adapter_folder": ADAPTER_FOLDER if merged else None,
-                "lora_alpha": config.lora_alpha,
-                "lora_alpha_scaled": config.lora_alpha * alpha,
-                "note": (
-                    "adapter/ is the adapter scaled by alpha (lora_alpha x alpha); model.safetensors is merged"
-                    if merged
-                    else "model.safetensors is the PEFT-wrapped module's state dict with each lora_B x alpha"
-                ),
-            },
-        }
-        for key, value in (metadata or {}).items():
-            if key in extra:
-                raise UsageError(f"metadata key {key!r} is set by the engine in cocktail.json; rename it")
-            extra[key] = value
-        return cocktail_document(self.recipe_for(alpha), ingredients, version=__version__, extra=extra)

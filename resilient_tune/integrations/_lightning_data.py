@@ -15,17 +15,19 @@ from typing import Any
 import torch
 
 from resilient_tune.errors import UsageError
-from resilient_tune.session import ScoreFn
+from resilient_tune.session import Cocktail, ScoreFn
 
 __all__ = [
     "RAW",
     "ProbeModule",
     "Scorer",
+    "build_probes",
     "find_tokenizer",
     "from_files",
     "load_examples",
     "probe_batches",
     "transformers_model",
+    "val_datasets",
     "validation_batching",
 ]
 
@@ -187,3 +189,50 @@ def muted_logging(module: Any) -> Iterator[None]:
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+def build_probes(session: Cocktail, trainer: Any, module: Any) -> None:
+    """Batch the session's probe sets like the validation data (once) and install them: scored with
+    ``training_step``'s loss (or ``score_fn``), with the KL probe when the module holds a transformers LM.
+
+    Raises:
+        UsageError: Manual optimization without a ``score_fn`` (``training_step`` would step the optimizer).
+    """
+    if session.probes_ready:
+        return
+    target_sets = session.target_sets(val_datasets(trainer))
+    if not (session.general_data or target_sets):
+        return
+    if session.score_fn is None and not module.automatic_optimization:
+        raise UsageError(
+            "the probes score the module with training_step, which runs the optimizer under manual "
+            "optimization; pass score_fn(pl_module, batch) -> loss to CocktailCallback"
+        )
+    collate, batch_size = validation_batching(trainer)
+    general = {n: probe_batches(d, collate, batch_size, n) for n, d in session.general_data.items()}
+    target = {n: probe_batches(d, collate, batch_size, n) for n, d in target_sets.items()}
+    lm = transformers_model(module, language_model=True)
+    dict_batches = all(RAW not in b for batches in general.values() for b in batches)
+    view = ProbeModule(module, lm if dict_batches else None)
+    scorer = Scorer(module, session.score_fn, getattr(trainer, "precision_plugin", None))
+    session.use_probes(
+        module, general, target, score_fn=scorer, probe_module=view, with_kl=view.lm is not None
+    )
+
+
+def val_datasets(trainer: Any) -> dict[str, Any]:
+    """The datasets of the Trainer's validation dataloaders (``val``, or ``val_<i>`` / ``val_<name>``)."""
+    loaders = getattr(trainer, "val_dataloaders", None)
+    if isinstance(loaders, torch.utils.data.DataLoader):
+        loaders = {"val": loaders}
+    elif isinstance(loaders, (list, tuple)):
+        loaders = {f"val_{i}": loader for i, loader in enumerate(loaders)}
+    elif isinstance(loaders, Mapping):
+        loaders = {f"val_{name}": loader for name, loader in loaders.items()}
+    else:
+        return {}
+    return {
+        name: loader.dataset
+        for name, loader in loaders.items()
+        if isinstance(loader, torch.utils.data.DataLoader) and hasattr(loader.dataset, "__len__")
+    }

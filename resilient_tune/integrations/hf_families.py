@@ -31,6 +31,7 @@ import torch
 
 from resilient_tune.engine import FamilySaver
 from resilient_tune.errors import UsageError
+from resilient_tune.session import ScoreFn
 
 __all__ = [
     "SENTENCE_TRANSFORMERS",
@@ -39,6 +40,7 @@ __all__ = [
     "is_sentence_transformer",
     "probe_batches",
     "saver_for",
+    "trainer_score_fn",
 ]
 
 SENTENCE_TRANSFORMERS = "sentence-transformers"
@@ -141,3 +143,19 @@ def _sentence_batches(trainer: Any, args: Any, dataset: Any, name: str) -> list[
             f"cannot batch the probe data {name!r} with the sentence-transformers data collator: {exc}; pass rows "
             "of text columns like the train_dataset's (e.g. {'anchor': str, 'positive': str})"
         ) from exc
+
+
+def trainer_score_fn(trainer: Any) -> ScoreFn | None:
+    """The Trainer's ``compute_loss`` when it differs from the model's own loss, else ``None``."""
+    if trainer is None:
+        return None
+    from transformers import Trainer
+
+    custom = (
+        type(trainer).compute_loss is not Trainer.compute_loss
+        or getattr(trainer, "compute_loss_func", None) is not None
+        or getattr(trainer, "label_smoother", None) is not None
+    )
+    if not custom:
+        return None
+    return lambda model, batch: trainer.compute_loss(model, dict(batch))

@@ -64,7 +64,7 @@ import importlib
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,40 +72,24 @@ import torch
 
 from resilient_tune.distributed import on_rank_zero
 from resilient_tune.engine import Engine
-from resilient_tune.errors import UsageError
 from resilient_tune.policy import Policy
 from resilient_tune.report import REPORT_FILE
 from resilient_tune.session import BASE_FOLDER, RESILIENT_FOLDER, Cocktail, ScoreFn, metrics
 
 from ._lightning_data import (
-    RAW,
-    ProbeModule,
-    Scorer,
+    build_probes,
     from_files,
     load_examples,
-    probe_batches,
-    transformers_model,
-    validation_batching,
 )
 from ._lightning_io import COMPANION_SUFFIX, CollectiveSave, ResilientCheckpointIO
 from ._lightning_output import HF_FOLDER, LightningWriter
+from ._lightning_setup import align_ranks, check_trainer, is_collective, promote
 
 __all__ = ["COMPANION_SUFFIX", "HF_FOLDER", "CocktailCallback", "LightningCocktail", "load_examples"]
 
 logger = logging.getLogger(__name__)
 
 _PENDING = ".pending"
-_ADAPTERS = {"lightning.pytorch": "lightning", "pytorch_lightning": "pytorch_lightning"}
-# strategies whose save_checkpoint runs on every rank (their parameters may be sharded): companions are written
-# collectively from a wrapper of strategy.save_checkpoint, not from the rank-0 CheckpointIO
-_COLLECTIVE = ("ModelParallelStrategy", "DeepSpeedStrategy")
-_REFUSED = {
-    "FSDPStrategy": (
-        "FSDPStrategy (FSDP1: flattened parameters the merge cannot address) is not supported; use FSDP2 through "
-        "ModelParallelStrategy (call torch.distributed.fsdp.fully_shard in configure_model), e.g. "
-        "Trainer(strategy=ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)), or strategy='ddp'"
-    ),
-}
 
 
 def callback_bases(package: str) -> tuple[tuple[type, ...], ImportError | None]:
@@ -230,7 +214,7 @@ class LightningCocktail:
         ):
             # a save before (or without) a validation at this step: decide now so that state and files agree; the
             # metrics are logged by the validation that may follow at this step
-            self._ensure_probes(trainer, self._module)
+            build_probes(self._session, trainer, self._module)
             session.decide(trainer.global_step, self._module)
         if not session.base_kept and trainer is not None:
             base_dir = _root(trainer) / BASE_FOLDER  # the first checkpoint: keep θ₀ for a resume
@@ -268,7 +252,7 @@ class LightningCocktail:
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        self._check_framework(trainer)
+        check_trainer(trainer, self._package)
         self._active = not (self.from_env and _has_explicit_callback(trainer, self))
         if not self._active:
             logger.warning(
@@ -277,7 +261,7 @@ class LightningCocktail:
             return
         self._reset_run()
         self._trainer, self._module = trainer, pl_module
-        self._collective = _strategy_named(trainer, self._package, _COLLECTIVE) is not None
+        self._collective = is_collective(trainer, self._package)
         self._writer = LightningWriter(self._session, trainer, pl_module, self._collective)
         if not self._collective:
             # a resume is only known after this hook: an on-disk θ₀ goes to a pending folder until on_train_start
@@ -305,9 +289,9 @@ class LightningCocktail:
             session.begin(pl_module, step=trainer.global_step, base_dir=root / BASE_FOLDER, probes=False)
             return
         if not self._collective:  # sharded: each rank's θ₀ shards differ by design
-            self._align_ranks(trainer, pl_module)
+            align_ranks(self._session, trainer, pl_module, pending)
         if session.engine.snapshot.storage == "disk":
-            session.move_base(root / BASE_FOLDER, move=lambda: self._promote(pending, root / BASE_FOLDER))
+            session.move_base(root / BASE_FOLDER, move=lambda: promote(trainer, pending, root / BASE_FOLDER))
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         session = self._session
@@ -315,7 +299,7 @@ class LightningCocktail:
             return
         if trainer.state.fn != "fit":
             return  # a standalone trainer.validate()
-        self._ensure_probes(trainer, pl_module)
+        build_probes(self._session, trainer, pl_module)
         self._in_epoch_end = True
         try:  # decided at a save of this step already: logged now
             session.decide(trainer.global_step, pl_module)
@@ -328,7 +312,7 @@ class LightningCocktail:
         if not self._active or not session.started:
             return
         self._writer.agree(force=True)
-        self._ensure_probes(trainer, pl_module)
+        build_probes(self._session, trainer, pl_module)
         made = session.last_entry is not None and session.last_entry["step"] == trainer.global_step
         session.decide(trainer.global_step, pl_module)
         entry = session.last_entry or {}
@@ -378,90 +362,6 @@ class LightningCocktail:
             self._writer.remove(checkpoint_path)
 
     # ------------------------------------------------------------------ glue
-    def _check_framework(self, trainer: Any) -> None:
-        package = importlib.import_module(self._package)
-        if not isinstance(trainer, package.Trainer):
-            source = type(trainer).__module__.split(".")[0]
-            used = "pytorch_lightning" if source == "pytorch_lightning" else "lightning.pytorch"
-            right = _ADAPTERS.get(used, "lightning")
-            raise UsageError(
-                f"this CocktailCallback is built on {self._package}, but the Trainer comes from {used} (Lightning does "
-                f"not mix the two packages); use: from resilient_tune.integrations.{right} import CocktailCallback"
-            )
-        refused = _strategy_named(trainer, self._package, tuple(_REFUSED))
-        if refused is not None:
-            raise NotImplementedError(
-                f"the Lightning CocktailCallback: {_REFUSED[refused]} (see docs/lightning.md)"
-            )
-
-    def _align_ranks(self, trainer: Any, pl_module: Any) -> None:
-        """Under DDP: if a rank's θ₀ differs from rank 0's, snapshot the live (already broadcast) weights again."""
-        snapshot = self._session.engine.snapshot
-        if trainer.world_size <= 1 or snapshot.storage == "none":
-            return  # one process, or LoRA: nothing copied (the frozen base weights are rank 0's after DDP's broadcast)
-        mine = _checksum(snapshot.items())
-        reference = trainer.strategy.broadcast(mine, src=0)
-        if trainer.strategy.reduce_boolean_decision(mine != reference, all=False):
-            logger.info(
-                "CocktailCallback: ranks started from different weights; θ₀ is rank 0's (DDP broadcast)"
-            )
-            self._session.begin(pl_module, base_dir=_root(trainer) / (BASE_FOLDER + _PENDING), probes=False)
-
-    def _promote(self, pending: Path, base_dir: Path) -> None:
-        """Move a fresh run's on-disk θ₀ from the pending folder to ``resilient_base/`` (its files are closed). Several
-        processes (every rank calls it): rank 0 moves the folder holding every rank's ``rank<r>-of-<n>/`` between two
-        barriers."""
-        trainer = self._trainer
-        several = trainer.world_size > 1
-        if several:
-            trainer.strategy.barrier("resilient_base")  # every rank has closed its files
-        if not several or trainer.is_global_zero:
-            if base_dir.exists():
-                shutil.rmtree(base_dir)
-            os.replace(pending, base_dir)
-        if several:
-            trainer.strategy.barrier("resilient_base moved")
-
-    def _ensure_probes(self, trainer: Any, pl_module: Any) -> None:
-        session = self._session
-        if session.probes_ready:
-            return
-        target_sets = session.target_sets(self._val_datasets())
-        if not (session.general_data or target_sets):
-            return
-        if session.score_fn is None and not pl_module.automatic_optimization:
-            raise UsageError(
-                "the probes score the module with training_step, which runs the optimizer under manual "
-                "optimization; pass score_fn(pl_module, batch) -> loss to CocktailCallback"
-            )
-        collate, batch_size = validation_batching(trainer)
-        general = {n: probe_batches(d, collate, batch_size, n) for n, d in session.general_data.items()}
-        target = {n: probe_batches(d, collate, batch_size, n) for n, d in target_sets.items()}
-        lm = transformers_model(pl_module, language_model=True)
-        dict_batches = all(RAW not in b for batches in general.values() for b in batches)
-        view = ProbeModule(pl_module, lm if dict_batches else None)
-        scorer = Scorer(pl_module, session.score_fn, getattr(trainer, "precision_plugin", None))
-        session.use_probes(
-            pl_module, general, target, score_fn=scorer, probe_module=view, with_kl=view.lm is not None
-        )
-
-    def _val_datasets(self) -> dict[str, Any]:
-        """The datasets of the Trainer's validation dataloaders (``val``, or ``val_<i>`` / ``val_<name>``)."""
-        loaders = getattr(self._trainer, "val_dataloaders", None)
-        if isinstance(loaders, torch.utils.data.DataLoader):
-            loaders = {"val": loaders}
-        elif isinstance(loaders, (list, tuple)):
-            loaders = {f"val_{i}": loader for i, loader in enumerate(loaders)}
-        elif isinstance(loaders, Mapping):
-            loaders = {f"val_{name}": loader for name, loader in loaders.items()}
-        else:
-            return {}
-        return {
-            name: loader.dataset
-            for name, loader in loaders.items()
-            if isinstance(loader, torch.utils.data.DataLoader) and hasattr(loader.dataset, "__len__")
-        }
-
     def _log(self, entry: Mapping[str, Any]) -> None:
         logs = metrics(entry)
         trainer, module = self._trainer, self._module
@@ -483,16 +383,6 @@ class LightningCocktail:
 
 
 # ---------------------------------------------------------------------------- helpers
-def _strategy_named(trainer: Any, package: str, names: tuple[str, ...]) -> str | None:
-    """The first of ``names`` (classes of ``<package>.strategies``) that ``trainer.strategy`` is an instance of."""
-    strategies = importlib.import_module(f"{package}.strategies")
-    for name in names:
-        strategy_class = getattr(strategies, name, None)
-        if strategy_class is not None and isinstance(trainer.strategy, strategy_class):
-            return name
-    return None
-
-
 def _root(trainer: Any) -> Path:
     return Path(trainer.default_root_dir)
 
@@ -501,15 +391,6 @@ def _has_explicit_callback(trainer: Any, me: Any) -> bool:
     return any(
         cb is not me and isinstance(cb, LightningCocktail) and not cb.from_env for cb in trainer.callbacks
     )
-
-
-def _checksum(items: Iterator[tuple[str, torch.Tensor]]) -> tuple[float, float]:
-    total = squares = 0.0
-    for _, tensor in items:
-        values = tensor.detach().to("cpu", torch.float64)
-        total += float(values.sum())
-        squares += float(values.pow(2).sum())
-    return total, squares
 
 
 _BASES, _IMPORT_ERROR = callback_bases("lightning.pytorch")

@@ -59,7 +59,6 @@ with or without ``restore_callback_states_from_checkpoint``.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import uuid
@@ -73,7 +72,13 @@ import torch
 from resilient_tune.distributed import on_rank_zero
 from resilient_tune.engine import Engine, find_peft_model
 from resilient_tune.errors import UsageError
-from resilient_tune.integrations.hf_families import is_sentence_transformer, probe_batches, saver_for
+from resilient_tune.integrations._hf_trainer import find_trainer, replaced_callback, stored_state
+from resilient_tune.integrations.hf_families import (
+    is_sentence_transformer,
+    probe_batches,
+    saver_for,
+    trainer_score_fn,
+)
 from resilient_tune.policy import Policy
 from resilient_tune.report import REPORT_FILE
 from resilient_tune.session import (
@@ -215,7 +220,7 @@ class CocktailCallback(*_BASES):  # type: ignore[misc]
         on the call stack, as in ``on_train_begin``), else the live callback that saved the state, else the most
         recently created live one.
         """
-        source = _replaced_callback(self) or _LIVE.get(token)
+        source = replaced_callback(self, CocktailCallback) or _LIVE.get(token)
         if source is None or source is self:
             others = [cb for cb in list(_LIVE.values()) if cb is not self]
             source = others[-1] if others else None
@@ -231,7 +236,7 @@ class CocktailCallback(*_BASES):  # type: ignore[misc]
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         session = self._session
-        self._trainer = self._trainer or _find_trainer()
+        self._trainer = self._trainer or find_trainer()
         if model is None:
             raise UsageError("the Trainer passed no model to CocktailCallback.on_train_begin")
         if is_sentence_transformer(model) and find_peft_model(model) is not None:
@@ -246,7 +251,7 @@ class CocktailCallback(*_BASES):  # type: ignore[misc]
         if session.save_resilient:  # before any work: a run must not train for hours and then fail to save
             on_rank_zero(lambda: check_writable(output), f"checking that {output} is writable")
         if state.global_step > 0:
-            session.load_state_dict(_stored_state(state) or {})
+            session.load_state_dict(stored_state(state, CocktailCallback.__name__) or {})
         session.begin(model, step=state.global_step, base_dir=output / BASE_FOLDER, probes=False)
         strategy = getattr(args, "save_strategy", "steps")
         if (
@@ -332,7 +337,7 @@ class CocktailCallback(*_BASES):  # type: ignore[misc]
         general = {n: probe_batches(self._trainer, args, d, n) for n, d in session.general_data.items()}
         target = {n: probe_batches(self._trainer, args, d, n) for n, d in target_sets.items()}
         session.use_probes(
-            model, general, target, score_fn=session.score_fn or _trainer_score_fn(self._trainer)
+            model, general, target, score_fn=session.score_fn or trainer_score_fn(self._trainer)
         )
 
     def _eval_datasets(self) -> dict[str, Any]:
@@ -389,65 +394,3 @@ class CocktailCallback(*_BASES):  # type: ignore[misc]
             self._trainer.log(logs)
         else:
             logger.info("cocktail metrics: %s", logs)
-
-
-# ---------------------------------------------------------------------------- helpers
-def _find_trainer(*, quiet: bool = False) -> Any | None:
-    """The ``transformers.Trainer`` whose method is on the call stack (the one firing the current event)."""
-    from transformers import Trainer
-
-    frame = inspect.currentframe()
-    try:
-        depth = 0
-        while frame is not None and depth < 50:
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, Trainer):
-                return candidate
-            frame = frame.f_back
-            depth += 1
-    finally:
-        del frame
-    if quiet:
-        return None
-    logger.warning(
-        "CocktailCallback could not find its Trainer on the call stack: metrics are added to the eval metrics "
-        "but not logged to report_to; call callback.bind(trainer) to fix it"
-    )
-    return None
-
-
-def _replaced_callback(restored: Any) -> Any | None:
-    """The first ``CocktailCallback`` of the Trainer on the call stack not yet used as a configuration source."""
-    trainer = _find_trainer(quiet=True)
-    handler = getattr(trainer, "callback_handler", None)
-    for callback in getattr(handler, "callbacks", []):
-        taken = getattr(callback, "_config_taken", False)
-        if isinstance(callback, CocktailCallback) and callback is not restored and not taken:
-            return callback
-    return None
-
-
-def _stored_state(state: Any) -> dict[str, Any] | None:
-    stored = (getattr(state, "stateful_callbacks", None) or {}).get(CocktailCallback.__name__)
-    if isinstance(stored, list):
-        stored = stored[0] if stored else None
-    if not isinstance(stored, Mapping):
-        return None
-    resume = (stored.get("attributes") or {}).get("_resume_state")
-    return dict(resume) if isinstance(resume, Mapping) else None
-
-
-def _trainer_score_fn(trainer: Any) -> ScoreFn | None:
-    """The Trainer's ``compute_loss`` when it differs from the model's own loss, else ``None``."""
-    if trainer is None:
-        return None
-    from transformers import Trainer
-
-    custom = (
-        type(trainer).compute_loss is not Trainer.compute_loss
-        or getattr(trainer, "compute_loss_func", None) is not None
-        or getattr(trainer, "label_smoother", None) is not None
-    )
-    if not custom:
-        return None
-    return lambda model, batch: trainer.compute_loss(model, dict(batch))

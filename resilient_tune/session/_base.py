@@ -17,10 +17,10 @@ import torch
 from ..distributed import agree_on_failure, gather_objects, on_rank_zero, rank, world_size
 from ..engine import FORMAT as LORA_FORMAT
 from ..engine import Engine, LoraEngine
-from ..errors import UsageError
+from ..errors import IncompatibleModelsError, UsageError
 from ..snapshot import Snapshot
 
-__all__ = ["PER_RANK_FORMAT", "BaseKeeper", "rank_folder"]
+__all__ = ["PER_RANK_FORMAT", "BaseKeeper", "check_same_peers", "is_sharded_snapshot", "rank_folder"]
 
 PER_RANK_FORMAT = "resilient-tune-per-rank-snapshot"
 
@@ -173,6 +173,21 @@ class BaseKeeper:
             failure = exc
         agree_on_failure(failure, what)
         self._gather(engine)
+
+
+def check_same_peers(engine: Engine, stored: Any) -> None:
+    """On resume: the peers must be the ones the run started with (same paths and contents).
+
+    Raises:
+        IncompatibleModelsError: They changed (names both lists).
+    """
+    peers = engine.peers
+    now = peers.identities() if peers is not None else []
+    if stored is not None and list(stored) != now:
+        raise IncompatibleModelsError(
+            f"the peers changed since the run started (then: {stored}; now: {now}); the α/weight history refers to "
+            "the original peers: pass the same peer checkpoints, or start a new run"
+        )
 
 
 def is_sharded_snapshot(engine: Engine) -> bool:

@@ -11,22 +11,22 @@ from typing import Any, TypeVar
 import torch
 
 from ..checkpoint import parse_size
-from ..distributed import is_rank_zero, is_sharded_model, on_rank_zero
+from ..distributed import is_sharded_model, on_rank_zero
 from ..engine import CocktailEngine, Engine, engine_for
-from ..errors import IncompatibleModelsError, UsageError
+from ..errors import UsageError
 from ..policy import Policy
-from ..probes import ProbeResult
 from ..validation import check_alpha
-from ._base import BaseKeeper, is_sharded_snapshot
+from ._base import BaseKeeper, check_same_peers, is_sharded_snapshot
 from ._decide import decide_entry
+from ._guard import SaveGuard
 from ._options import (
-    TARGET_DEFAULT_EXAMPLES,
     batch_examples,
     check_flag,
-    head,
     make_policy,
     metrics,
+    probe_metadata,
     probe_sets,
+    target_sets,
 )
 from ._probing import Batches, ProbeRunner, ScoreFn
 from ._report import write_report
@@ -157,7 +157,7 @@ class Cocktail:
     @property
     def save_failures(self) -> list[dict[str, Any]]:
         """The resilient saves that failed in this run (``strict=False``): ``{"step", "path", "error"}`` each."""
-        return [dict(f) for f in self._save_failures]
+        return [dict(f) for f in self._guard.failures]
 
     @property
     def alpha(self) -> float:
@@ -177,7 +177,7 @@ class Cocktail:
     def _reset(self) -> None:
         self._history: list[dict[str, Any]] = []
         self._last_step: int | None = None
-        self._save_failures: list[dict[str, Any]] = []
+        self._guard = SaveGuard(self.strict)
         self._probes = ProbeRunner()
         self._keeper = BaseKeeper(self.snapshot_on_disk)
 
@@ -256,10 +256,8 @@ class Cocktail:
         if self._last_step != step or not self._history:
             previous = self._history[-1].get("decision") if self._history else None  # restored on resume too
             entry = decide_entry(self.engine, self.policy, self._probes, int(step), model, previous=previous)
-            if self._save_failures:
-                entry["save_failed"] = len(
-                    self._save_failures
-                )  # so far in this run; logged as cocktail/save_failed
+            if self._guard.failures:  # so far in this run; logged as cocktail/save_failed
+                entry["save_failed"] = len(self._guard.failures)
             self._history.append(entry)
             self._last_step = int(step)
         return metrics(self._history[-1])
@@ -290,11 +288,7 @@ class Cocktail:
         entry = entry or self._current()
         target = Path(folder)
         at = int(step if step is not None else entry.get("step", 0))
-        metadata = {
-            "step": at,
-            "policy": self.policy.to_dict(),
-            "probes": {k: v for k, v in entry.items() if k not in ("alpha", "step")},
-        }
+        metadata = {"step": at, "policy": self.policy.to_dict(), "probes": probe_metadata(entry)}
 
         def write() -> Path | None:
             run = lambda: self.engine.write(  # noqa: E731
@@ -333,27 +327,10 @@ class Cocktail:
         self._keeper.reattach(self.engine, Path(folder), move)
 
     def guarded(self, action: Callable[[], T], path: str | os.PathLike[str], step: int) -> T | None:
-        """Run a save; a failure follows ``strict``: raised, or (``strict=False``) logged loudly (``logger.error`` on
-        rank 0 with the path and the cause), recorded in :attr:`save_failures`, announced to ``on_save_failed``, and
-        ``None`` returned so that training goes on. ``action`` must fail alike on every rank that runs it."""
-        try:
-            return action()
-        except Exception as exc:
-            if self.strict:
-                raise
-            record = {"step": int(step), "path": str(path), "error": f"{type(exc).__name__}: {exc}"}
-            self._save_failures.append(record)
-            if is_rank_zero():
-                logger.error(
-                    "CocktailCallback: the resilient save to %s at step %d FAILED: %s. Training continues without "
-                    "it; fix the cause (free disk space, permissions, non-finite weights) or pass strict=True to "
-                    "stop the run on such errors", path, step, record["error"], exc_info=exc,
-                )  # fmt: skip
-            else:
-                logger.warning("CocktailCallback: the resilient save to %s failed: %s", path, record["error"])
-            if self.on_save_failed is not None:
-                self.on_save_failed(record)
-            return None
+        """Run a save; a failure follows ``strict``: raised, or (``strict=False``) logged loudly, recorded in
+        :attr:`save_failures`, announced to ``on_save_failed`` and ``None`` returned, so that training goes on.
+        ``action`` must fail alike on every rank that runs it."""
+        return self._guard.run(action, path, step, announce=self.on_save_failed)
 
     def report(self, path: str | os.PathLike[str], entry: Mapping[str, Any] | None = None) -> Path:
         """Write the run report (JSON: policy, recipe, final decision, snapshot size, history, failures) to ``path``
@@ -368,13 +345,12 @@ class Cocktail:
         """The JSON-able state a checkpoint keeps: θ₀'s location and fingerprint (or the LoRA adapter), the α history,
         the base's general-probe loss, the ingredient losses, the peers' identities and the failed saves."""
         peers = self.engine.peers
-        base = self._probes.base_result
         return {
             "version": STATE_VERSION,
             "snapshot": self._keeper.state,
             "history": self._history,
-            "base_general_loss": None if base is None else base.loss,
-            "save_failures": self._save_failures,
+            "base_general_loss": None if self._probes.base_result is None else self._probes.base_result.loss,
+            "save_failures": self._guard.failures,
             "cocktail": {
                 "ingredient_losses": self._probes.ingredient_losses,
                 "peers": peers.identities() if peers is not None else [],
@@ -391,19 +367,12 @@ class Cocktail:
     ) -> None:
         self._keeper.restore(self.engine, stored.get("snapshot"), model, step, moved)
         self._history = [dict(e) for e in stored.get("history", []) if e.get("step", 0) <= step]
-        self._save_failures = [dict(f) for f in stored.get("save_failures") or [] if f.get("step", 0) <= step]
-        if stored.get("base_general_loss") is not None:
-            self._probes.base_result = ProbeResult(float(stored["base_general_loss"]), None, 0)
+        self._guard.failures = [
+            dict(f) for f in stored.get("save_failures") or [] if f.get("step", 0) <= step
+        ]
         cocktail = stored.get("cocktail") or {}
-        peers = self.engine.peers
-        now = peers.identities() if peers is not None else []
-        if cocktail.get("peers") is not None and list(cocktail["peers"]) != now:
-            raise IncompatibleModelsError(
-                f"the peers changed since the run started (then: {cocktail['peers']}; now: {now}); the α/weight "
-                "history refers to the original peers: pass the same peer checkpoints, or start a new run"
-            )
-        if cocktail.get("ingredient_losses") is not None:
-            self._probes.ingredient_losses = [float(x) for x in cocktail["ingredient_losses"]]
+        check_same_peers(self.engine, cocktail.get("peers"))
+        self._probes.restore(stored.get("base_general_loss"), cocktail.get("ingredient_losses"))
 
     # ------------------------------------------------------------------ probes
     def target_sets(self, default: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -413,12 +382,4 @@ class Cocktail:
         Raises:
             UsageError: The policy needs target examples and there are none.
         """
-        if self.target_data or not getattr(self.policy, "needs_ingredient_losses", False):
-            return dict(self.target_data)
-        if not default:
-            raise UsageError(
-                f"policy {self.policy.name!r} weighs the base and the peers by their loss on target examples: pass "
-                f"target_data (a few dozen examples of the new task) or eval data (its first "
-                f"{TARGET_DEFAULT_EXAMPLES} examples are used)"
-            )
-        return {name: head(data, TARGET_DEFAULT_EXAMPLES) for name, data in default.items()}
+        return target_sets(self.policy, self.target_data, default)

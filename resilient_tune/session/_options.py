@@ -20,12 +20,15 @@ __all__ = [
     "TARGET_DEFAULT_EXAMPLES",
     "batch_examples",
     "check_flag",
+    "check_probe_options",
     "check_writable",
     "head",
     "make_policy",
     "metrics",
+    "probe_metadata",
     "probe_sets",
     "scalars",
+    "target_sets",
 ]
 
 BASE_FOLDER = "resilient_base"  # θ₀ kept on disk for a resume (or with snapshot_on_disk)
@@ -133,6 +136,44 @@ def batch_examples(
     return batches
 
 
+def check_probe_options(score_fn: Any, kl_top_k: Any, batch_size: Any, collate_fn: Any) -> None:
+    """The session's probe options, checked at construction.
+
+    Raises:
+        UsageError: A value of the wrong kind (names the option and what it must be).
+    """
+    if score_fn is not None and not callable(score_fn):
+        raise UsageError(f"score_fn={score_fn!r} must be callable as score_fn(model, batch) -> loss")
+    if kl_top_k is not None and (isinstance(kl_top_k, bool) or not isinstance(kl_top_k, int) or kl_top_k < 1):
+        raise UsageError(f"kl_top_k={kl_top_k!r} must be a positive int or None (keep every token)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"batch_size={batch_size!r} must be a positive int (examples per probe batch)")
+    if collate_fn is not None and not callable(collate_fn):
+        raise UsageError(
+            f"collate_fn={collate_fn!r} must be callable as collate_fn(list_of_examples) -> batch"
+        )
+
+
+def target_sets(
+    policy: Policy, target_data: Mapping[str, Any], default: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """``target_data``, or, for a policy that weighs ingredients by their target loss, the first
+    :data:`TARGET_DEFAULT_EXAMPLES` examples of each of ``default``'s sets.
+
+    Raises:
+        UsageError: The policy needs target examples and there are none.
+    """
+    if target_data or not getattr(policy, "needs_ingredient_losses", False):
+        return dict(target_data)
+    if not default:
+        raise UsageError(
+            f"policy {policy.name!r} weighs the base and the peers by their loss on target examples: pass "
+            f"target_data (a few dozen examples of the new task) or eval data (its first "
+            f"{TARGET_DEFAULT_EXAMPLES} examples are used)"
+        )
+    return {name: head(data, TARGET_DEFAULT_EXAMPLES) for name, data in default.items()}
+
+
 def check_writable(folder: Path) -> None:
     """Check that files can be created in ``folder`` (created if missing), before any work starts.
 
@@ -169,6 +210,11 @@ def scalars(entry: Mapping[str, Any]) -> dict[str, float]:
         for k, v in entry.items()
         if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
     }
+
+
+def probe_metadata(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A history entry as ``cocktail.json`` records it under ``probes`` (everything but α and the step)."""
+    return {k: v for k, v in entry.items() if k not in ("alpha", "step")}
 
 
 def metrics(entry: Mapping[str, Any]) -> dict[str, float]:

@@ -69,6 +69,13 @@ class ProbeRunner:
         if self.general and self.base_result is None:
             self.base_result = self.run_general(engine, model, 0.0)
 
+    def restore(self, base_loss: float | None, ingredient_losses: list[float] | None) -> None:
+        """On resume: the base's general loss and the ingredient losses a checkpoint kept (measured once per run)."""
+        if base_loss is not None:
+            self.base_result = ProbeResult(float(base_loss), None, 0)
+        if ingredient_losses is not None:
+            self.ingredient_losses = [float(x) for x in ingredient_losses]
+
     def run_general(self, engine: Engine, model: torch.nn.Module, alpha: float) -> ProbeResult:
         """The general probes on θ(α): loss (and KL to the base when its predictions were collected)."""
         scorer = self._scorer(model)

@@ -376,7 +376,7 @@ def test_fsdp1_strategy_is_refused_with_the_fsdp2_way(tmp_path, monkeypatch):
 @pytest.fixture
 def full_disk(monkeypatch):
     """Every resilient folder write fails as a full disk would (the engine's folder writer raises ENOSPC)."""
-    import resilient_tune.engine._full as engine_full
+    import resilient_tune.engine._full_write as engine_full
 
     def write_model_folder(folder, *args, **kwargs):
         raise OSError(28, f"No space left on device: {folder}")

@@ -1,136 +1,15 @@
-"""Policies: how α (the weight of the fine-tuned model) is chosen at each evaluation.
-
-A policy is a small object with one method, ``choose(evaluate) -> Decision``. ``evaluate(alpha)`` returns the
-general-probe loss of the merged model ``θ₀ + α·(θₜ − θ₀)`` (one probe pass, which the caller may cache, e.g.
-the base's loss at ``α = 0`` never changes during a run). Policies that need no measurement accept
-``evaluate=None``.
-
-- :class:`FixedPolicy` (``"fixed"``, the zero-config default): α as given.
-- :class:`BudgetPolicy` (``"budget"``): the largest α in ``[0, 1]`` whose general-probe loss stays within
-  ``(1 + drift_budget)`` × the base's, found in a few probe passes.
-- :class:`CocktailPolicy` (``"cocktail"``, the paper): α as given, and the weights ``wᵢ`` of the base and the
-  peers in ``θ = α·θₜ + (1 − α)·Σᵢ wᵢ·θᵢ`` from their losses ``Lᵢ`` on target examples, ``wᵢ = softmax(−Lᵢ/τ)``.
-
-Policies that choose ``wᵢ`` return them in :attr:`Decision.weights`; the others leave it ``None`` and the merge
-keeps its current weights (uniform over base and peers unless set). Policies that need ingredient losses say so
-with ``needs_ingredient_losses = True`` and take them as ``choose(evaluate, ingredient_losses=...)``.
+"""The ``budget`` policy: the largest α in ``[0, 1]`` whose general-probe loss stays within ``(1 + drift_budget)`` ×
+the base's, found in a few probe passes by a bracket narrowed with fitted curves (the helpers below the class).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol, Union, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from .errors import NonFiniteError, UsageError
-from .validation import check_alpha, check_weights
-from .weights import softmax_weights
-
-__all__ = [
-    "POLICY_NAMES",
-    "BudgetPolicy",
-    "CocktailPolicy",
-    "Decision",
-    "FixedPolicy",
-    "Policy",
-    "choose",
-    "get_policy",
-]
-
-POLICY_NAMES = ("fixed", "cocktail", "budget")
-
-Evaluate = Callable[[float], float]
-IngredientLosses = Union[Callable[[], Sequence[float]], Sequence[float]]  # noqa: UP007 (a runtime alias)
-"""The losses ``Lᵢ`` of the base and each peer on target examples (base first), or a function computing them."""
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What a policy chose, and what it cost.
-
-    Attributes:
-        alpha: The chosen weight of the fine-tuned model, in ``[0, 1]``.
-        passes: Calls the policy made to ``evaluate`` (probe passes, before any caching by the caller).
-        policy: The policy's name.
-        loss: General-probe loss at ``alpha`` when it was measured, else ``None``.
-        base_loss: General-probe loss of the base (``α = 0``) when measured.
-        threshold: The loss bound the policy enforced (``budget``), else ``None``.
-        evaluated: ``(alpha, loss)`` pairs in the order measured.
-        reason: One line on why this α.
-        weights: Weights ``wᵢ`` of the base and the peers (base first, summing to 1) when the policy chooses them,
-            else ``None`` (the merge keeps its weights).
-        ingredient_losses: The losses ``Lᵢ`` the weights came from (``cocktail``), else ``None``.
-    """
-
-    alpha: float
-    passes: int
-    policy: str
-    loss: float | None = None
-    base_loss: float | None = None
-    threshold: float | None = None
-    evaluated: tuple[tuple[float, float], ...] = field(default_factory=tuple)
-    reason: str = ""
-    weights: tuple[float, ...] | None = None
-    ingredient_losses: tuple[float, ...] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "alpha": self.alpha,
-            "passes": self.passes,
-            "policy": self.policy,
-            "loss": self.loss,
-            "base_loss": self.base_loss,
-            "threshold": self.threshold,
-            "evaluated": [list(pair) for pair in self.evaluated],
-            "reason": self.reason,
-            "weights": None if self.weights is None else list(self.weights),
-            "ingredient_losses": None if self.ingredient_losses is None else list(self.ingredient_losses),
-        }
-
-
-@runtime_checkable
-class Policy(Protocol):
-    """The interface every policy implements."""
-
-    name: str
-    needs_general_data: bool
-
-    def choose(self, evaluate: Evaluate | None) -> Decision:
-        """Decide α (and optionally the weights). Policies with ``needs_ingredient_losses = True`` also take
-        ``ingredient_losses=``; every built-in policy accepts (and ignores) keyword arguments it does not use."""
-        ...
-
-    def to_dict(self) -> dict[str, Any]: ...
-
-
-class FixedPolicy:
-    """α (and, with peers, the weights ``wᵢ``) as given, every time (no probe pass).
-
-    Args:
-        alpha: Weight of the fine-tuned model in ``[0, 1]`` (0.5 by default, as the paper's examples).
-        weights: Optional weights ``wᵢ`` of the base and the peers (base first): non-negative, summing to 1.
-            ``None`` keeps the merge's weights (uniform over base and peers).
-    """
-
-    name = "fixed"
-    needs_general_data = False
-
-    def __init__(self, alpha: float = 0.5, *, weights: Sequence[float] | None = None) -> None:
-        self.alpha = check_alpha(alpha)
-        self.weights = None if weights is None else check_weights(weights, nonnegative=True, per="ingredient")
-
-    def choose(self, evaluate: Evaluate | None = None, **_: Any) -> Decision:
-        return Decision(self.alpha, 0, self.name, reason="fixed alpha", weights=self.weights)
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "alpha": self.alpha}
-        if self.weights is not None:
-            out["weights"] = list(self.weights)
-        return out
-
-    def __repr__(self) -> str:
-        return f"FixedPolicy(alpha={self.alpha})"
+from ..errors import NonFiniteError, UsageError
+from ._base import Decision, Evaluate
 
 
 class BudgetPolicy:
@@ -257,57 +136,6 @@ class BudgetPolicy:
         return f"BudgetPolicy(drift_budget={self.drift_budget}, tolerance={self.tolerance})"
 
 
-class CocktailPolicy:
-    """LM-Cocktail (paper arXiv 2311.13534): α as given, ``wᵢ = softmax(−Lᵢ/τ)`` over the base and the peers.
-
-    ``Lᵢ`` is the loss of ingredient ``i`` (the base, then each peer, as stored — not mixed with the fine-tuned
-    model) on a few target examples. The ingredients never change during a run, so the caller may compute the
-    losses once and pass the same numbers at every decision. Without peers the only weight is the base's (1.0)
-    and the policy is ``fixed``.
-
-    Args:
-        alpha: Weight of the fine-tuned model in ``[0, 1]`` (0.5 by default, as the paper's examples).
-        temperature: Softmax temperature τ > 0 (5.0, the reference default; smaller τ favours the lowest loss).
-    """
-
-    name = "cocktail"
-    needs_general_data = False
-    needs_ingredient_losses = True
-
-    def __init__(self, alpha: float = 0.5, *, temperature: float = 5.0) -> None:
-        self.alpha = check_alpha(alpha)
-        softmax_weights([0.0], temperature)  # validates the temperature with the reference's message
-        self.temperature = float(temperature)
-
-    def choose(
-        self, evaluate: Evaluate | None = None, *, ingredient_losses: IngredientLosses | None = None, **_: Any
-    ) -> Decision:
-        """Weights from ``ingredient_losses`` (base first, or a function returning them); no general pass.
-
-        Raises:
-            UsageError: ``ingredient_losses`` missing or empty.
-            NonFiniteError: A loss is NaN/Inf.
-        """
-        if ingredient_losses is None:
-            raise UsageError(
-                "the cocktail policy weighs the base and the peers by their loss on target examples; pass "
-                "ingredient_losses=[loss of the base, loss of peer 1, ...]"
-            )
-        losses = tuple(
-            float(x) for x in (ingredient_losses() if callable(ingredient_losses) else ingredient_losses)
-        )
-        names = ["the base", *(f"peer {i}" for i in range(1, len(losses)))]
-        weights = tuple(softmax_weights(losses, self.temperature, names=names))
-        reason = f"fixed alpha; weights softmax(-loss/{self.temperature:g}) over base and {len(losses) - 1} peer(s)"
-        return Decision(self.alpha, 0, self.name, reason=reason, weights=weights, ingredient_losses=losses)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "alpha": self.alpha, "temperature": self.temperature}
-
-    def __repr__(self) -> str:
-        return f"CocktailPolicy(alpha={self.alpha}, temperature={self.temperature})"
-
-
 def _normalised(measured: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
     """Interior points ``(α, g)`` with ``g = (L(α) − L(0)) / (L(1) − L(0))``; ``[]`` when the ends are missing or
     ``L(1) <= L(0)``."""
@@ -392,57 +220,3 @@ def _roots(a: float, b: float, c: float) -> list[float]:
         return []
     root = math.sqrt(disc)
     return [(-b - root) / (2.0 * a), (-b + root) / (2.0 * a)]
-
-
-def choose(
-    policy: Policy,
-    evaluate: Evaluate | None,
-    *,
-    ingredient_losses: IngredientLosses | None = None,
-    previous: Decision | Mapping[str, Any] | None = None,
-) -> Decision:
-    """Ask ``policy`` for a decision, passing ``ingredient_losses`` only to the policies that declare
-    ``needs_ingredient_losses`` and ``previous`` (the run's previous decision, or its ``to_dict()``) only to those
-    that declare ``uses_previous`` (so user policies with a plain ``choose(evaluate)`` keep working).
-
-    The caller applies the decision: ``alpha``, and ``weights`` when not ``None`` (e.g.
-    ``engine.set_weights(decision.weights)``) before it measures or writes the chosen mix.
-    """
-    options: dict[str, Any] = {}
-    if getattr(policy, "needs_ingredient_losses", False):
-        options["ingredient_losses"] = ingredient_losses
-    if getattr(policy, "uses_previous", False):
-        options["previous"] = previous
-    return policy.choose(evaluate, **options)  # type: ignore[call-arg]
-
-
-def get_policy(name: str | Policy, **options: Any) -> Policy:
-    """A policy by name (``fixed`` | ``cocktail`` | ``budget``), or ``name`` itself if it is a policy object.
-
-    Args:
-        name: The policy name, or a ready policy (returned as is; ``options`` must then be empty).
-        **options: Constructor arguments: ``alpha``, ``weights`` (fixed), ``alpha``, ``temperature`` (cocktail),
-            ``drift_budget``, ``tolerance``, ``slack``, ``max_passes`` (budget).
-
-    Raises:
-        UsageError: Unknown name (the message lists the valid ones) or bad options.
-    """
-    if not isinstance(name, str):
-        if isinstance(name, Policy):
-            if options:
-                raise UsageError(
-                    f"options {sorted(options)} cannot be applied to a ready policy object {name!r}"
-                )
-            return name
-        raise UsageError(f"policy={name!r} must be a name ({' | '.join(POLICY_NAMES)}) or a policy object")
-    factories: dict[str, Callable[..., Policy]] = {
-        "fixed": FixedPolicy,
-        "cocktail": CocktailPolicy,
-        "budget": BudgetPolicy,
-    }
-    if name not in factories:
-        raise UsageError(f"policy {name!r} is unknown; use one of: {', '.join(POLICY_NAMES)}")
-    try:
-        return factories[name](**options)
-    except TypeError as exc:
-        raise UsageError(f"bad options for policy {name!r}: {exc}") from None

@@ -1,0 +1,131 @@
+"""What every policy shares: the :class:`Decision` it returns, the :class:`Policy` protocol, the ``fixed`` policy and
+:func:`choose`, which calls a policy with the inputs it declares it needs.
+
+A policy is a small object with one method, ``choose(evaluate) -> Decision``. ``evaluate(alpha)`` returns the
+general-probe loss of the merged model ``θ₀ + α·(θₜ − θ₀)`` (one probe pass, which the caller may cache, e.g.
+the base's loss at ``α = 0`` never changes during a run). Policies that need no measurement accept
+``evaluate=None``. Policies that choose ``wᵢ`` return them in :attr:`Decision.weights`; the others leave it ``None``
+and the merge keeps its current weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Union, runtime_checkable
+
+from ..validation import check_alpha, check_weights
+
+Evaluate = Callable[[float], float]
+IngredientLosses = Union[Callable[[], Sequence[float]], Sequence[float]]  # noqa: UP007 (a runtime alias)
+"""The losses ``Lᵢ`` of the base and each peer on target examples (base first), or a function computing them."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a policy chose, and what it cost.
+
+    Attributes:
+        alpha: The chosen weight of the fine-tuned model, in ``[0, 1]``.
+        passes: Calls the policy made to ``evaluate`` (probe passes, before any caching by the caller).
+        policy: The policy's name.
+        loss: General-probe loss at ``alpha`` when it was measured, else ``None``.
+        base_loss: General-probe loss of the base (``α = 0``) when measured.
+        threshold: The loss bound the policy enforced (``budget``), else ``None``.
+        evaluated: ``(alpha, loss)`` pairs in the order measured.
+        reason: One line on why this α.
+        weights: Weights ``wᵢ`` of the base and the peers (base first, summing to 1) when the policy chooses them,
+            else ``None`` (the merge keeps its weights).
+        ingredient_losses: The losses ``Lᵢ`` the weights came from (``cocktail``), else ``None``.
+    """
+
+    alpha: float
+    passes: int
+    policy: str
+    loss: float | None = None
+    base_loss: float | None = None
+    threshold: float | None = None
+    evaluated: tuple[tuple[float, float], ...] = field(default_factory=tuple)
+    reason: str = ""
+    weights: tuple[float, ...] | None = None
+    ingredient_losses: tuple[float, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "alpha": self.alpha,
+            "passes": self.passes,
+            "policy": self.policy,
+            "loss": self.loss,
+            "base_loss": self.base_loss,
+            "threshold": self.threshold,
+            "evaluated": [list(pair) for pair in self.evaluated],
+            "reason": self.reason,
+            "weights": None if self.weights is None else list(self.weights),
+            "ingredient_losses": None if self.ingredient_losses is None else list(self.ingredient_losses),
+        }
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """The interface every policy implements."""
+
+    name: str
+    needs_general_data: bool
+
+    def choose(self, evaluate: Evaluate | None) -> Decision:
+        """Decide α (and optionally the weights). Policies with ``needs_ingredient_losses = True`` also take
+        ``ingredient_losses=``; every built-in policy accepts (and ignores) keyword arguments it does not use."""
+        ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class FixedPolicy:
+    """α (and, with peers, the weights ``wᵢ``) as given, every time (no probe pass).
+
+    Args:
+        alpha: Weight of the fine-tuned model in ``[0, 1]`` (0.5 by default, as the paper's examples).
+        weights: Optional weights ``wᵢ`` of the base and the peers (base first): non-negative, summing to 1.
+            ``None`` keeps the merge's weights (uniform over base and peers).
+    """
+
+    name = "fixed"
+    needs_general_data = False
+
+    def __init__(self, alpha: float = 0.5, *, weights: Sequence[float] | None = None) -> None:
+        self.alpha = check_alpha(alpha)
+        self.weights = None if weights is None else check_weights(weights, nonnegative=True, per="ingredient")
+
+    def choose(self, evaluate: Evaluate | None = None, **_: Any) -> Decision:
+        return Decision(self.alpha, 0, self.name, reason="fixed alpha", weights=self.weights)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "alpha": self.alpha}
+        if self.weights is not None:
+            out["weights"] = list(self.weights)
+        return out
+
+    def __repr__(self) -> str:
+        return f"FixedPolicy(alpha={self.alpha})"
+
+
+def choose(
+    policy: Policy,
+    evaluate: Evaluate | None,
+    *,
+    ingredient_losses: IngredientLosses | None = None,
+    previous: Decision | Mapping[str, Any] | None = None,
+) -> Decision:
+    """Ask ``policy`` for a decision, passing ``ingredient_losses`` only to the policies that declare
+    ``needs_ingredient_losses`` and ``previous`` (the run's previous decision, or its ``to_dict()``) only to those
+    that declare ``uses_previous`` (so user policies with a plain ``choose(evaluate)`` keep working).
+
+    The caller applies the decision: ``alpha``, and ``weights`` when not ``None`` (e.g.
+    ``engine.set_weights(decision.weights)``) before it measures or writes the chosen mix.
+    """
+    options: dict[str, Any] = {}
+    if getattr(policy, "needs_ingredient_losses", False):
+        options["ingredient_losses"] = ingredient_losses
+    if getattr(policy, "uses_previous", False):
+        options["previous"] = previous
+    return policy.choose(evaluate, **options)  # type: ignore[call-arg]
