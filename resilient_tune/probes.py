@@ -170,9 +170,9 @@ def probe(
                     losses.append(_scalar(_loss_of(output), index))
             if base is not None:
                 if output is None:
-                    output = model(**{k: v for k, v in on_device.items() if k != "labels"})
+                    output = model(**_forward_inputs(model, on_device))
                 reference = base(batch) if callable(base) else _nth(base, index)
-                total, tokens = _kl_sum(reference, _logits_of(output), on_device.get("attention_mask"))
+                total, tokens = _kl_sum(reference, _logits_of(output), _kl_mask(model, on_device))
                 kl_sum += total
                 kl_tokens += tokens
     if count == 0:
@@ -280,7 +280,35 @@ def _logits_of(output: Any) -> torch.Tensor:
 
 
 def _logits(model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    return _logits_of(model(**{k: v for k, v in batch.items() if k != "labels"}))
+    return _logits_of(model(**_forward_inputs(model, batch)))
+
+
+def is_encoder_decoder(model: torch.nn.Module) -> bool:
+    """An encoder-decoder LM (T5, BART; or a probe module wrapping one as ``lm``): its logits are over decoder
+    positions, which its ``labels`` (or ``decoder_input_ids``) define."""
+    for candidate in (model, getattr(model, "lm", None)):
+        if bool(getattr(getattr(candidate, "config", None), "is_encoder_decoder", False)):
+            return True
+    return False
+
+
+def _forward_inputs(model: torch.nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The batch for a forward that only needs logits: without ``labels`` (no loss to compute), except for an
+    encoder-decoder model, whose decoder inputs are built from them."""
+    if is_encoder_decoder(model) and "decoder_input_ids" not in batch:
+        return dict(batch)
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def _kl_mask(model: torch.nn.Module, batch: Mapping[str, Any]) -> Any:
+    """The positions KL is averaged over: the decoder's (``decoder_attention_mask``, else the labelled positions) for
+    an encoder-decoder model, the attention mask's for a decoder-only one (every position without one)."""
+    if is_encoder_decoder(model):
+        if isinstance(batch.get("decoder_attention_mask"), torch.Tensor):
+            return batch["decoder_attention_mask"]
+        labels = batch.get("labels")
+        return labels != -100 if isinstance(labels, torch.Tensor) else None
+    return batch.get("attention_mask")
 
 
 def _scalar(value: torch.Tensor | float, index: int) -> float:
@@ -321,6 +349,11 @@ def _kl_sum(reference: BaseLogits, logits: torch.Tensor, mask: Any) -> tuple[flo
             )
         per_token = (logp.exp() * (logp - logq)).sum(-1)
     if isinstance(mask, torch.Tensor):
+        if tuple(mask.shape) != tuple(per_token.shape):
+            raise UsageError(
+                f"the KL probe's mask has shape {tuple(mask.shape)} but the logits cover {tuple(per_token.shape)} "
+                "positions; an encoder-decoder model needs labels (or decoder_attention_mask) in the probe batches"
+            )
         keep = mask.to(per_token.device).bool()
         return float(per_token[keep].sum()), int(keep.sum())
     return float(per_token.sum()), per_token.numel()

@@ -12,7 +12,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "resilient_tune"
-PACKAGES = {"merging", "checkpoint", "engine", "session", "integrations", "demo", "weights", "policy"}  # units that are folders
+PACKAGES = {
+    "merging",
+    "checkpoint",
+    "engine",
+    "session",
+    "integrations",
+    "demo",
+    "weights",
+    "policy",
+}  # units that are folders
 MAX_MODULE_LINES = 420  # "about 400"
 MAX_CLASS_LINES = 320  # "about 300", not counting the class docstring (its arguments' documentation)
 

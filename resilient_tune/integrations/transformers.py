@@ -74,8 +74,11 @@ from resilient_tune.engine import Engine, find_peft_model
 from resilient_tune.errors import UsageError
 from resilient_tune.integrations._hf_trainer import find_trainer, replaced_callback, stored_state
 from resilient_tune.integrations.hf_families import (
+    check_probe_examples,
+    check_probe_loss,
     is_sentence_transformer,
     probe_batches,
+    probe_objective,
     saver_for,
     trainer_score_fn,
 )
@@ -143,15 +146,15 @@ class CocktailCallback(*_BASES):  # type: ignore[misc]
         max_shard_size: int | str = "5GB",
         seed: int = 0,
         strict: bool = False,
+        probe_loss: str = "auto",
     ) -> None:
         if _IMPORT_ERROR is not None:
             raise ImportError(
                 "CocktailCallback needs transformers; install it with: pip install 'resilient-tune[hf]'"
             ) from _IMPORT_ERROR
+        self._probe_loss = check_probe_loss(probe_loss)
         for label, data in (("general_data", general_data), ("target_data", target_data)):
-            probe_sets(
-                data, label, loaders=False, mapping_examples=True
-            )  # Trainer collators batch example dicts
+            check_probe_examples(probe_sets(data, label, loaders=False), label)  # batched here, as eval data
         self._session = Cocktail(
             alpha, policy=policy, drift_budget=drift_budget, general_data=general_data, target_data=target_data,
             peers=peers, temperature=temperature, method=method, method_options=method_options, score_fn=score_fn,
@@ -230,7 +233,7 @@ class CocktailCallback(*_BASES):  # type: ignore[misc]
             )
             return
         source._config_taken = True
-        self._session = source._session
+        self._session, self._probe_loss = source._session, source._probe_loss
         self._session.on_save_failed = self._announce_failure
 
     # ------------------------------------------------------------------ events
@@ -334,11 +337,14 @@ class CocktailCallback(*_BASES):  # type: ignore[misc]
                 "CocktailCallback could not find the Trainer running it (needed to batch general_data/target_data); "
                 "call callback.bind(trainer) before trainer.train()"
             )
-        general = {n: probe_batches(self._trainer, args, d, n) for n, d in session.general_data.items()}
-        target = {n: probe_batches(self._trainer, args, d, n) for n, d in target_sets.items()}
-        session.use_probes(
-            model, general, target, score_fn=session.score_fn or trainer_score_fn(self._trainer)
-        )
+        objective = probe_objective(self._trainer, model, self._probe_loss)
+        options = {"objective": objective, "model": model}
+        general = {
+            n: probe_batches(self._trainer, args, d, n, **options) for n, d in session.general_data.items()
+        }
+        target = {n: probe_batches(self._trainer, args, d, n, **options) for n, d in target_sets.items()}
+        score = session.score_fn or (trainer_score_fn(self._trainer) if objective == "training" else None)
+        session.use_probes(model, general, target, score_fn=score)
 
     def _eval_datasets(self) -> dict[str, Any]:
         """The Trainer's eval datasets (``eval`` or ``eval_<name>``): the default target probes of ``cocktail``."""
