@@ -36,6 +36,7 @@ from .merging import (
 )
 from .recipe import Recipe, cocktail_document
 from .sources import ModelLike, TensorSource, check_same_architecture, open_source
+from .vocab import grown_keys, merge_rows, same_shapes
 
 __all__ = ["merge"]
 
@@ -64,6 +65,7 @@ def merge(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     allow_pickle: bool = False,
+    allow_grown_vocab: bool = False,
     seed: int = 0,
     progress: bool = False,
     options: Mapping[str, float] | None = None,
@@ -89,6 +91,9 @@ def merge(
         max_shard_size: Shard the output above this size (``"5GB"``, ``"500MB"`` or bytes).
         overwrite: Replace ``out`` if it exists (atomically).
         allow_pickle: Allow ``.bin`` pickle checkpoints (``torch.load(weights_only=True)``). Only for trusted files.
+        allow_grown_vocab: Merge inputs whose embedding and head differ only by appended rows (tokens added before
+            fine-tuning): the model with the most rows first, tokenizers agreeing on the shared ids, ``linear``;
+            each row mixes the models that have it (:mod:`resilient_tune.vocab`).
         seed: Seed of the random methods (DARE).
         progress: Show a progress bar over tensors.
         options: Method options, e.g. ``{"density": 0.5, "lambda": 1.0}``; keyword arguments ``density=``,
@@ -106,7 +111,10 @@ def merge(
         IncompatibleModelsError: keys or shapes differ between ingredients.
         NonFiniteError: NaN/Inf in an input or the result; nothing is written.
     """
-    _check_flags(normalize=normalize, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress)
+    _check_flags(
+        normalize=normalize, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress,
+        allow_grown_vocab=allow_grown_vocab,
+    )  # fmt: skip
     if recipe is None:
         if isinstance(weights, (str, bytes)):
             raise UsageError(
@@ -155,12 +163,13 @@ def merge(
         everyone = [*sources, base_src] if base_src is not None else list(sources)
         check_same_architecture(everyone)
         partial = _partial_buffers(everyone)
-        check_compatible(
-            [{k: (i.shape, i.dtype) for k, i in s.specs().items() if k not in partial} for s in everyone],
-            [s.name for s in everyone],
-        )
+        grown = grown_keys(everyone, spec.name) if allow_grown_vocab else {}
+        specs = [{k: (i.shape, i.dtype) for k, i in s.specs().items() if k not in partial} for s in everyone]
+        check_compatible([same_shapes(x, grown, specs[0]) for x in specs], [s.name for s in everyone])
         plan = _plan(sources[0].specs(), recipe.dtype)
-        tensors = _merged_tensors(spec, recipe, sources, base_src, final_weights, plan, partial, progress)
+        tensors = _merged_tensors(
+            spec, recipe, sources, base_src, final_weights, plan, partial, progress, grown
+        )
         if dest is None:
             return _collect(tensors)
         ingredients = [_identity(s, "model", w) for s, w in zip(sources, final_weights)]
@@ -284,6 +293,7 @@ def _merged_tensors(
     plan: Mapping[str, TensorInfo],
     partial: Mapping[str, Sequence[TensorSource]],
     progress: bool,
+    grown: Mapping[str, Sequence[int]],
 ) -> Iterator[_Merged]:
     """Yield the merged tensors one key at a time, unchecked; inputs are loaded lazily inside ``merge_tensor``."""
     options = recipe.resolved_options()
@@ -301,6 +311,10 @@ def _merged_tensors(
             yield _Merged(key, _copy_buffer(key, partial[key]), [], None, names)
             continue
         inputs = [_loader(source, key) for source in sources]
+        if key in grown:  # rows appended in some inputs: each row block mixes the inputs that have it
+            out_dtype = plan[key].dtype if plan[key].dtype.is_floating_point else None
+            yield _Merged(key, merge_rows(key, inputs, weights, grown[key], out_dtype), inputs, None, names)
+            continue
         base = _loader(base_src, key) if base_src is not None else None
         tensor = merge_tensor(
             spec,

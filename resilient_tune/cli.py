@@ -59,6 +59,12 @@ def _build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--allow-pickle", action="store_true", help="allow .bin pickle checkpoints (trusted files only)"
     )
+    m.add_argument(
+        "--allow-grown-vocab",
+        action="store_true",
+        help="merge inputs whose embedding/head differ only by appended rows (tokens added before fine-tuning; "
+        "the grown model first, linear only)",
+    )
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     w = sub.add_parser("weights", help="auto weights from a few examples (LM-Cocktail: softmax(-loss/T))")
@@ -148,6 +154,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
         allow_pickle=args.allow_pickle,
+        allow_grown_vocab=args.allow_grown_vocab,
         seed=args.seed,
         progress=not args.quiet,
         options=options,

@@ -280,6 +280,9 @@ class Snapshot:
         Returns:
             ``trainable_parameters(model)``.
 
+        A parameter with rows appended since the snapshot (an embedding or output head resized for new tokens, on
+        one process) matches: the merge takes the appended rows from the live model.
+
         Raises:
             IncompatibleModelsError: The names or shapes differ (the message names the first difference).
         """
@@ -299,7 +302,7 @@ class Snapshot:
                 )
         for name, p in params:
             shape = tuple(local_tensor(p).shape)  # a rank's shard of a sharded parameter
-            if shape != self._specs[name].shape:
+            if shape != self._specs[name].shape and not _grown(shape, self._specs[name].shape, p):
                 raise IncompatibleModelsError(
                     f"parameter {name!r} has shape {shape} but {self._specs[name].shape} in the base "
                     "snapshot; the model is not the one the snapshot was taken from"
@@ -371,6 +374,13 @@ def _write_folder(
                 w.write(name, tensor.detach().to(dtype=specs[name].dtype))
         (tmp / _INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return Path(os.path.abspath(folder))
+
+
+def _grown(now: tuple[int, ...], then: tuple[int, ...], p: torch.Tensor) -> bool:
+    """``now`` is ``then`` with rows appended (dimension 0 larger, the others equal), on an unsharded parameter."""
+    return (
+        bool(now) and len(now) == len(then) and now[0] > then[0] and now[1:] == then[1:] and not is_sharded(p)
+    )
 
 
 def _shard_of(params: Sequence[tuple[str, torch.nn.Parameter]]) -> dict[str, int] | None:

@@ -41,6 +41,7 @@ from ..distributed import (
     is_sharded,
     is_sharded_model,
     local_part,
+    local_tensor,
     reshard,
 )
 from ..errors import UsageError
@@ -223,6 +224,26 @@ class CocktailEngine:
         return Recipe(
             method=self.recipe.method, weights=mix, options=self.recipe.options, seed=self.recipe.seed
         )
+
+    @property
+    def base_rows(self) -> dict[str, int]:
+        """Parameter -> rows of the pre-trained base, for a vocabulary grown before θ₀ was taken (set with
+        :meth:`set_base_rows`); rows beyond them, and beyond θ₀'s own, take the fine-tuned values."""
+        return dict(self._mixer.base_rows)
+
+    def set_base_rows(self, rows: Mapping[str, int]) -> None:
+        """Declare how many rows of a parameter (an embedding, an output head) the pre-trained base had."""
+        self._mixer.base_rows = {str(k): int(v) for k, v in rows.items()}
+
+    def grown_rows(self, model: torch.nn.Module) -> dict[str, dict[str, int]]:
+        """``{name: {"base": rows the base had, "now": rows now}}`` of the parameters with appended rows."""
+        out, specs = {}, self.snapshot.specs()
+        for name, p in self._params(model):
+            now, then = local_tensor(p).shape, specs[name].shape
+            rows = min(then[0], self._mixer.base_rows.get(name, then[0])) if then else 0
+            if then and now[0] > rows:
+                out[name] = {"base": rows, "now": int(now[0])}
+        return out
 
     def merged_tensor(
         self,

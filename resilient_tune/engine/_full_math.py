@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..distributed import local_tensor, reshard, sum_across_ranks
+from ..errors import IncompatibleModelsError
 from ..merging import layer_depths, merge_tensor, raise_if_non_finite
 from ..snapshot import Snapshot
 from ._options import into
@@ -29,6 +30,7 @@ class TensorMixer:
 
     def __init__(self, spec: Any, options: dict[str, float], seed: int) -> None:
         self.spec, self.options, self.seed = spec, options, seed
+        self.base_rows: dict[str, int] = {}  # parameter -> rows the pre-trained base had (a grown vocabulary)
         self._depths: dict[str, float] = {}  # LiNeS depths of the snapshot's parameters, computed once
         self._depths_of: Snapshot | None = None
 
@@ -50,8 +52,33 @@ class TensorMixer:
         itself; for ``linear`` without peers on float32 tensors of one device the merge is computed in it (no
         allocation; the probes' swaps write the live parameters this way). On a non-finite result ``out`` holds it
         when the error is raised. For ``linear``, ingredients of weight 0 are not read at all (the sum is the same);
-        task-vector methods read every input (DARE masks depend on the input's position)."""
+        task-vector methods read every input (DARE masks depend on the input's position).
+
+        Rows the base does not have (a vocabulary grown by ``resize_token_embeddings``: rows beyond θ₀'s, or beyond
+        :attr:`base_rows`) take the fine-tuned values: the base has none to mix."""
         base = snapshot.get(name).to(current.device)
+        depth = self._depth(snapshot, name)
+        rows = min(base.shape[0], self.base_rows.get(name, base.shape[0])) if base.dim() else 0
+        if base.dim() and rows < current.shape[0]:  # a grown vocabulary
+            if peers:
+                raise IncompatibleModelsError(
+                    f"parameter {name!r} has {current.shape[0]} rows but the base had {rows} (a grown vocabulary); "
+                    "peers cannot be mixed into rows they do not have: train without peers, or merge offline"
+                )
+            head = self._mix(name, current[:rows], base[:rows], [], mix, depth, None)
+            return into(out, torch.cat([head, current[rows:].to(head.dtype)], dim=0))
+        return self._mix(name, current, base, peers, mix, depth, out)
+
+    def _mix(
+        self,
+        name: str,
+        current: torch.Tensor,
+        base: torch.Tensor,
+        peers: Sequence[Callable[[], torch.Tensor]],
+        mix: Sequence[float],
+        depth: float,
+        out: torch.Tensor | None,
+    ) -> torch.Tensor:
         if self.spec.name == "linear" and not peers and current.is_floating_point():
             # θ₀ + α(θₜ − θ₀) in one fused pass (a third of the general sum's cost; probes swap it in at every
             # candidate α); half precision is mixed in float32 and rounded once, as the merge core does
@@ -83,7 +110,7 @@ class TensorMixer:
             base=base_arg,
             options=self.options,
             key=name,
-            depth=self._depth(snapshot, name),
+            depth=depth,
             seed=self.seed,
             out_dtype=current.dtype,
         )
@@ -117,6 +144,8 @@ class DriftMeter:
             for name, p in params:
                 base = snapshot.get(name).to("cpu", torch.float32)
                 live = local_tensor(p).detach().to("cpu", torch.float32)
+                if base.dim() and live.shape[0] > base.shape[0]:  # a grown vocabulary: the rows both have
+                    live = live[: base.shape[0]]
                 delta_sq = float(torch.linalg.vector_norm(live - base, dtype=torch.float64)) ** 2
                 total_sq += delta_sq
                 group = layer_of(name)

@@ -89,7 +89,7 @@ def write_folder(
         engine.recipe_for(alpha, mix),
         ingredients(engine, alpha, mix),
         version=__version__,
-        extra=extra(engine, metadata, alpha, params, mix),
+        extra=extra(engine, model, metadata, alpha, params, mix),
     )
     files: dict[str, Any] = {
         "config_from": model,
@@ -203,6 +203,7 @@ def ingredients(engine: CocktailEngine, alpha: float, weights: Sequence[float]) 
 
 def extra(
     engine: CocktailEngine,
+    model: torch.nn.Module,
     metadata: Mapping[str, Any] | None,
     alpha: float,
     params: list[Any],
@@ -210,6 +211,9 @@ def extra(
 ) -> dict[str, Any]:
     """The ``cocktail.json`` entries beyond the recipe: α, the merged parameters, the peer weights, ``metadata``."""
     extra: dict[str, Any] = {"alpha": alpha, "merged_parameters": len(params)}
+    grown = engine.grown_rows(model)
+    if grown:  # rows the base never had: the fine-tuned values (documented in docs/concepts.md)
+        extra["grown_rows"] = grown
     if engine.num_peers:
         extra["ingredient_weights"] = dict(zip(engine.ingredient_names, weights))
     for key, value in (metadata or {}).items():

@@ -82,9 +82,16 @@ def check_compatible(specs: Sequence[Mapping[str, TensorSpec]], names: Sequence[
         for key, (shape, dtype) in ref.items():
             other_shape, other_dtype = spec[key]
             if tuple(shape) != tuple(other_shape):
+                rows_only = len(shape) == len(other_shape) and len(shape) > 0 and shape[1:] == other_shape[1:]
+                hint = (
+                    " (only rows differ: if tokens were added before fine-tuning, pass allow_grown_vocab=True, "
+                    "--allow-grown-vocab on the command line)"
+                    if rows_only
+                    else ""
+                )
                 raise IncompatibleModelsError(
                     f"tensor {key!r} has shape {tuple(shape)} in {ref_name} but {tuple(other_shape)} in {name}; "
-                    "merge models of the same architecture and size"
+                    f"merge models of the same architecture and size{hint}"
                 )
             if not _dtypes_compatible(dtype, other_dtype):
                 raise IncompatibleModelsError(

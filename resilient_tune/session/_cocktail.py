@@ -30,6 +30,7 @@ from ._options import (
 )
 from ._probing import Batches, ProbeRunner, ScoreFn
 from ._report import write_report
+from ._vocab import base_vocab_rows
 
 __all__ = ["Cocktail"]
 
@@ -209,6 +210,8 @@ class Cocktail:
             self._keeper.restore(self.engine, None, model, int(step), folder)  # refused: nothing stored
         else:
             self._keeper.take(self.engine, model, folder)
+        if isinstance(self.engine, CocktailEngine):  # tokens added before training: rows the base never had
+            self.engine.set_base_rows(base_vocab_rows(model))
         target = self.target_sets() if probes else {}
         if probes and (self.general_data or target):
             size, collate = self.batch_size, self.collate_fn
