@@ -237,6 +237,9 @@ def run_child(setup: Setup, with_callback: bool, out: Path) -> dict[str, Any]:
         "train_cpu_s": round(usage.ru_utime + usage.ru_stime - cpu0, 3),
         "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # Linux: KiB
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
+        "resilient_tune_from": str(Path(sys.modules["resilient_tune"].__file__).parents[1])
+        if with_callback
+        else None,
         "trainable_bytes": sum(
             p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad
         ),
@@ -254,11 +257,21 @@ def run_child(setup: Setup, with_callback: bool, out: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- parent: pairs of runs
-def _run_one(setup: Setup, run: str, work: Path, timeout: float) -> dict[str, Any]:
+def _run_one(
+    setup: Setup, run: str, work: Path, timeout: float, baseline: Path | None = None
+) -> dict[str, Any]:
+    """One run in its own process; ``run="baseline"`` is the ``with`` run importing resilient_tune from the source tree
+    ``baseline`` (an earlier revision checked out with ``git worktree add``), for a before/after in one session."""
     out, report = work / run, work / f"{run}.json"
-    cmd = [sys.executable, __file__, "--child", json.dumps(asdict(setup)), run, str(out), str(report)]
+    child_run = "with" if run == "baseline" else run
+    cmd = [sys.executable, __file__, "--child", json.dumps(asdict(setup)), child_run, str(out), str(report)]
+    env = dict(os.environ)
+    if run == "baseline" and baseline is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(baseline), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     busy0, t0 = busy_cpu_seconds(), time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=timeout, env=env
+    )
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
@@ -284,16 +297,17 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
     if args.no_save:
         setup = replace(setup, save=False)
     load = os.getloadavg()
-    runs: dict[str, list[dict[str, Any]]] = {r: [] for r in RUNS}
+    names = [*RUNS, "baseline"] if args.baseline_tree is not None else list(RUNS)
+    runs: dict[str, list[dict[str, Any]]] = {r: [] for r in names}
     with tempfile.TemporaryDirectory(prefix="rt-overhead-") as tmp:
-        for repeat, order in enumerate(rotated_orders(list(RUNS), args.repeats)):
+        for repeat, order in enumerate(rotated_orders(names, args.repeats)):
             for run in order:
                 if args.max_other_load > 0 and args.max_wait > 0:
                     wait_for_idle(args.max_other_load, args.max_wait)
                 work = Path(tmp) / f"r{repeat}"
                 work.mkdir(exist_ok=True)
                 log(f"repeat {repeat + 1}/{args.repeats}: {run} the callback ...")
-                result = _run_one(setup, run, work, args.timeout)
+                result = _run_one(setup, run, work, args.timeout, args.baseline_tree)
                 log(
                     f"  train {result['train_wall_s']:.1f} s, other load {result.get('other_load_cores')} cores"
                 )
@@ -335,6 +349,7 @@ def _summary(
             "with": median([r["peak_rss_mib"] for r in runs["with"]]),
         },
         "callback_s": first["callback_s"],
+        **({"baseline": _versus(runs["with"], runs["baseline"])} if runs.get("baseline") else {}),
         "projection": projection(first, setup.steps),
         "targets": [
             {
@@ -348,6 +363,31 @@ def _summary(
                 "verdict": "PASS" if mean_passes <= TARGET_PASSES else "FAIL",
             },
         ],
+    }
+
+
+def _versus(now: Sequence[Mapping[str, Any]], before: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """This revision's ``with`` runs against the baseline tree's: time inside the callback per event and in all
+    (medians over repeats), the decisions (α and probe passes) of the first run of each."""
+    events = sorted({k for r in [*now, *before] for k in r["callback_s"]})
+    per_event = {
+        e: {"now": median([r["callback_s"].get(e, 0.0) for r in now]),
+            "before": median([r["callback_s"].get(e, 0.0) for r in before])}
+        for e in events
+    }  # fmt: skip
+    total_now = median([sum(r["callback_s"].values()) for r in now])
+    total_before = median([sum(r["callback_s"].values()) for r in before])
+    return {
+        "callback_s": per_event,
+        "callback_total_s": {"now": round(total_now, 3), "before": round(total_before, 3)},
+        "callback_ratio": round(total_now / max(total_before, 1e-9), 4),
+        "train_wall_s": {
+            "now": median([r["train_wall_s"] for r in now]),
+            "before": median([r["train_wall_s"] for r in before]),
+        },
+        "alphas": {"now": now[0]["alphas"], "before": before[0]["alphas"]},
+        "trees": {"now": now[0].get("resilient_tune_from"), "before": before[0].get("resilient_tune_from")},
+        "probe_passes": {"now": now[0]["probe_passes"], "before": before[0]["probe_passes"]},
     }
 
 
@@ -442,7 +482,25 @@ def render(result: Mapping[str, Any]) -> str:
     ]
     for t in result["targets"]:
         lines.append(f"  {t['target']:<32} measured {t['value']:.3g}   {t['verdict']}")
+    if "baseline" in result:
+        lines += ["", _render_baseline(result["baseline"])]
     return "\n".join(lines)
+
+
+def _render_baseline(versus: Mapping[str, Any]) -> str:
+    """This revision against the baseline tree: time inside the callback per event, decisions."""
+    rows = [[event, f"{v['before']:.3f}", f"{v['now']:.3f}"] for event, v in versus["callback_s"].items()]
+    total = versus["callback_total_s"]
+    rows.append(["all events", f"{total['before']:.3f}", f"{total['now']:.3f}"])
+    return "\n".join(
+        [
+            "Before/after (the same run with the baseline tree's callback, in this session):",
+            markdown_table(["time inside the callback (s, median)", "baseline", "this revision"], rows),
+            f"callback time ratio (this / baseline): {versus['callback_ratio']:.3f}",
+            f"alphas: baseline {versus['alphas']['before']}, this revision {versus['alphas']['now']}",
+            f"probe passes: baseline {versus['probe_passes']['before']}, this revision {versus['probe_passes']['now']}",
+        ]
+    )
 
 
 def _render_projection(proj: Mapping[str, Any]) -> str:
@@ -538,6 +596,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--json", action="store_true", help="print the results as JSON on stdout (progress on stderr)"
+    )
+    p.add_argument(
+        "--baseline-tree",
+        type=Path,
+        default=None,
+        help="also run the callback from this source tree (an earlier revision: git worktree add DIR REV) and "
+        "compare the time inside the callback, before/after, in the same session",
     )
     add_result_options(p, "also draw the time split and the projected overhead into this PNG")
     args = p.parse_args(argv)

@@ -47,9 +47,14 @@ def test_rows_only_the_fine_tuned_model_has_keep_its_values(grown, tmp_path):
     rows = b["transformer.wte.weight"].shape[0]
     wte = merged["transformer.wte.weight"]
     assert wte.shape[0] == rows + len(NEW)
-    torch.testing.assert_close(wte[:rows], 0.5 * a["transformer.wte.weight"][:rows] + 0.5 * b["transformer.wte.weight"])
+    torch.testing.assert_close(
+        wte[:rows], 0.5 * a["transformer.wte.weight"][:rows] + 0.5 * b["transformer.wte.weight"]
+    )
     assert torch.equal(wte[rows:], a["transformer.wte.weight"][rows:])
-    torch.testing.assert_close(merged["transformer.h.0.mlp.c_fc.weight"], 0.5 * a["transformer.h.0.mlp.c_fc.weight"] + 0.5 * b["transformer.h.0.mlp.c_fc.weight"])
+    torch.testing.assert_close(
+        merged["transformer.h.0.mlp.c_fc.weight"],
+        0.5 * a["transformer.h.0.mlp.c_fc.weight"] + 0.5 * b["transformer.h.0.mlp.c_fc.weight"],
+    )
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert model.get_input_embeddings().weight.shape[0] == rows + len(NEW)
     assert len(transformers.AutoTokenizer.from_pretrained(out)) == rows + len(NEW)
@@ -58,7 +63,20 @@ def test_rows_only_the_fine_tuned_model_has_keep_its_values(grown, tmp_path):
 
 def test_the_command_line_flag(grown, tmp_path):
     tuned, base = grown
-    code = cli.main(["merge", str(tuned), str(base), "--weights", "0.7", "0.3", "--out", str(tmp_path / "cli"), "--allow-grown-vocab", "-q"])
+    code = cli.main(
+        [
+            "merge",
+            str(tuned),
+            str(base),
+            "--weights",
+            "0.7",
+            "0.3",
+            "--out",
+            str(tmp_path / "cli"),
+            "--allow-grown-vocab",
+            "-q",
+        ]
+    )
     assert code == 0
     assert json.loads((tmp_path / "cli" / "cocktail.json").read_text())["recipe"]["weights"] == [0.7, 0.3]
 

@@ -206,22 +206,25 @@ def probe_batches(
 
 
 def _token_batches(trainer: Any, args: Any, dataset: Any, name: str) -> list[Mapping[str, Any]]:
-    collator = trainer.data_collator
-    description = f"cocktail probes {name!r}"
-    if hasattr(dataset, "column_names") and hasattr(trainer, "_remove_unused_columns"):
-        dataset = trainer._remove_unused_columns(dataset, description=description)
-    elif hasattr(trainer, "_get_collator_with_removed_columns"):
-        collator = trainer._get_collator_with_removed_columns(collator, description=description)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collator, shuffle=False
-    )
+    """As the Trainer batches eval data: unused columns removed (when the Trainer removes them), its collator."""
     try:
+        collator = trainer.data_collator
+        description = f"cocktail probes {name!r}"
+        if hasattr(dataset, "column_names") and hasattr(trainer, "_remove_unused_columns"):
+            dataset = trainer._remove_unused_columns(dataset, description=description)
+        elif hasattr(trainer, "_get_collator_with_removed_columns"):
+            collator = trainer._get_collator_with_removed_columns(collator, description=description)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collator, shuffle=False
+        )
         return list(loader)
     except Exception as exc:
         raise UsageError(
             f"cannot batch the probe data {name!r} with the Trainer's data collator: {exc}; pass it like the eval "
-            "data (same fields, lengths the collator can pad or stack), or as text a language model is probed "
-            "with: strings, {'text'}, {'prompt', 'completion'}, chat {'messages'} (probe_loss='lm')"
+            "data (same fields, lengths the collator can pad or stack; a preference trainer's probes with "
+            "probe_loss='training' must be prepared by the trainer, e.g. general_data=trainer.eval_dataset), or as "
+            "text a language model is probed with: strings, {'text'}, {'prompt', 'completion'}, chat {'messages'} "
+            "(probe_loss='lm')"
         ) from exc
 
 

@@ -287,10 +287,14 @@ class CocktailCallback(*_BASES):  # type: ignore[misc]
             return  # not the last of several eval datasets
         entry = self._decide(state.global_step, model)
         evaluated = {f"{prefix}_cocktail_{k}": v for k, v in scalars(entry).items()}
-        if metrics is not None:  # for metric_for_best_model; the Trainer logged its metrics before this event...
+        if (
+            metrics is not None
+        ):  # for metric_for_best_model; the Trainer logged its metrics before this event...
             metrics.update(evaluated)
         if self._trainer is not None and hasattr(self._trainer, "log"):
-            self._trainer.log(evaluated)  # ...so they reach report_to here: eval/cocktail_* in TensorBoard and W&B
+            self._trainer.log(
+                evaluated
+            )  # ...so they reach report_to here: eval/cocktail_* in TensorBoard and W&B
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         session = self._session

@@ -53,11 +53,16 @@ def test_rows_added_before_training_take_the_fine_tuned_values(tiny_gpt2_dirs, t
         else:
             step = tuned
         torch.testing.assert_close(written[:base_rows], 0.5 * theta0[:base_rows] + 0.5 * step[:base_rows])
-        torch.testing.assert_close(written[base_rows:], step[base_rows:], rtol=0, atol=0)  # not half their init
+        torch.testing.assert_close(
+            written[base_rows:], step[base_rows:], rtol=0, atol=0
+        )  # not half their init
         doc = json.loads((folder / "cocktail.json").read_text())
         assert doc["grown_rows"]["transformer.wte.weight"] == {"base": base_rows, "now": grown}
         loaded = transformers.AutoModelForCausalLM.from_pretrained(folder)
-        assert loaded.get_input_embeddings().weight.shape[0] == grown and len(transformers.AutoTokenizer.from_pretrained(folder)) == grown
+        assert (
+            loaded.get_input_embeddings().weight.shape[0] == grown
+            and len(transformers.AutoTokenizer.from_pretrained(folder)) == grown
+        )
 
 
 def test_rows_added_after_the_snapshot_take_the_fine_tuned_values(tiny_gpt2_dirs, tmp_path):
