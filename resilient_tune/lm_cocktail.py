@@ -32,12 +32,12 @@ from .errors import UsageError
 from .merging import validate_weights
 from .recipe import normalize_dtype_name
 from .weights import (
-    _check_model_type,
-    _check_names,
-    _copy_weights_into,
-    _load_auto_model,
-    _resolve_model_path,
+    check_model_type,
+    check_names,
     compute_auto_weights,
+    copy_weights_into,
+    load_auto_model,
+    resolve_model_path,
 )
 
 if TYPE_CHECKING:
@@ -82,8 +82,8 @@ def mix_models(
         UsageError: bad ``model_type``, weights (count, sum, NaN), model names or destination.
         IncompatibleModelsError: the models differ in keys or shapes.
     """
-    _check_model_type(model_type)
-    names = _check_names(model_names_or_paths)
+    check_model_type(model_type)
+    names = check_names(model_names_or_paths)
     mix_weights = validate_weights(weights, len(names))
     _check_output(output_path, dtype=dtype, overwrite=overwrite)
     options = {
@@ -143,8 +143,8 @@ def mix_models_with_data(
     if example_data is not None and example_ata is not None:
         raise UsageError("both example_data and example_ata are given; pass the examples once (example_data)")
     examples = example_data if example_data is not None else example_ata
-    _check_model_type(model_type)
-    names = _check_names(model_names_or_paths)
+    check_model_type(model_type)
+    names = check_names(model_names_or_paths)
     _check_output(output_path, dtype=dtype, overwrite=overwrite)  # before the (slow) auto weights
     auto = compute_auto_weights(
         names,
@@ -191,17 +191,17 @@ def _mix(
     """Merge with :func:`resilient_tune.api.merge` and return the transformers model (``record`` → cocktail.json)."""
     from .api import merge
 
-    paths = [_resolve_model_path(name) for name in names]
+    paths = [resolve_model_path(name) for name in names]
     if progress:
         print("***weight for each model***: ")
         for w, name in zip(weights, names):
             print(name, w)
     if output_path is None:
         merged = merge(paths, list(weights), dtype=dtype, progress=progress)
-        model = _load_auto_model(
+        model = load_auto_model(
             paths[0], model_type, trust_remote_code=trust_remote_code, dtype=_dtype_of(merged)
         )
-        _copy_weights_into(model, merged, "the merged state dict")
+        copy_weights_into(model, merged, "the merged state dict")
         del merged
     else:
         metadata = {"lm_cocktail": {"model_type": model_type, "models": list(names), **record}}
@@ -218,7 +218,7 @@ def _mix(
             metadata=metadata,
             extra_files=extra,
         )
-        model = _load_auto_model(
+        model = load_auto_model(
             folder, model_type, trust_remote_code=trust_remote_code, dtype=dtype or "auto"
         )
     model.cocktail_weights = list(weights)

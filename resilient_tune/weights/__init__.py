@@ -37,22 +37,30 @@ from ._auto import (
     softmax_weights,
 )
 
-# also importable from here, as before the split: the Ingredient alias and the private helpers that lm_cocktail and
-# the tests import (a redundant alias marks a re-export)
-from ._auto import _check_model_type as _check_model_type
-from ._auto import _check_names as _check_names
+# the checks and model loading the LM_Cocktail drop-ins (resilient_tune.lm_cocktail) share with the auto weights
+from ._auto import _check_model_type as check_model_type
+from ._auto import _check_names as check_names
+
+# also importable from here, as before the split: private helpers the tests import (a redundant alias marks it)
 from ._batches import _decoder_batches as _decoder_batches
 from ._batches import _encoder_batches as _encoder_batches
-from ._models import Ingredient as Ingredient
-from ._models import _copy_weights_into as _copy_weights_into
+from ._models import Ingredient
+from ._models import _copy_weights_into as copy_weights_into
 from ._models import _load_auto_model as _load_auto_model
-from ._models import _resolve_model_path as _resolve_model_path
+from ._models import _load_auto_model as load_auto_model
+from ._models import _resolve_model_path as resolve_model_path
 
 __all__ = [
     "MODEL_TYPES",
     "AutoWeights",
+    "Ingredient",
+    "check_model_type",
+    "check_names",
     "compute_auto_weights",
     "compute_weights",
+    "copy_weights_into",
     "example_losses",
+    "load_auto_model",
+    "resolve_model_path",
     "softmax_weights",
 ]

@@ -214,7 +214,7 @@ def _forbid_loading(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("work started before the arguments were checked")
 
     monkeypatch.setattr("resilient_tune.weights._auto._resolve_model_path", started)  # where it is called
-    monkeypatch.setattr(lm_cocktail_module, "_resolve_model_path", started)
+    monkeypatch.setattr(lm_cocktail_module, "resolve_model_path", started)
     monkeypatch.setattr(lm_cocktail_module, "compute_auto_weights", started)
 
 
