@@ -186,3 +186,28 @@ def test_a_peft_adapter_is_refused_with_a_clear_message(tmp_path):
     )  # fmt: skip
     with pytest.raises(UsageError, match="PEFT adapter"):
         trainer.train()
+
+
+def test_bare_sentences_give_a_label_free_embedding_drift(tmp_path):
+    sentences = [f"the tide on day {i} was high" for i in range(16)]  # two full batches: the mean of batch means
+    callback = CocktailCallback(alpha=0.5, general_data=sentences)
+    model = _train(tmp_path / "run", "mnrl", callback, _pairs(32, "cooking"))
+    entry = callback.history[-1]
+    assert entry["general_loss_base"] == pytest.approx(0.0, abs=1e-6)  # 1 - cos(base, base)
+    assert (
+        entry["general_loss_finetuned"] > entry["general_loss"] > 0.0
+    )  # α = 0.5 drifts less than the fine-tuned
+    assert "general_kl" not in entry
+    # the same number by hand: 1 - cos between the base's and the fine-tuned model's embeddings
+    base = SentenceTransformer(str(BASE), device="cpu").encode(sentences, convert_to_tensor=True)
+    tuned = model.encode(sentences, convert_to_tensor=True)
+    by_hand = float((1 - torch.nn.functional.cosine_similarity(base, tuned)).mean())
+    assert entry["general_loss_finetuned"] == pytest.approx(by_hand, abs=1e-4)
+    with pytest.raises(UsageError, match="0 at the base"):
+        _train(
+            tmp_path / "budget",
+            "mnrl",
+            CocktailCallback(policy="budget", general_data=sentences),
+            _pairs(16, "x"),
+            steps=1,
+        )

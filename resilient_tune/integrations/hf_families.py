@@ -46,6 +46,8 @@ from resilient_tune.errors import UsageError
 from resilient_tune.probe_data import detect_format, lm_examples, pad_lm_batch
 from resilient_tune.session import ScoreFn
 
+from ._st_drift import INDEX
+
 __all__ = [
     "PROBE_LOSSES",
     "SENTENCE_TRANSFORMERS",
@@ -56,6 +58,7 @@ __all__ = [
     "check_probe_examples",
     "check_probe_loss",
     "family_of",
+    "is_bare_sentences",
     "is_encoder_decoder",
     "is_sentence_transformer",
     "probe_batches",
@@ -231,10 +234,18 @@ def _token_batches(trainer: Any, args: Any, dataset: Any, name: str) -> list[Map
 def _sentence_batches(trainer: Any, args: Any, dataset: Any, name: str) -> list[Mapping[str, Any]]:
     """Rows of text columns, collated (tokenized) by the sentence-transformers collator, as its eval loader does."""
     rows = [dataset[i] for i in range(len(dataset))]
+    if is_bare_sentences(rows):  # a label-free embedding drift against the base (see _st_drift)
+        texts = [r if isinstance(r, str) else next(iter(r.values())) for r in rows]
+        size = args.per_device_eval_batch_size
+        batches = [
+            trainer.data_collator([{"sentence": t} for t in texts[i : i + size]])
+            for i in range(0, len(texts), size)
+        ]
+        return [{**b, INDEX: (name, i)} for i, b in enumerate(batches)]
     if not isinstance(rows[0], Mapping):
         raise UsageError(
             f"the probe data {name!r} holds {type(rows[0]).__name__}s; a sentence-transformers trainer scores "
-            f"{_ST_FORMATS} (bare sentences give no loss to bound)"
+            f"{_ST_FORMATS}, or bare sentences (strings)"
         )
     rows = [dict(row) for row in rows]
     columns = list(rows[0])
@@ -263,6 +274,14 @@ def _sentence_batches(trainer: Any, args: Any, dataset: Any, name: str) -> list[
             f"cannot batch the probe data {name!r} with the sentence-transformers data collator: {exc}; pass rows "
             "of text columns like the train_dataset's (e.g. {'anchor': str, 'positive': str})"
         ) from exc
+
+
+def is_bare_sentences(rows: list[Any]) -> bool:
+    """Sentences with nothing to pair them with: strings, or rows of one text column (``{"text": ...}``)."""
+    first = rows[0] if rows else None
+    return isinstance(first, str) or (
+        isinstance(first, Mapping) and len(first) == 1 and isinstance(next(iter(first.values())), str)
+    )
 
 
 def trainer_score_fn(trainer: Any) -> ScoreFn | None:

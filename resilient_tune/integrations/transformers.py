@@ -73,6 +73,7 @@ from resilient_tune.distributed import on_rank_zero
 from resilient_tune.engine import Engine, find_peft_model
 from resilient_tune.errors import UsageError
 from resilient_tune.integrations._hf_trainer import find_trainer, replaced_callback, stored_state
+from resilient_tune.integrations._st_drift import is_sentence_batch, use_drift
 from resilient_tune.integrations.hf_families import (
     check_probe_examples,
     check_probe_loss,
@@ -350,6 +351,9 @@ class CocktailCallback(*_BASES):  # type: ignore[misc]
             n: probe_batches(self._trainer, args, d, n, **options) for n, d in session.general_data.items()
         }
         target = {n: probe_batches(self._trainer, args, d, n, **options) for n, d in target_sets.items()}
+        if any(is_sentence_batch(b[0]) for b in general.values()):  # bare sentences: a label-free drift
+            use_drift(self._session, self._trainer, model, general, target)
+            return
         score = session.score_fn or (trainer_score_fn(self._trainer) if objective == "training" else None)
         session.use_probes(model, general, target, score_fn=score)
 
