@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, overload
@@ -24,10 +23,11 @@ from .checkpoint import (
     check_destination,
     parse_size,
 )
-from .errors import IncompatibleModelsError, UsageError
+from .errors import UsageError
 from .folder import Item, write_model_folder
 from .merging import (
     check_compatible,
+    check_inputs,
     get_method,
     layer_depths,
     merge_tensor,
@@ -35,7 +35,14 @@ from .merging import (
     validate_weights,
 )
 from .recipe import Recipe, cocktail_document
-from .sources import ModelLike, TensorSource, check_same_architecture, open_source
+from .sources import (
+    ModelLike,
+    TensorSource,
+    check_same_architecture,
+    copy_buffer,
+    open_source,
+    partial_buffers,
+)
 from .vocab import grown_keys, merge_rows, same_shapes
 
 __all__ = ["merge"]
@@ -156,13 +163,17 @@ def merge(
         _check_json_metadata(metadata)
         cocktail_document(recipe, [], version=__version__, extra=metadata)  # reserved keys refused now
 
-    raw = recipe.weights if recipe.weights is not None else tuple(1.0 / len(models) for _ in models)
+    check_inputs(
+        spec, len(models), recipe.weights
+    )  # counts and weights of SLERP / Model Stock, before any read
+    even = 1.0 if spec.combine != "sum" else 1.0 / len(models)  # SLERP and Model Stock take no weights
+    raw = recipe.weights if recipe.weights is not None else tuple(even for _ in models)
     final_weights = validate_weights(raw, len(models), method=spec, normalize=recipe.normalize)
 
     with _open_all(models, base, allow_pickle) as (sources, base_src):
         everyone = [*sources, base_src] if base_src is not None else list(sources)
         check_same_architecture(everyone)
-        partial = _partial_buffers(everyone)
+        partial = partial_buffers(everyone)
         grown = grown_keys(everyone, spec.name) if allow_grown_vocab else {}
         specs = [{k: (i.shape, i.dtype) for k, i in s.specs().items() if k not in partial} for s in everyone]
         check_compatible([same_shapes(x, grown, specs[0]) for x in specs], [s.name for s in everyone])
@@ -308,7 +319,7 @@ def _merged_tensors(
         keys = tqdm(plan, desc=f"merging ({spec.name})", unit="tensor", total=len(plan))
     for key in keys:
         if key in partial:
-            yield _Merged(key, _copy_buffer(key, partial[key]), [], None, names)
+            yield _Merged(key, copy_buffer(key, partial[key]), [], None, names)
             continue
         inputs = [_loader(source, key) for source in sources]
         if key in grown:  # rows appended in some inputs: each row block mixes the inputs that have it
@@ -338,43 +349,6 @@ def _collect(merged: Iterator[_Merged]) -> dict[str, torch.Tensor]:
         item.check()
         state[item.key] = item.tensor
     return state
-
-
-def _partial_buffers(sources: Sequence[TensorSource]) -> dict[str, list[TensorSource]]:
-    """Non-floating buffers that only some ingredients have: key -> the sources that have it.
-
-    Checkpoints saved by different transformers versions differ in legacy buffers such as
-    ``embeddings.position_ids`` (int64). Such tensors are copied, never merged, so their absence from some
-    ingredients is harmless: the output keeps them when ``models[0]`` has them (identical in every holder) and
-    leaves them out, with a warning, when it does not. A floating tensor missing anywhere is still an error.
-    """
-    specs = [s.specs() for s in sources]
-    every_key = {key for spec in specs for key in spec}
-    partial: dict[str, list[TensorSource]] = {}
-    for key in every_key:
-        holders = [(s, spec[key]) for s, spec in zip(sources, specs) if key in spec]
-        if len(holders) < len(sources) and not any(info.dtype.is_floating_point for _, info in holders):
-            partial[key] = [s for s, _ in holders]
-    dropped = sorted(key for key in partial if key not in specs[0])
-    if dropped:
-        warnings.warn(
-            f"{len(dropped)} non-floating buffer(s) present in some ingredients but not in {sources[0].name} are "
-            f"left out of the output, which follows {sources[0].name}'s layout: {', '.join(dropped)}",
-            UserWarning,
-            stacklevel=4,
-        )
-    return partial
-
-
-def _copy_buffer(key: str, holders: Sequence[TensorSource]) -> torch.Tensor:
-    first = holders[0].get(key)
-    for other in holders[1:]:
-        if not torch.equal(first, other.get(key)):
-            raise IncompatibleModelsError(
-                f"non-floating tensor {key!r} differs between {holders[0].name} and {other.name}; such tensors "
-                "are copied, not averaged, so they must be identical: merge checkpoints of the same architecture"
-            )
-    return first
 
 
 def _loader(source: TensorSource, key: str) -> Any:

@@ -50,6 +50,10 @@ def _build_parser() -> argparse.ArgumentParser:
     m.add_argument("--lines-alpha", type=float, help="LiNeS: scale of the shallowest layer")
     m.add_argument("--lines-beta", type=float, help="LiNeS: extra scale of the deepest layer")
     m.add_argument(
+        "--epsilon", type=float, help="DELLA: spread of the keep probabilities, density +/- epsilon"
+    )
+    m.add_argument("--t", type=float, metavar="T", help="SLERP: 0 = the base, 1 = the model; default 0.5")
+    m.add_argument(
         "--dtype", default="auto", help="output dtype: auto (as inputs), float32, float16, bfloat16"
     )
     m.add_argument("--max-shard-size", default="5GB", help="shard the output above this size (default 5GB)")
@@ -140,6 +144,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             ("gamma", args.gamma),
             ("lines_alpha", args.lines_alpha),
             ("lines_beta", args.lines_beta),
+            ("epsilon", args.epsilon),
+            ("t", args.t),
         )
         if value is not None
     }

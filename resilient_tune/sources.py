@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -18,7 +19,14 @@ import torch
 from .checkpoint import CheckpointReader, TensorInfo
 from .errors import IncompatibleModelsError, UsageError
 
-__all__ = ["ModelLike", "TensorSource", "check_same_architecture", "open_source"]
+__all__ = [
+    "ModelLike",
+    "TensorSource",
+    "check_same_architecture",
+    "copy_buffer",
+    "open_source",
+    "partial_buffers",
+]
 
 ModelLike = str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module
 
@@ -149,3 +157,40 @@ def check_same_architecture(sources: list[TensorSource]) -> None:
 def _describe(arch: tuple[str, ...]) -> str:
     kind = f"{arch[0]!r} model"
     return f"{kind} ({', '.join(arch[1:])})" if len(arch) > 1 else kind
+
+
+def partial_buffers(sources: Sequence[TensorSource]) -> dict[str, list[TensorSource]]:
+    """Non-floating buffers that only some ingredients have: key -> the sources that have it.
+
+    Checkpoints saved by different transformers versions differ in legacy buffers such as
+    ``embeddings.position_ids`` (int64). Such tensors are copied, never merged, so their absence from some
+    ingredients is harmless: the output keeps them when ``models[0]`` has them (identical in every holder) and
+    leaves them out, with a warning, when it does not. A floating tensor missing anywhere is still an error.
+    """
+    specs = [s.specs() for s in sources]
+    every_key = {key for spec in specs for key in spec}
+    partial: dict[str, list[TensorSource]] = {}
+    for key in every_key:
+        holders = [(s, spec[key]) for s, spec in zip(sources, specs) if key in spec]
+        if len(holders) < len(sources) and not any(info.dtype.is_floating_point for _, info in holders):
+            partial[key] = [s for s, _ in holders]
+    dropped = sorted(key for key in partial if key not in specs[0])
+    if dropped:
+        warnings.warn(
+            f"{len(dropped)} non-floating buffer(s) present in some ingredients but not in {sources[0].name} are "
+            f"left out of the output, which follows {sources[0].name}'s layout: {', '.join(dropped)}",
+            UserWarning,
+            stacklevel=4,
+        )
+    return partial
+
+
+def copy_buffer(key: str, holders: Sequence[TensorSource]) -> torch.Tensor:
+    first = holders[0].get(key)
+    for other in holders[1:]:
+        if not torch.equal(first, other.get(key)):
+            raise IncompatibleModelsError(
+                f"non-floating tensor {key!r} differs between {holders[0].name} and {other.name}; such tensors "
+                "are copied, not averaged, so they must be identical: merge checkpoints of the same architecture"
+            )
+    return first

@@ -18,11 +18,15 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no network to model hubs here; set before huggingface_hub is imported
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+
+# tests/ on sys.path: test modules in its sub-folders import its shared helpers (_contract) by name
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine thread hand-offs make every small
 # matmul ~50x slower. Tests that need threads can set them back locally.

@@ -54,7 +54,13 @@ from ..sources import ModelLike
 from ..validation import check_alpha, check_weights
 from ._full_math import DriftMeter, TensorMixer, swapped_parameters
 from ._full_write import iter_state, write_folder
-from ._options import check_peers, check_snapshot_device, check_snapshot_dtype, peer_label
+from ._options import (
+    check_peers,
+    check_snapshot_device,
+    check_snapshot_dtype,
+    check_training_method,
+    peer_label,
+)
 from ._protocol import Drift, FamilySaver, WriteForm
 
 __all__ = ["CocktailEngine"]
@@ -112,6 +118,7 @@ class CocktailEngine:
         self.recipe = Recipe(method=method, options=dict(options or {}), seed=seed, dtype=None)
         self._spec = get_method(method)
         self._options = resolve_options(self._spec, self.recipe.options)
+        check_training_method(self._spec, len(self._peer_specs))
         self.snapshot_device = check_snapshot_device(snapshot_device)
         self.snapshot_dtype = check_snapshot_dtype(snapshot_dtype)
         self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
@@ -221,6 +228,9 @@ class CocktailEngine:
         fine-tuned, base and peers (linear; ``(α, 1 − α)`` without peers) or ``(α, (1 − α)·w₁, ...)`` over
         fine-tuned and peers (task-vector methods, base θ₀; ``(α,)`` without peers)."""
         mix = self._mix_weights(check_alpha(alpha), weights)
+        if self._spec.combine == "slerp":  # α is SLERP's t between θ₀ and θₜ
+            options = {**self.recipe.options, "t": mix[0]}
+            return Recipe(method="slerp", weights=(1.0,), options=options, seed=self.recipe.seed)
         return Recipe(
             method=self.recipe.method, weights=mix, options=self.recipe.options, seed=self.recipe.seed
         )

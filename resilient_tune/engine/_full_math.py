@@ -96,6 +96,12 @@ class TensorMixer:
                 mixed, key=name, inputs=[current, base], names=["the fine-tuned model", "the base"]
             )
             return mixed if in_place else into(out, mixed.to(current.dtype))
+        if self.spec.combine == "slerp":  # α is t: θ₀ at 0, θₜ at 1, along the arc between them
+            options = {**self.options, "t": mix[0]}
+            slerped = merge_tensor(
+                self.spec, [current], [1.0], base=base, options=options, key=name, out_dtype=current.dtype
+            )
+            return into(out, slerped)
         base_arg: torch.Tensor | None
         if self.spec.needs_base:
             inputs, base_arg = [current, *peers], base

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -13,7 +14,15 @@ from ..errors import CheckpointFormatError, UsageError
 from ..recipe import normalize_dtype_name
 from ..sources import ModelLike
 
-__all__ = ["check_peers", "check_snapshot_device", "check_snapshot_dtype", "into", "peer_label", "state_keys"]
+__all__ = [
+    "check_peers",
+    "check_snapshot_device",
+    "check_snapshot_dtype",
+    "check_training_method",
+    "into",
+    "peer_label",
+    "state_keys",
+]
 
 
 def state_keys(model: torch.nn.Module, *, dedupe: bool) -> set[str]:
@@ -88,3 +97,22 @@ def into(out: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
 
 def peer_label(peer: ModelLike, index: int) -> str:
     return str(peer) if isinstance(peer, (str, os.PathLike)) else f"peer {index}"
+
+
+def check_training_method(spec: Any, peers: int) -> None:
+    """A merge method a training run can use: every registered one but Model Stock, and SLERP without peers.
+
+    Raises:
+        UsageError: Model Stock (names the offline call), or SLERP with peers.
+    """
+    if spec.combine == "model_stock":
+        raise UsageError(
+            "method='model_stock' chooses its own ratio per tensor from the angle between two or more fine-tuned "
+            "models; a training run has one, and α would not mean anything: merge offline, "
+            "resilient_tune.merge([fine_tuned, peer, ...], method='model_stock', base=base)"
+        )
+    if spec.combine == "slerp" and peers:
+        raise UsageError(
+            f"method='slerp' interpolates between the base and the fine-tuned model only; drop the {peers} peer(s) "
+            "or use method='linear'"
+        )

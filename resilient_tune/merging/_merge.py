@@ -39,6 +39,7 @@ from typing import Union
 import torch
 
 from resilient_tune.errors import IncompatibleModelsError, NonFiniteError, UsageError
+from resilient_tune.merging._combine import check_inputs, model_stock, slerp
 from resilient_tune.merging._registry import MergeMethod, as_method, resolve_options
 from resilient_tune.merging._sparsify import sparsify_, tensor_generator
 from resilient_tune.merging._validate import as_floats
@@ -99,7 +100,12 @@ def merge_tensor(
     if not stream.is_float:
         return _copy_identical(stream, base, key)
     dtype = out_dtype or stream.dtype
-    if spec.needs_base:
+    if spec.combine != "sum":
+        base32 = _load_base(base, stream, key)
+        combine = slerp if spec.combine == "slerp" else model_stock
+        merged = combine(stream.load, len(stream), stream.shape, base32, opts)
+        del base32
+    elif spec.needs_base:
         base32 = _load_base(base, stream, key)
         merged = _task_vectors(spec, stream, w, base32, opts, seed)
         scale = opts["lambda"]
@@ -156,6 +162,7 @@ def _check_call(
         raise UsageError(
             f"got {len(w)} weights for {len(inputs)} inputs of tensor {key!r}; pass one weight per input"
         )
+    check_inputs(spec, len(inputs), w, key=key)
     if spec.needs_base and base is None:
         raise UsageError(f"merge method {spec.name!r} needs a base model; pass base=")
     if not spec.needs_base and base is not None:
@@ -311,7 +318,8 @@ def _delta(
                 before_sparsify=True,
                 names=stream.names,
             )
-        generator = tensor_generator(seed, stream.key, i) if spec.sparsify == "random" else None
+        random = spec.sparsify in ("random", "magnitude_rank")
+        generator = tensor_generator(seed, stream.key, i) if random else None
         sparsify_(spec.sparsify, delta, opts, generator, workspace)
     return delta
 

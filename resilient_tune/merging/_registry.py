@@ -3,18 +3,31 @@
 Every task-vector method is the same "generalized task arithmetic" (mergekit's term) built from two
 choices, a *sparsifier* applied to each task vector and an optional *consensus* step:
 
-=================  ===========  =========  =====  ===========================================
-name               sparsify     consensus  depth  options (default)
-=================  ===========  =========  =====  ===========================================
-linear             -            -          -      (none: a weighted average of the models)
-task_arithmetic    -            -          -      lambda (1.0)
-ties               magnitude    sign       -      lambda (1.0), density (0.5)
-dare_linear        random       -          -      lambda (1.0), density (0.5)
-dare_ties          random       sign       -      lambda (1.0), density (0.5)
-breadcrumbs        outliers     -          -      lambda (1.0), density (0.9), gamma (0.01)
-breadcrumbs_ties   outliers     sign       -      lambda (1.0), density (0.9), gamma (0.01)
-lines              -            -          yes    lambda (1.0), lines_alpha (0.5), lines_beta (0.5)
-=================  ===========  =========  =====  ===========================================
+=================  ==============  =========  =====  ===========================================
+name               sparsify        consensus  depth  options (default)
+=================  ==============  =========  =====  ===========================================
+linear             -               -          -      (none: a weighted average of the models)
+task_arithmetic    -               -          -      lambda (1.0)
+ties               magnitude       sign       -      lambda (1.0), density (0.5)
+dare_linear        random          -          -      lambda (1.0), density (0.5)
+dare_ties          random          sign       -      lambda (1.0), density (0.5)
+breadcrumbs        outliers        -          -      lambda (1.0), density (0.9), gamma (0.01)
+breadcrumbs_ties   outliers        sign       -      lambda (1.0), density (0.9), gamma (0.01)
+lines              -               -          yes    lambda (1.0), lines_alpha (0.5), lines_beta (0.5)
+della              magnitude_rank  sign       -      lambda (1.0), density (0.5), epsilon (0.15)
+della_linear       magnitude_rank  -          -      lambda (1.0), density (0.5), epsilon (0.15)
+=================  ==============  =========  =====  ===========================================
+
+Two methods combine the models another way than a weighted sum of task vectors (``combine``):
+
+- ``slerp`` (``t`` 0.5): spherical interpolation between the base and exactly one other model, per tensor (the
+  tensor flattened to one vector), ``t = 0`` the base and ``t = 1`` the model; vectors within about 1.8° of
+  parallel or antiparallel (``|cos| > 0.9995``, a zero task vector included) fall back to linear interpolation, and a
+  zero vector counts as orthogonal to the other (mergekit's rules).
+  With ``t = α`` it is the spherical counterpart of ``θ₀ + α(θ − θ₀)``.
+- ``model_stock`` (no options): from two or more fine-tuned models of one base, per tensor, the mean pairwise cosine
+  ``c`` of their task vectors gives ``t = N·c / (1 + (N − 1)·c)`` and the result ``t·mean(θᵢ) + (1 − t)·base``: a
+  data-free interpolation ratio (``t = 0`` where ``1 + (N − 1)·c`` is about 0). The weights are not used.
 
 Options (all floats):
 
@@ -24,6 +37,9 @@ Options (all floats):
   everything (no sparsification).
 - ``gamma`` (breadcrumbs): fraction of the largest-magnitude entries dropped as outliers, in
   ``[0, 1)``, with ``density + gamma <= 1``.
+- ``epsilon`` (DELLA): spread of the keep probabilities around ``density``: ``density ± epsilon``, in ``[0, 1)``
+  with ``0 < density - epsilon`` and ``density + epsilon < 1`` when ``density < 1``.
+- ``t`` (SLERP): the interpolation parameter in ``[0, 1]``.
 - ``lines_alpha``, ``lines_beta`` (LiNeS): the per-tensor scale is ``lines_alpha + lines_beta *
   depth`` with ``depth`` in ``[0, 1]`` from :func:`~resilient_tune.merging.layer_depths`. The
   defaults 0.5/0.5 are our choice, not a value prescribed by the paper (which tunes both per
@@ -46,8 +62,9 @@ from resilient_tune.errors import UsageError
 
 __all__ = ["METHODS", "MergeMethod", "get_method", "method_names", "resolve_options"]
 
-_SPARSIFIERS = (None, "magnitude", "random", "outliers")
+_SPARSIFIERS = (None, "magnitude", "random", "outliers", "magnitude_rank")
 _CONSENSUS = (None, "sign")
+_COMBINE = ("sum", "slerp", "model_stock")
 
 
 @dataclass(frozen=True)
@@ -62,6 +79,9 @@ class MergeMethod:
             ``"outliers"`` (breadcrumbs), applied to every task vector, tensor by tensor.
         consensus: ``None`` or ``"sign"`` (TIES sign election and disjoint mean).
         depth_scaling: whether the merged task vector is scaled by layer depth (LiNeS).
+        combine: ``"sum"`` (the weighted sum of task vectors, or of models for ``linear``), ``"slerp"`` or
+            ``"model_stock"`` (see the module docs).
+        inputs: ``(fewest, most)`` models merged (base excluded); ``None`` for no limit.
         defaults: default value of every option the method accepts (the keys are the valid
             option names).
         paper: arXiv link of the paper that introduced the method.
@@ -76,8 +96,12 @@ class MergeMethod:
     defaults: Mapping[str, float] = field(hash=False)
     paper: str
     description: str
+    combine: str = "sum"
+    inputs: tuple[int, int | None] = (1, None)
 
     def __post_init__(self) -> None:
+        if self.combine not in _COMBINE:
+            raise UsageError(f"combine={self.combine!r} is unknown; use one of {_COMBINE}")
         if self.sparsify not in _SPARSIFIERS:
             raise UsageError(f"sparsify={self.sparsify!r} is unknown; use one of {_SPARSIFIERS}")
         if self.consensus not in _CONSENSUS:
@@ -86,7 +110,15 @@ class MergeMethod:
 
 
 def _row(
-    name: str, sparsify: str | None, consensus: str | None, paper: str, description: str, **defaults: float
+    name: str,
+    sparsify: str | None,
+    consensus: str | None,
+    paper: str,
+    description: str,
+    *,
+    combine: str = "sum",
+    inputs: tuple[int, int | None] = (1, None),
+    **defaults: float,
 ) -> MergeMethod:
     return MergeMethod(
         name=name,
@@ -97,6 +129,8 @@ def _row(
         defaults=defaults,
         paper=paper,
         description=description,
+        combine=combine,
+        inputs=inputs,
     )
 
 
@@ -164,6 +198,41 @@ _ROWS = (
         "LiNeS: task arithmetic scaled per layer by lines_alpha + lines_beta * depth (shallow layers stay near base)",
         **{"lambda": 1.0, "lines_alpha": 0.5, "lines_beta": 0.5},
     ),
+    _row(
+        "della",
+        "magnitude_rank",
+        "sign",
+        "https://arxiv.org/abs/2406.11617",
+        "DELLA: drop task-vector entries with magnitude-ranked probabilities (density +/- epsilon), rescale, TIES signs",
+        **{"lambda": 1.0, "density": 0.5, "epsilon": 0.15},
+    ),
+    _row(
+        "della_linear",
+        "magnitude_rank",
+        None,
+        "https://arxiv.org/abs/2406.11617",
+        "DELLA's magnitude-ranked drop and rescale, then a weighted sum of the task vectors",
+        **{"lambda": 1.0, "density": 0.5, "epsilon": 0.15},
+    ),
+    _row(
+        "slerp",
+        None,
+        None,
+        "https://arxiv.org/abs/2403.13257 (MergeKit, which popularised it for LLMs; SLERP: Shoemake 1985)",
+        "spherical interpolation between the base (t=0) and one model (t=1), per tensor",
+        combine="slerp",
+        inputs=(1, 1),
+        t=0.5,
+    ),
+    _row(
+        "model_stock",
+        None,
+        None,
+        "https://arxiv.org/abs/2403.19522",
+        "Model Stock: per tensor, t from the angle between 2+ fine-tuned models' task vectors; t*mean + (1-t)*base",
+        combine="model_stock",
+        inputs=(2, None),
+    ),
 )
 
 METHODS: Mapping[str, MergeMethod] = MappingProxyType({row.name: row for row in _ROWS})
@@ -228,7 +297,7 @@ def resolve_options(method: MergeMethod | str, options: Mapping[str, float] | No
 
 
 def _check_ranges(method: str, opts: Mapping[str, float]) -> None:
-    for name in ("lambda", "lines_alpha", "lines_beta", "density", "gamma"):
+    for name in ("lambda", "lines_alpha", "lines_beta", "density", "gamma", "epsilon", "t"):
         if name in opts and not math.isfinite(opts[name]):
             raise UsageError(
                 f"option {name}={opts[name]} for merge method {method!r} must be a finite number"
@@ -239,6 +308,22 @@ def _check_ranges(method: str, opts: Mapping[str, float]) -> None:
             f"density={density} for merge method {method!r} is out of range; pass a value in (0, 1] "
             "(the fraction of each task vector that is kept)"
         )
+    t = opts.get("t")
+    if t is not None and not 0.0 <= t <= 1.0:
+        raise UsageError(
+            f"t={t} for merge method {method!r} is out of range; pass a value in [0, 1] (0 = the base, 1 = the model)"
+        )
+    epsilon = opts.get("epsilon")
+    if epsilon is not None and density is not None:
+        if not 0.0 <= epsilon < 1.0:
+            raise UsageError(
+                f"epsilon={epsilon} for merge method {method!r} is out of range; pass a value in [0, 1)"
+            )
+        if density < 1.0 and not (density - epsilon > 0.0 and density + epsilon < 1.0):
+            raise UsageError(
+                f"epsilon={epsilon} with density={density} for merge method {method!r} puts a keep probability "
+                f"outside (0, 1): pass epsilon < min(density, 1 - density) = {min(density, 1.0 - density):g}"
+            )
     gamma = opts.get("gamma")
     if gamma is not None:
         if not 0.0 <= gamma < 1.0:

@@ -14,6 +14,13 @@
   largest outliers). ``top`` shrinks when ``density + gamma`` would exceed 1. Unlike ``magnitude``,
   ``keep`` may be 0 for a small tensor, which then becomes all zeros (mergekit does the same).
 
+- ``magnitude_rank`` (DELLA, mergekit ``sparsify.della_magprune`` semantics): within each row (dimension 0 of a
+  tensor of two or more dimensions; a vector is one row) the entries are ranked by ``|τ|`` and kept with probability
+  ``density - epsilon + 2·epsilon·r`` where ``r`` in ``[0, 1]`` is the normalised rank (larger magnitudes are kept
+  more often; a row of one entry gets ``density``); the mask is drawn with :func:`tensor_generator`, and the kept
+  entries are rescaled so that the tensor keeps its L1 norm (mergekit's ``rescale``; the paper rescales each entry by
+  ``1 / p``, which is equal in expectation). ``density == 1`` keeps the tensor unchanged.
+
 Ties in ``|τ|`` (frequent with low-precision checkpoints) are broken by flat index: among equal
 magnitudes the entry with the lowest index ranks higher, so the kept count is always exact and the
 result is deterministic. Ranking uses ``torch.kthvalue`` (linear time) rather than a full sort.
@@ -119,9 +126,29 @@ def sparsify_(
         _outliers_(flat, opts["density"], opts["gamma"], buffer)
     elif kind == "random" and generator is not None:
         _dare_(flat, opts["density"], generator, buffer)
+    elif kind == "magnitude_rank" and generator is not None:
+        _della_(delta, opts["density"], opts["epsilon"], generator)
     else:
         raise ValueError(f"sparsifier {kind!r} is unknown or lacks its generator")
     return delta
+
+
+def _della_(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> None:
+    """DELLA's magnitude-ranked drop, in place on a float32 tensor (see the module docs)."""
+    if density >= 1.0 or delta.numel() == 0:
+        return
+    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, descending=False), dim=1).to(torch.float32) + 1
+    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    span = high - low
+    rank = torch.where(span > 0, (ranks - low) / torch.where(span > 0, span, 1.0), 0.5).clamp_(0.0, 1.0)
+    probs = ((density - epsilon) + rank * (2.0 * epsilon)).cpu()  # the generator is a CPU one
+    keep = torch.bernoulli(probs, generator=generator).to(delta.device)
+    before = delta.abs().sum()
+    rows.mul_(keep)
+    after = delta.abs().sum()
+    if before >= 1e-7 and after >= 1e-7:
+        delta.mul_(before / after)
 
 
 def _on_float32_copy(delta: torch.Tensor, apply_: Callable[[torch.Tensor], object]) -> torch.Tensor:

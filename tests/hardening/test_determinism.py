@@ -21,6 +21,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from _contract import fit  # tests/ is on sys.path (tests/conftest.py)
 from safetensors.torch import load_file, save_file
 
 from resilient_tune import merge
@@ -60,7 +61,13 @@ def _save(folder: Path, state: dict[str, torch.Tensor], *, shard_bytes: int | No
 def _kwargs(method: str, base: str, seed: int = 3) -> dict[str, object]:
     if method == "linear":
         return {"weights": [0.2, 0.3, 0.5], "seed": seed}
-    return {"weights": [0.6, 0.8, 1.1], "method": method, "base": base, "seed": seed}
+    _, weights = fit(method, [None] * 3, [0.6, 0.8, 1.1])
+    return {"weights": weights, "method": method, "base": base, "seed": seed}
+
+
+def _models(method: str, paths: list[str]) -> list[str]:
+    """The models a method merges: all three, but one for SLERP."""
+    return fit(method, paths, [1.0] * len(paths))[0]
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +108,9 @@ def test_every_method_writes_bit_identical_checkpoints_across_processes(
 ) -> None:
     jobs = []
     for method in method_names():
-        kwargs = _kwargs(method, ingredients["base"])
-        merge(ingredients["single"], out=tmp_path / f"here-{method}", **kwargs)
-        jobs.append((str(tmp_path / f"there-{method}"), ingredients["single"], kwargs))
+        kwargs, models = _kwargs(method, ingredients["base"]), _models(method, ingredients["single"])
+        merge(models, out=tmp_path / f"here-{method}", **kwargs)
+        jobs.append((str(tmp_path / f"there-{method}"), models, kwargs))
     env = {**os.environ, "PYTHONHASHSEED": "4242"}
     subprocess.run([sys.executable, "-c", _OTHER_PROCESS, json.dumps(jobs)], check=True, env=env, timeout=300)
     for method in method_names():
@@ -112,7 +119,9 @@ def test_every_method_writes_bit_identical_checkpoints_across_processes(
         assert (here / "cocktail.json").read_text() == (there / "cocktail.json").read_text(), method
 
 
-@pytest.mark.parametrize("method", [m for m in method_names() if METHODS[m].sparsify == "random"])
+@pytest.mark.parametrize(
+    "method", [m for m in method_names() if METHODS[m].sparsify in ("random", "magnitude_rank")]
+)
 def test_dare_same_seed_identical_other_seed_different(
     ingredients: dict[str, list[str] | str], method: str
 ) -> None:
@@ -129,9 +138,15 @@ def test_dare_same_seed_identical_other_seed_different(
 def test_input_shard_layout_does_not_change_the_merge(
     ingredients: dict[str, list[str] | str], tmp_path: Path, method: str
 ) -> None:
-    single = merge(ingredients["single"], out=tmp_path / "single", **_kwargs(method, ingredients["base"]))
+    single = merge(
+        _models(method, ingredients["single"]),
+        out=tmp_path / "single",
+        **_kwargs(method, ingredients["base"]),
+    )
     sharded = merge(
-        ingredients["sharded"], out=tmp_path / "sharded", **_kwargs(method, ingredients["base_sharded"])
+        _models(method, ingredients["sharded"]),
+        out=tmp_path / "sharded",
+        **_kwargs(method, ingredients["base_sharded"]),
     )
     # the output follows models[0]'s key order (file order differs between the layouts); every tensor is identical
     a, b = load_file(single / "model.safetensors"), load_file(sharded / "model.safetensors")

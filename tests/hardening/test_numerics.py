@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from _contract import fit  # tests/ is on sys.path (tests/conftest.py)
 from safetensors.torch import load_file, save_file
 
 from resilient_tune import merge
 from resilient_tune.cli import main
 from resilient_tune.errors import IncompatibleModelsError, NonFiniteError
-from resilient_tune.merging import method_names
+from resilient_tune.merging import METHODS, method_names
 
 _KEYS = [f"layers.{i}.w" for i in range(6)]
 
@@ -51,19 +52,25 @@ def test_non_finite_input_in_the_last_tensor_commits_nothing(
     sick[_KEYS[-1]] = sick[_KEYS[-1]].clone()
     sick[_KEYS[-1]][3, 5] = bad_value
     paths = [_save(tmp_path / "m0", _healthy(0)), _save(tmp_path / "sick", sick)]
+    healthy = paths[0]
     base = _save(tmp_path / "base", _healthy(2))
-    extra = [] if method == "linear" else ["--method", method, "--base", base, "--weights", "1", "1"]
-    kwargs = {} if method == "linear" else {"method": method, "base": base, "weights": [1, 1]}
+    single = METHODS[method].inputs[1] == 1  # SLERP merges one model with the base: the sick one
+    if single:
+        paths = paths[1:]
+    label = f"sick (models[{len(paths) - 1}])"
+    weights = ["1"] * len(paths)
+    extra = [] if method == "linear" else ["--method", method, "--base", base, "--weights", *weights]
+    kwargs = {} if method == "linear" else {"method": method, "base": base, "weights": [1] * len(paths)}
     out = tmp_path / "out"
-    assert main(["merge", paths[0], base, "--out", str(out), "-q"]) == 0  # a previous version
+    assert main(["merge", healthy, base, "--out", str(out), "-q"]) == 0  # a previous version
     old = _digest(out)
     with pytest.raises(NonFiniteError) as info:
         merge(paths, out=out, overwrite=True, **kwargs)
-    assert repr(_KEYS[-1]) in str(info.value) and "sick (models[1])" in str(info.value)
+    assert repr(_KEYS[-1]) in str(info.value) and label in str(info.value)
     assert "repair or drop that checkpoint" in str(info.value)
     assert main(["merge", *paths, "--out", str(out), "--overwrite", "-q", *extra]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "sick (models[1])" in err and "NaN or Inf" in err
+    assert err.count("\n") == 1 and label in err and "NaN or Inf" in err
     assert _digest(out) == old
     assert [p.name for p in tmp_path.iterdir() if ".rt-" in p.name] == []
 
@@ -116,12 +123,16 @@ def test_integer_and_bool_buffers_are_copied_never_averaged(tmp_path: Path, meth
     states = [{"w": torch.randn(4, 4), "ids": ids.clone(), "mask": mask.clone()} for _ in range(3)]
     paths = [_save(tmp_path / f"m{i}", s) for i, s in enumerate(states[:2])]
     kwargs = {} if method == "linear" else {"method": method, "base": _save(tmp_path / "base", states[2])}
-    out = merge(paths, [0.3, 0.7], out=tmp_path / "out", **kwargs)
+    paths, weights = fit(method, paths, [0.3, 0.7])
+    out = merge(paths, weights, out=tmp_path / "out", **kwargs)
     written = load_file(out / "model.safetensors")
     assert written["ids"].dtype == torch.int64 and torch.equal(written["ids"], ids)
     assert written["mask"].dtype == torch.bool and torch.equal(written["mask"], mask)
     states[1]["ids"][0] += 1
     other = _save(tmp_path / "other", states[1])
+    differing = (
+        [other] if len(paths) == 1 else [paths[0], other]
+    )  # SLERP: the model's ids differ from the base's
     with pytest.raises(IncompatibleModelsError, match=r"'ids'.*copied, not averaged"):
-        merge([paths[0], other], [0.3, 0.7], out=tmp_path / "out2", **kwargs)
+        merge(differing, weights[: len(differing)], out=tmp_path / "out2", **kwargs)
     assert not (tmp_path / "out2").exists()

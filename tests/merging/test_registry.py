@@ -24,7 +24,15 @@ EXPECTED = {
     "breadcrumbs": (True, "outliers", None, False, {"lambda", "density", "gamma"}, "2312.06795"),
     "breadcrumbs_ties": (True, "outliers", "sign", False, {"lambda", "density", "gamma"}, "2312.06795"),
     "lines": (True, None, None, True, {"lambda", "lines_alpha", "lines_beta"}, "2410.17146"),
+    "della": (True, "magnitude_rank", "sign", False, {"lambda", "density", "epsilon"}, "2406.11617"),
+    "della_linear": (True, "magnitude_rank", None, False, {"lambda", "density", "epsilon"}, "2406.11617"),
+    "slerp": (True, None, None, False, {"t"}, "2403.13257"),
+    "model_stock": (True, None, None, False, set(), "2403.19522"),
 }
+COMBINE = {
+    "slerp": ("slerp", (1, 1)),
+    "model_stock": ("model_stock", (2, None)),
+}  # the others: ("sum", (1, None))
 
 
 def test_all_is_sorted_and_lists_exactly_the_public_names() -> None:
@@ -47,6 +55,7 @@ def test_registry_rows_match_the_documented_table() -> None:
             depth,
         )
         assert set(row.defaults) == options
+        assert (row.combine, row.inputs) == COMBINE.get(name, ("sum", (1, None)))
         assert arxiv in row.paper and row.paper.startswith("https://arxiv.org/abs/")
         assert row.description and "\n" not in row.description
 
@@ -68,9 +77,9 @@ def test_registry_and_rows_are_read_only() -> None:
 def test_get_method_unknown_lists_valid_names() -> None:
     assert get_method("ties") is METHODS["ties"]
     with pytest.raises(UsageError) as info:
-        get_method("slerp")
+        get_method("karcher")  # mergekit has it; resilient-tune does not
     message = str(info.value)
-    assert "'slerp'" in message
+    assert "'karcher'" in message
     for name in EXPECTED:
         assert name in message
 

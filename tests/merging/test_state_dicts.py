@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _contract import fit  # tests/ is on sys.path (tests/conftest.py)
 
 from resilient_tune.errors import IncompatibleModelsError, UsageError
 from resilient_tune.merging import METHODS, layer_depths, merge_state_dicts, merge_tensor, method_names
@@ -25,10 +26,10 @@ def _state_dict(seed: int) -> dict[str, torch.Tensor]:
 def _call(
     method: str, models: list[dict[str, torch.Tensor]], base: dict[str, torch.Tensor], **kwargs: object
 ) -> dict[str, torch.Tensor]:
-    n = len(models)
+    models, weights = fit(method, models, [1.0 / len(models)] * len(models))
     if METHODS[method].needs_base:
-        return merge_state_dicts(models, [1.0 / n] * n, method=method, base=base, **kwargs)  # type: ignore[arg-type]
-    return merge_state_dicts(models, [1.0 / n] * n, method=method, **kwargs)  # type: ignore[arg-type]
+        return merge_state_dicts(models, weights, method=method, base=base, **kwargs)  # type: ignore[arg-type]
+    return merge_state_dicts(models, weights, method=method, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("method", method_names())
@@ -123,4 +124,4 @@ def test_state_dict_argument_errors() -> None:
     with pytest.raises(UsageError, match="got 1 weights for 2 models"):
         merge_state_dicts([a, a], [1.0])
     with pytest.raises(UsageError, match="unknown"):
-        merge_state_dicts([a], [1.0], method="model_stock")
+        merge_state_dicts([a], [1.0], method="karcher")
