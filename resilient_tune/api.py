@@ -26,6 +26,7 @@ from .checkpoint import (
 from .errors import UsageError
 from .folder import Item, write_model_folder
 from .merging import (
+    OwnedLoader,
     check_compatible,
     check_inputs,
     get_method,
@@ -352,7 +353,8 @@ def _collect(merged: Iterator[_Merged]) -> dict[str, torch.Tensor]:
 
 
 def _loader(source: TensorSource, key: str) -> Any:
-    return lambda: source.get(key)
+    load = lambda: source.get(key)  # noqa: E731
+    return OwnedLoader(load) if source.owned else load
 
 
 def _identity(source: TensorSource, role: str, weight: float | None) -> dict[str, Any]:

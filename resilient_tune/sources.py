@@ -36,6 +36,7 @@ class TensorSource(Protocol):
 
     name: str
     folder: Path | None  # where config/tokenizer files live (None for in-memory ingredients)
+    owned: bool  # get() returns a new tensor each call that nothing else holds (merges may reuse its memory)
 
     def architecture(self) -> tuple[str, ...] | None: ...
 
@@ -53,6 +54,7 @@ class _CheckpointSource:
         self._reader = CheckpointReader(path, allow_pickle=allow_pickle)
         self.name = str(path)
         self.folder: Path | None = self._reader.folder
+        self.owned = True  # the reader returns a fresh tensor per call (positioned read, or a copy)
         self._specs = self._reader.specs()
 
     def specs(self) -> dict[str, TensorInfo]:
@@ -92,6 +94,7 @@ class _MemorySource:
         self._state = state
         self.name = name
         self.folder: Path | None = None
+        self.owned = False  # get() returns the caller's own tensors
 
     def specs(self) -> dict[str, TensorInfo]:
         return {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in self._state.items()}

@@ -98,14 +98,21 @@ def test_merge_speed_runs_on_tiny(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert result["inputs"]["params"] == _tiny_gpt2_params(vocab=1000, positions=128, width=64, layers=2)
-    (run,) = result["runs"]["resilient-tune"]
-    assert run["wall_s"] > 0
-    assert run["max_rss_mib"] > 50  # at least a Python interpreter with torch
-    check = result["agreement"]["resilient-tune"]
-    assert check["ok"], check
-    assert check["missing_keys"] == []
-    assert check["max_abs_diff_vs_exact"] < 1e-5
-    assert [t["target"] for t in result["targets"]] == ["wall <= 0.45x mergekit", "peak RSS <= 640 MiB"]
+    assert list(result["methods"]) == ["linear", "slerp"]
+    for method, targets in (
+        ("linear", ["wall <= 0.45x mergekit", "peak RSS <= 640 MiB"]),
+        ("slerp", ["wall < 1.00x mergekit", "peak RSS < 1.00x mergekit"]),
+    ):
+        run = result["methods"][method]
+        (row,) = run["runs"]["resilient-tune"]
+        assert row["wall_s"] > 0
+        assert row["max_rss_mib"] > 50  # at least a Python interpreter with torch
+        check = run["agreement"]["resilient-tune"]
+        assert check["ok"], (method, check)
+        assert check["missing_keys"] == []
+        assert check["max_abs_diff_vs_exact"] < 1e-5
+        assert [t["target"] for t in run["targets"]] == targets
+    assert "--method slerp --t 0.3" in result["methods"]["slerp"]["commands"]["resilient-tune"]
     assert not any(p.name.startswith("run-") for p in tmp_path.iterdir()), "output folders left behind"
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "plot" / "merge-speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -119,6 +126,7 @@ def test_merge_speed_runs_on_tiny(tmp_path: Path) -> None:
     )  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     assert "## Merge speed: tiny" in again.stdout and "resilient-tune `merge`" in again.stdout
+    assert "### linear:" in again.stdout and "### slerp:" in again.stdout
     saved.write_text('{"size": "tiny"}')
     bad = subprocess.run(
         [sys.executable, str(BENCH / "merge_speed.py"), "--from-json", str(saved)],
@@ -162,3 +170,94 @@ def test_check_outputs_flags_a_wrong_or_incomplete_merge(tmp_path: Path) -> None
     assert report["wrong"]["max_abs_diff_vs_reference"] == pytest.approx(1e-3, rel=1e-3)
     assert not report["partial"]["ok"]
     assert report["partial"]["missing_keys"] == ["b"] and report["partial"]["extra_keys"] == ["extra"]
+
+
+def test_check_outputs_slerp_matches_the_engine_and_flags_a_linear_mix(tmp_path: Path) -> None:
+    """The benchmark's float64 SLERP reference equals resilient-tune's engine (to float32 rounding), includes the
+    (anti)parallel fallback, and tells SLERP apart from the linear mix of the same t."""
+    np = pytest.importorskip("numpy")
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    import merge_speed
+    import torch
+
+    from resilient_tune.merging import merge_tensor
+
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((16, 8)).astype(np.float32)
+    b = rng.standard_normal((16, 8)).astype(np.float32)
+    base = {"w": a, "near": a, "anti": a}
+    model = {"w": b, "near": a * (1 + 1e-4), "anti": -2 * a}  # cos 1 and cos -1: linear
+    for name, state in (("base", base), ("model", model)):
+        (tmp_path / name).mkdir()
+        safetensors_numpy.save_file(state, str(tmp_path / name / "model.safetensors"))
+    t = 0.3
+    ours = {
+        k: merge_tensor(
+            "slerp", [torch.from_numpy(model[k])], [1.0], base=torch.from_numpy(base[k]), options={"t": t}
+        ).numpy()
+        for k in base
+    }
+    exact = {k: merge_speed.slerp_float64(base[k], model[k], t) for k in base}
+    for k in base:
+        np.testing.assert_allclose(ours[k], exact[k], atol=1e-6)
+    np.testing.assert_allclose(exact["anti"], (1 - t) * a + t * (-2 * a), atol=1e-6)
+    linear = {k: ((1 - t) * base[k] + t * model[k]).astype(np.float32) for k in base}
+    for name, state in (("ours", ours), ("linear", linear)):
+        (tmp_path / name).mkdir()
+        safetensors_numpy.save_file(state, str(tmp_path / name / "model.safetensors"))
+    report = merge_speed.check_outputs(
+        [str(tmp_path / "base"), str(tmp_path / "model")],
+        [],
+        {"ours": str(tmp_path / "ours"), "linear": str(tmp_path / "linear")},
+        "ours",
+        t=t,
+    )
+    assert report["ours"]["ok"] and report["ours"]["max_abs_diff_vs_exact"] < 1e-6
+    assert not report["linear"]["ok"] and report["linear"]["max_abs_diff_vs_exact"] > 1e-2
+
+
+def test_merge_speed_reads_a_result_saved_before_slerp() -> None:
+    """The kept result (linear only, saved before the settings existed) still prints and its numbers are kept."""
+    saved = BENCH / "results" / "merge_speed-gpt2-small.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "merge_speed.py"), "--from-json", str(saved)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "### linear: linear over model_a, model_b, model_c, weights [0.5, 0.3, 0.2]" in proc.stdout
+    wall = json.loads(saved.read_text())["summary"]["resilient-tune"]["wall_s"]
+    assert f"{wall:.2f} s" in proc.stdout
+    assert "### slerp" not in proc.stdout
+
+
+@pytest.mark.skipif(not os.path.exists(_common.GNU_TIME), reason="GNU time missing (apt-get install time)")
+@pytest.mark.skipif(
+    shutil.which("resilient-tune", path=str(Path(sys.executable).parent)) is None,
+    reason="resilient-tune console script not installed next to this interpreter",
+)
+def test_merge_speed_times_a_baseline_tree_side_by_side(tmp_path: Path) -> None:
+    """--baseline-tree runs the CLI of another source tree (here this one) beside ours, paired, and checks its
+    output too; a folder that is not a checkout is refused before anything runs."""
+    repo = BENCH.parent
+    cmd = [
+        sys.executable, str(BENCH / "merge_speed.py"), "--size", "tiny", "--repeats", "1", "--methods", "slerp",
+        "--tools", "resilient-tune", "--baseline-tree", str(repo), "--cache-dir", str(tmp_path), "--max-wait", "0",
+        "--retries", "0", "--json",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    run = result["methods"]["slerp"]
+    assert set(run["runs"]) == {"resilient-tune", "baseline"}
+    assert run["agreement"]["baseline"]["ok"]
+    assert run["agreement"]["baseline"]["max_abs_diff_vs_reference"] == 0.0  # the same code
+    assert run["summary"]["resilient-tune"]["wall_vs_baseline"] > 0
+    assert run["commands"]["baseline"].startswith("python -c '<cli of TREE>' TREE merge")
+    bad = subprocess.run(
+        [*cmd[:-1], "--baseline-tree", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert bad.returncode == 2 and "holds no resilient_tune/cli.py" in bad.stderr

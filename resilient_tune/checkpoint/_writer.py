@@ -23,6 +23,7 @@ from resilient_tune.checkpoint._format import (
     require_little_endian,
     write_all,
 )
+from resilient_tune.checkpoint._os_hints import DROP_EVERY, drop_written_pages
 from resilient_tune.errors import CheckpointFormatError, UsageError
 
 _SIZE_UNITS = {
@@ -130,6 +131,7 @@ class StreamingWriter:
             self._remaining.append(set(group))
         self._handles: list[BinaryIO | None] = [None] * len(groups)
         self._started: set[int] = set()  # shards whose file was created
+        self._undropped = [0] * len(groups)  # per shard: bytes written since its pages were last dropped
         self._closed = False
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
@@ -166,6 +168,10 @@ class StreamingWriter:
             if planned.nbytes:
                 handle.seek(offset)
                 write_all(handle, byte_view(data))
+                self._undropped[shard] += planned.nbytes
+                if self._undropped[shard] >= DROP_EVERY:
+                    drop_written_pages(handle.fileno())
+                    self._undropped[shard] = 0
             self._remaining[shard].discard(key)
             if not self._remaining[shard]:
                 self._finish(shard)

@@ -8,7 +8,13 @@ of methods and options); :func:`merge_tensor` merges one key with any of them an
 """
 
 from resilient_tune.merging._depth import layer_depths
-from resilient_tune.merging._merge import TensorSource, check_inputs, merge_tensor, raise_if_non_finite
+from resilient_tune.merging._merge import (
+    OwnedLoader,
+    TensorSource,
+    check_inputs,
+    merge_tensor,
+    raise_if_non_finite,
+)
 from resilient_tune.merging._registry import METHODS, MergeMethod, get_method, method_names, resolve_options
 from resilient_tune.merging._sparsify import (
     dare_sparsify,
@@ -22,6 +28,7 @@ from resilient_tune.merging._validate import check_compatible, validate_weights
 __all__ = [
     "METHODS",
     "MergeMethod",
+    "OwnedLoader",
     "TensorSource",
     "check_compatible",
     "check_inputs",

@@ -59,16 +59,16 @@ def slerp(
     del other
     if a.numel() == 0:
         return torch.lerp(a, b, t).reshape(shape).to(torch.float32)
-    norm_a, norm_b = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
-    norm_a = norm_a if norm_a > _NORM_EPS else torch.ones_like(norm_a)
-    norm_b = norm_b if norm_b > _NORM_EPS else torch.ones_like(norm_b)
-    dot = float(((a / norm_a) * (b / norm_b)).sum().clamp(-1.0, 1.0))
+    norm_a, norm_b = float(torch.linalg.vector_norm(a)), float(torch.linalg.vector_norm(b))
+    norm_a = norm_a if norm_a > _NORM_EPS else 1.0  # mergekit leaves a (near) zero vector unnormalised
+    norm_b = norm_b if norm_b > _NORM_EPS else 1.0
+    dot = min(max(float(torch.dot(a, b)) / (norm_a * norm_b), -1.0), 1.0)  # no full-size temporaries
     if abs(dot) > SLERP_DOT_THRESHOLD:
         coef_a, coef_b = 1.0 - t, t
     else:
         theta = math.acos(dot)
         coef_a, coef_b = math.sin((1.0 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
-    return (a * coef_a + b * coef_b).reshape(shape)
+    return torch.mul(a, coef_a).add_(b, alpha=coef_b).reshape(shape)  # one new tensor, the result
 
 
 def model_stock(

@@ -44,10 +44,27 @@ from resilient_tune.merging._registry import MergeMethod, as_method, resolve_opt
 from resilient_tune.merging._sparsify import sparsify_, tensor_generator
 from resilient_tune.merging._validate import as_floats
 
-__all__ = ["TensorSource", "merge_tensor", "raise_if_non_finite"]
+__all__ = ["OwnedLoader", "TensorSource", "merge_tensor", "raise_if_non_finite"]
 
 TensorSource = Union[torch.Tensor, Callable[[], torch.Tensor]]  # noqa: UP007 (a runtime alias)
 """A tensor, or a zero-argument callable (thunk) that loads it when called."""
+
+
+class OwnedLoader:
+    """A thunk whose every call returns a new tensor that nothing else holds (e.g. read from a file).
+
+    :func:`merge_tensor` may then compute in that tensor's memory instead of copying it first: a linear merge
+    scales the first input in place and accumulates into it. Wrap only loaders that never return a tensor
+    someone else keeps (not ``lambda: state[key]``); plain thunks are never written to.
+    """
+
+    __slots__ = ("_load",)
+
+    def __init__(self, load: Callable[[], torch.Tensor]) -> None:
+        self._load = load
+
+    def __call__(self) -> torch.Tensor:
+        return self._load()
 
 
 @torch.no_grad()
@@ -197,6 +214,7 @@ class _Inputs:
     ) -> None:
         self.sources, self.base, self.key, self.names = sources, base, key, names
         self._first: torch.Tensor | None = _load(sources[0], key, "input 0")
+        self.first_owned = isinstance(sources[0], OwnedLoader)  # input 0's memory may be reused
         self.shape, self.dtype, self.device = self._first.shape, self._first.dtype, self._first.device
         self.is_float = self._first.is_floating_point()
 
@@ -235,7 +253,9 @@ def _weighted_sum(stream: _Inputs, weights: list[float]) -> torch.Tensor:
     acc: torch.Tensor | None = None
     for i, w in enumerate(weights):
         tensor = stream.load(i)
-        if acc is None:
+        if acc is None and stream.first_owned and tensor.dtype == torch.float32 and tensor.is_contiguous():
+            acc = tensor.mul_(w) if w != 1.0 else tensor  # a fresh tensor of our own: no copy
+        elif acc is None:
             acc = _scaled_float32_copy(tensor, w)
         else:
             acc.add_(tensor, alpha=w)  # promotes a half-precision input to float32 element by element

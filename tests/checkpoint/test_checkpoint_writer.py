@@ -197,3 +197,46 @@ def test_parse_size(text: int | str, expected: int) -> None:
 def test_parse_size_rejects(bad: object) -> None:
     with pytest.raises(UsageError, match="size"):
         parse_size(bad)  # type: ignore[arg-type]
+
+
+def test_written_pages_are_dropped_as_the_file_grows_and_nothing_is_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every DROP_EVERY bytes the writer hands the file's pages back (writeback starts, clean pages leave the cache);
+    the file still holds every tensor bit for bit, in any write order and across shards."""
+    import resilient_tune.checkpoint._writer as writer_module
+
+    calls: list[int] = []
+    real = writer_module.drop_written_pages
+    monkeypatch.setattr(writer_module, "DROP_EVERY", 200)
+    monkeypatch.setattr(writer_module, "drop_written_pages", lambda fd: (calls.append(fd), real(fd)))
+    state = _state()  # 780 bytes of tensors
+    with StreamingWriter(tmp_path, plan_of(state), max_shard_size=400) as writer:
+        for key in reversed(list(state)):
+            writer.write(key, state[key])
+    assert len(calls) >= 2
+    with open_checkpoint(tmp_path) as reader:
+        for key, tensor in state.items():
+            assert same_bits(reader.get(key), tensor)
+
+
+def test_drop_written_pages_is_a_harmless_hint(tmp_path: Path) -> None:
+    """Dirty pages are only queued for writeback, never discarded; a descriptor that refuses the hint is ignored."""
+    import os
+
+    from resilient_tune.checkpoint._os_hints import drop_written_pages
+
+    path = tmp_path / "f.bin"
+    data = os.urandom(1 << 20)
+    with open(path, "wb", buffering=0) as f:
+        f.write(data)
+        drop_written_pages(f.fileno())  # before any fsync: the bytes must survive
+        f.write(data)
+        drop_written_pages(f.fileno())
+    assert path.read_bytes() == data + data
+    read_end, write_end = os.pipe()
+    try:
+        drop_written_pages(write_end)  # ESPIPE: ignored
+    finally:
+        os.close(read_end)
+        os.close(write_end)

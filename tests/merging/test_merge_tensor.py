@@ -10,7 +10,7 @@ import torch
 from _contract import fit  # tests/ is on sys.path (tests/conftest.py)
 
 from resilient_tune.errors import IncompatibleModelsError, NonFiniteError, UsageError
-from resilient_tune.merging import METHODS, merge_tensor, method_names, resolve_options
+from resilient_tune.merging import METHODS, OwnedLoader, merge_tensor, method_names, resolve_options
 
 T = torch.tensor
 TASK_METHODS = [name for name in method_names() if METHODS[name].needs_base]
@@ -310,6 +310,33 @@ def test_inputs_and_base_are_not_mutated(method: str) -> None:
         assert torch.equal(t, b)
     assert torch.equal(base, base_before)
     assert all(out.data_ptr() != t.data_ptr() for t in [*inputs, base])
+
+
+def test_an_owned_first_input_is_accumulated_in_place_and_a_plain_thunk_is_not() -> None:
+    """OwnedLoader marks a loader whose tensors nobody else holds: the linear sum reuses input 0's memory (one copy
+    fewer) with the same bits; a plain thunk that hands out a kept tensor is left untouched."""
+    g = torch.Generator().manual_seed(2)
+    kept = [torch.randn(6, 5, generator=g) for _ in range(3)]
+    weights = [0.5, 0.3, 0.2]
+    expected = merge_tensor("linear", kept, weights)
+    fresh: list[torch.Tensor] = []
+
+    def load_fresh() -> torch.Tensor:
+        fresh.append(kept[0].clone())
+        return fresh[-1]
+
+    owned = merge_tensor("linear", [OwnedLoader(load_fresh), kept[1], kept[2]], weights)
+    assert torch.equal(owned, expected)
+    assert owned.data_ptr() == fresh[0].data_ptr()  # computed in the loaded tensor's memory
+    before = kept[0].clone()
+    plain = merge_tensor("linear", [lambda: kept[0], kept[1], kept[2]], weights)
+    assert torch.equal(plain, expected) and torch.equal(kept[0], before)
+    assert plain.data_ptr() != kept[0].data_ptr()
+    half = kept[0].half()  # not float32: copied into a float32 accumulator, owned or not
+    mixed = merge_tensor(
+        "linear", [OwnedLoader(lambda: half), kept[1], kept[2]], weights, out_dtype=torch.float32
+    )
+    assert torch.equal(half, kept[0].half()) and mixed.dtype == torch.float32
 
 
 @pytest.mark.parametrize("method", method_names())
