@@ -43,9 +43,10 @@ _CURVE = (0.2, 0.3, 0.4, 0.6, 0.7, 0.8)
 # the runs: name -> (demo scenario, recipe options over its defaults). "encoder-200" is the encoder recipe trained
 # 2.7x longer (200 steps, 4 decisions), where the fine-tune drifts further and α = 0.5 is no longer a safe guess
 RUNS: dict[str, tuple[str, dict[str, Any]]] = {
-    "encoder": ("encoder", {"curve": _CURVE}),
+    # encoder and decoder also score SLERP at the static α (t = 0.5), beside the linear mix (issue 16)
+    "encoder": ("encoder", {"curve": _CURVE, "slerp_curve": (0.5,)}),
     "encoder-200": ("encoder", {"steps": 200, "decisions": 4, "curve": _CURVE}),
-    "decoder": ("decoder", {"curve": _CURVE}),
+    "decoder": ("decoder", {"curve": _CURVE, "slerp_curve": (0.5,)}),
     # the same base, a LoRA adapter instead of every weight (r 8, lr 1.5e-4: the scratch study's recipe closest to
     # the aim, first picked on a replica's test figures, then checked on validation documents only: docs/demo.md)
     "decoder-lora": ("decoder", {"lora_rank": 8, "learning_rate": 1.5e-4, "curve": (*_CURVE, 0.9)}),
@@ -56,6 +57,7 @@ MODELS = (
     ("static", "static α=0.5 (LM-Cocktail)"),
     ("resilient", "online budget"),
 )
+SLERP_ROW = ("static_slerp", "static SLERP t=0.5")  # where the run scored SLERP at the static α
 # tiny settings for --smoke: a pipeline check, not a measurement
 _SMOKE = {
     "decoder": {
@@ -92,12 +94,15 @@ def summarize(report: Mapping[str, Any], run: str | None = None) -> dict[str, An
         measure against). ``online_vs_static_pairs`` is, per task, the test examples only the online model gets
         right, only the static one does, and McNemar's exact p of the difference (``None`` without per-example hits).
     """
-    models = report["models"]
+    models = dict(report["models"])
     base, tuned = models["base"], models["fine_tuned"]
     gain = tuned["target"] - base["target"]
     drop = base["general"] - tuned["general"]
+    slerp = _slerp_at(report, models["static"]["alpha"])
+    if slerp is not None:
+        models[SLERP_ROW[0]] = slerp
     rows: dict[str, Any] = {}
-    for name, _ in MODELS:
+    for name in [n for n, _ in MODELS] + ([SLERP_ROW[0]] if slerp is not None else []):
         m = models[name]
         kept = (m["target"] - base["target"]) / gain if gain > 0 else None
         recovered = (m["general"] - tuned["general"]) / drop if drop > 0 else None
@@ -126,9 +131,34 @@ def summarize(report: Mapping[str, Any], run: str | None = None) -> dict[str, An
         "models": rows,
         "online_vs_static": "better" if not_worse and better else "equal" if not_worse else "not better",
         "online_vs_static_pairs": _paired(report.get("hits"), "resilient", "static"),
+        "slerp_vs_linear_pairs": _slerp_pairs(report, models["static"]["alpha"])
+        if slerp is not None
+        else None,
         "wall_s": (report.get("timing") or {}).get("total"),
         "steps": (report.get("config") or {}).get("steps"),
         "history_alpha": [e.get("alpha") for e in report.get("history") or []],
+    }
+
+
+def _slerp_at(report: Mapping[str, Any], alpha: float) -> dict[str, Any] | None:
+    """The SLERP model scored at ``alpha`` (``{"alpha", "target", "general"}``), if the run scored one."""
+    for point in report.get("slerp_curve") or []:
+        if abs(point["alpha"] - alpha) < 1e-9:
+            return dict(point)
+    return None
+
+
+def _slerp_pairs(report: Mapping[str, Any], alpha: float) -> dict[str, Any] | None:
+    """Per task: test examples only SLERP / only the linear mix at the same α gets right, and McNemar's exact p."""
+    slerp_hits = (report.get("slerp_hits") or {}).get(f"{alpha:g}")
+    linear_hits = (report.get("hits") or {}).get("static")
+    if slerp_hits is None or linear_hits is None:
+        return None
+    pairs = _paired({"slerp": slerp_hits, "static": linear_hits}, "slerp", "static")
+    assert pairs is not None
+    return {
+        task: {"slerp_only": p["online_only"], "linear_only": p["static_only"], "p": p["p"]}
+        for task, p in pairs.items()
     }
 
 
@@ -173,7 +203,9 @@ def render(summaries: Sequence[Mapping[str, Any]]) -> str:
             f"| {s['scenario']} | base | 0.00 | {100 * base['target']:.1f} | {100 * base['general']:.1f} "
             "| - | - | - | - |"
         )
-        for name, label in MODELS:
+        for name, label in [*MODELS, SLERP_ROW]:
+            if name not in s["models"]:
+                continue
             r = s["models"][name]
             vs = "n/a" if r["general_vs_base"] is None else f"{100 * r['general_vs_base']:+.1f}%"
             lines.append(
@@ -190,6 +222,16 @@ def render(summaries: Sequence[Mapping[str, Any]]) -> str:
             f"online vs static α=0.5: {s['online_vs_static']} ({_pairs_line(s.get('online_vs_static_pairs'))}); "
             f"wall {wall}"
         )
+        slerp = s.get("slerp_vs_linear_pairs")
+        if slerp:
+            lines.append(
+                f"{s['scenario']}: SLERP vs linear at the static α: "
+                + "; ".join(
+                    f"{task} {p['slerp_only'] - p['linear_only']:+d} examples ({p['slerp_only']} only SLERP, "
+                    f"{p['linear_only']} only linear, McNemar p = {p['p']:.2g})"
+                    for task, p in slerp.items()
+                )
+            )
     return "\n".join(lines)
 
 
@@ -227,7 +269,10 @@ def plot(
             ax.axhline(
                 floor, color="C2", linestyle=":", linewidth=1, label="aim: general ≥ base − 1%, gain ≥ 90%"
             )
-        for (name, label), colour, marker in zip(MODELS, ("C3", "C0", "C1"), ("s", "o", "*")):
+        marks = zip([*MODELS, SLERP_ROW], ("C3", "C0", "C1", "C4"), ("s", "o", "*", "D"))
+        for (name, label), colour, marker in marks:
+            if name not in s["models"]:
+                continue
             r = s["models"][name]
             if r["target_gain_kept"] is not None and r["general_drop_recovered"] is not None:
                 ax.plot(

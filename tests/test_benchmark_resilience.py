@@ -78,7 +78,10 @@ def test_each_run_is_a_scenario_with_its_recipe(monkeypatch, tmp_path):
     (name, scenario, options), (_, _, smoke), (_, dec, dec_options), (lora, lora_scenario, lora_smoke) = calls
     assert (name, scenario, options["steps"], options["decisions"]) == ("encoder-200", "encoder", 200, 4)
     assert smoke["steps"] == 2 and smoke["curve"] == ()  # --smoke shrinks every run
-    assert (dec, dec_options) == ("decoder", {"curve": resilience._CURVE})  # the demo's recipe
+    assert (dec, dec_options) == (
+        "decoder",
+        {"curve": resilience._CURVE, "slerp_curve": (0.5,)},
+    )  # the demo's recipe
     # the LoRA run keeps its adapter under --smoke, on the tiny model
     assert (lora, lora_scenario, lora_smoke["lora_rank"], lora_smoke["n_embd"]) == (
         "decoder-lora",
@@ -87,7 +90,30 @@ def test_each_run_is_a_scenario_with_its_recipe(monkeypatch, tmp_path):
         32,
     )
     # the encoder run is the demo's recipe, with more curve points
-    assert resilience.RUNS["encoder"] == ("encoder", {"curve": resilience._CURVE})
+    assert resilience.RUNS["encoder"] == ("encoder", {"curve": resilience._CURVE, "slerp_curve": (0.5,)})
+    assert "slerp_curve" not in resilience.RUNS["decoder-lora"][1]  # SLERP of merged adapters: not measured
+
+
+def test_slerp_point_is_a_row_compared_with_the_linear_mix_example_by_example():
+    report = _report((0.86, 0.80), (0.80, 0.80))
+    report["slerp_curve"] = [{"alpha": 0.5, "target": 0.85, "general": 0.70}]
+    report["hits"] = {"static": {"target": "1000", "general": "0000001111"}}
+    report["slerp_hits"] = {"0.5": {"target": "1110", "general": "0000001111"}}
+    s = resilience.summarize(report)
+    r = s["models"]["static_slerp"]
+    assert r["alpha"] == 0.5 and r["target_gain_kept"] == pytest.approx(0.9)  # (0.85 - 0.40) / 0.50
+    assert r["general_drop_recovered"] == pytest.approx(0.5)  # (0.70 - 0.60) / 0.20
+    assert s["slerp_vs_linear_pairs"]["target"] == {
+        "slerp_only": 2,
+        "linear_only": 0,
+        "p": pytest.approx(0.5),
+    }
+    assert s["slerp_vs_linear_pairs"]["general"]["p"] == 1.0  # identical hits
+    text = resilience.render([s])
+    assert "| decoder | static SLERP t=0.5 | 0.50 | 85.0 | 70.0 | 90% | 50% |" in text
+    assert "SLERP vs linear at the static α: target +2 examples (2 only SLERP, 0 only linear" in text
+    report["slerp_curve"] = [{"alpha": 0.3, "target": 0.85, "general": 0.70}]  # not at the static α: no row
+    assert "static_slerp" not in resilience.summarize(report)["models"]
 
 
 def test_no_gain_means_no_share():
@@ -112,11 +138,14 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
     assert result["smoke"] is True and [s["scenario"] for s in result["summaries"]] == ["decoder"]
-    assert set(result["summaries"][0]["models"]) == {"fine_tuned", "static", "resilient"}
+    assert set(result["summaries"][0]["models"]) == {"fine_tuned", "static", "resilient", "static_slerp"}
+    assert set(result["summaries"][0]["slerp_vs_linear_pairs"]) == {"target", "general"}
     assert (tmp_path / "resilience.json").is_file() and (tmp_path / "decoder" / "report.json").is_file()
     again = subprocess.run([*args, "--reuse"], capture_output=True, text=True, env=env, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "| decoder | static α=0.5 (LM-Cocktail) |" in again.stdout
+    assert "| decoder | static SLERP t=0.5 | 0.50 |" in again.stdout
+    assert "decoder: SLERP vs linear at the static α: target" in again.stdout
     if resilience_has_matplotlib():
         assert (tmp_path / "resilience.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -102,6 +102,36 @@ def test_build_report_scores_alpha_drift_and_hits():
     assert report["config"] == {"steps": 10}
 
 
+def test_build_report_keeps_the_slerp_curve_and_its_hits():
+    assert "slerp_curve" not in _report() and "slerp_hits" not in _report()  # none scored: no keys
+    report = _report(slerp_curve={0.5: HITS["resilient"], 0.25: HITS["base"]})
+    assert report["slerp_curve"] == [
+        {"alpha": 0.25, "target": 0.2, "general": 0.5},
+        {"alpha": 0.5, "target": 0.5, "general": 0.5},
+    ]
+    assert report["slerp_hits"]["0.5"] == {"target": "1111100000", "general": "1111100000"}
+    assert json.loads(json.dumps(report)) == report
+
+
+def test_slerp_mix_is_the_engine_slerp_between_base_and_tuned():
+    import torch
+
+    from resilient_tune.demo._scenario import mix, slerp_mix
+    from resilient_tune.merging import merge_tensor
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(4, 3, generator=g), "ids": torch.arange(3)}
+    tuned = {"w": torch.randn(4, 3, generator=g), "ids": torch.arange(3)}
+    for a in (0.0, 1.0):
+        assert torch.allclose(slerp_mix(base, tuned, a)["w"], mix(base, tuned, a)["w"], atol=1e-6)
+    half = slerp_mix(base, tuned, 0.5)
+    expected = merge_tensor("slerp", [tuned["w"]], [1.0], base=base["w"], options={"t": 0.5})
+    assert torch.equal(half["w"], expected) and torch.equal(half["ids"], tuned["ids"])
+    linear = mix(base, tuned, 0.5)["w"]
+    assert not torch.allclose(half["w"], linear)  # two random tensors are far from parallel: a real arc
+    assert torch.linalg.vector_norm(half["w"]) > torch.linalg.vector_norm(linear)  # SLERP keeps the norm up
+
+
 def test_build_report_needs_every_model_and_task():
     with pytest.raises(UsageError, match="static/general"):
         build_report(

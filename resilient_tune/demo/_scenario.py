@@ -24,6 +24,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..errors import UsageError
 from ..integrations.transformers import CocktailCallback
+from ..merging import merge_tensor
 from ..policy import BudgetPolicy
 from ._progress import use_demo_progress
 
@@ -48,6 +49,8 @@ class ScenarioConfig:
         max_passes: ``budget`` policy: cap on general-probe passes per decision (the base's is cached).
         static_alpha: The static LM-Cocktail α reported for comparison (the paper's 0.5).
         curve: Extra α values scored for the trade-off curve (0, 1, ``static_alpha`` and the chosen α always are).
+        slerp_curve: α values also scored along SLERP from θ₀ to θ (``t = α``, per tensor; the callbacks'
+            ``method="slerp"``), beside the linear mix θ₀ + α·(θ − θ₀); none by default (each costs a scoring pass).
 
     Raises:
         UsageError: A field out of range (names the field and its value).
@@ -61,12 +64,13 @@ class ScenarioConfig:
     max_passes: int = 5
     static_alpha: float = 0.5
     curve: tuple[float, ...] = (0.25, 0.75)
+    slerp_curve: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         positive_ints(self, ("decisions",))
         # the policy's own checks name the field and the fix
         BudgetPolicy(self.drift_budget, max_passes=self.max_passes)
-        for a in (self.static_alpha, *self.curve):
+        for a in (self.static_alpha, *self.curve, *self.slerp_curve):
             if not 0.0 <= a <= 1.0:
                 raise UsageError(f"alpha {a!r} must be in [0, 1]")
 
@@ -83,6 +87,17 @@ def mix(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor], alp
     """``θ₀ + α·(θ − θ₀)`` for float tensors; other tensors copied from ``tuned``."""
     return {
         k: base[k] + alpha * (v - base[k]) if v.is_floating_point() else v.clone() for k, v in tuned.items()
+    }
+
+
+def slerp_mix(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor], alpha: float) -> dict:
+    """SLERP from ``base`` (α = 0) to ``tuned`` (α = 1) per float tensor, as the engine mixes with ``method="slerp"``;
+    other tensors copied from ``tuned``."""
+    return {
+        k: merge_tensor("slerp", [v], [1.0], base=base[k], options={"t": alpha}, key=k)
+        if v.is_floating_point()
+        else v.clone()
+        for k, v in tuned.items()
     }
 
 
@@ -181,6 +196,28 @@ def score_mixes(
     model.load_state_dict(tuned_state)
     hits["static"] = curve[alphas[0]]
     curve.setdefault(alpha, hits["resilient"])
+    return curve
+
+
+def score_slerp(
+    model: torch.nn.Module,
+    base_state: Mapping[str, torch.Tensor],
+    alphas: Sequence[float],
+    score: Score,
+    echo: Callable[[str], None],
+    unit: str,
+) -> dict[float, Hits]:
+    """Score the fine-tuned ``model`` mixed with the base by SLERP at each of ``alphas`` (:func:`slerp_mix`); returns
+    ``α -> hits``. ``model`` ends as it began."""
+    if not alphas:
+        return {}
+    tuned_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    curve: dict[float, Hits] = {}
+    for a in sorted(set(alphas)):
+        model.load_state_dict(slerp_mix(base_state, tuned_state, a))
+        curve[a] = score(model, f"SLERP α={a:g}")
+        echo_scores(echo, f"SLERP α={a:g}", curve[a], unit)
+    model.load_state_dict(tuned_state)
     return curve
 
 

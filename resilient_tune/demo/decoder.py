@@ -56,6 +56,7 @@ from ._scenario import (
     finish,
     positive_ints,
     score_mixes,
+    score_slerp,
 )
 from .text import code_documents, corpus, prose_documents, text_fingerprint
 
@@ -232,6 +233,7 @@ def run_decoder(
     curve = score_mixes(
         model, base_state, resilient, alpha, (cfg.static_alpha, *cfg.curve), score, hits, echo, SCORE_NAME
     )
+    slerp_hits = score_slerp(model, base_state, cfg.slerp_curve, score, echo, SCORE_NAME)
     timing["score_after"] = time.perf_counter() - t
 
     final = callback.history[-1] if callback.history else {}
@@ -247,6 +249,7 @@ def run_decoder(
         alphas={"base": 0.0, "fine_tuned": 1.0, "resilient": alpha, "static": cfg.static_alpha},
         drift_relative=final.get("drift_relative"),
         curve=curve,
+        slerp_curve=slerp_hits,
         history=callback.history,
         policy=policy.to_dict(),
         score_name=SCORE_NAME,

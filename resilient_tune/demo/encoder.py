@@ -40,6 +40,7 @@ from ._scenario import (
     finish,
     positive_ints,
     score_mixes,
+    score_slerp,
 )
 from .data import DemoData, Pairs, demo_data, fingerprint
 
@@ -285,6 +286,7 @@ def run_encoder(
     curve_hits = score_mixes(
         model, base_state, resilient, alpha, (cfg.static_alpha, *cfg.curve), score, hits, echo, "R@1"
     )
+    slerp_hits = score_slerp(model, base_state, cfg.slerp_curve, score, echo, "R@1")
     timing["score_after"] = time.perf_counter() - t
 
     final = callback.history[-1] if callback.history else {}
@@ -298,6 +300,7 @@ def run_encoder(
         alphas={"base": 0.0, "fine_tuned": 1.0, "resilient": alpha, "static": cfg.static_alpha},
         drift_relative=final.get("drift_relative"),
         curve=curve_hits,
+        slerp_curve=slerp_hits,
         history=callback.history,
         policy=policy.to_dict(),
         score_name="recall@1",

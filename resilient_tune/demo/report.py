@@ -89,6 +89,10 @@ def _rate(hits: Sequence[bool]) -> float:
     return sum(hits) / len(hits) if hits else float("nan")
 
 
+def _bits(hits: Mapping[str, Sequence[bool]]) -> dict[str, str]:
+    return {task: "".join("1" if h else "0" for h in hits[task]) for task in _TASKS}
+
+
 def build_report(
     *,
     scenario: str,
@@ -97,6 +101,7 @@ def build_report(
     curve: Mapping[float, Mapping[str, Sequence[bool]]],
     history: Sequence[Mapping[str, Any]] = (),
     drift_relative: float | None = None,
+    slerp_curve: Mapping[float, Mapping[str, Sequence[bool]]] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """Assemble a demo report from per-example hits.
@@ -109,6 +114,8 @@ def build_report(
         curve: ``α -> task -> hits`` of the trade-off curve.
         history: The callback's decisions (``step``, ``alpha``, probe losses, ...); per-layer drift is dropped.
         drift_relative: ``‖θ − θ₀‖ / ‖θ₀‖`` of the fine-tuned weights (a mix at α drifts α times that).
+        slerp_curve: ``α -> task -> hits`` of the models mixed by SLERP (stored as ``slerp_curve`` rates and
+            ``slerp_hits``, the per-example hits keyed by ``f"{α:g}"``, for paired tests against the linear mix).
         **extra: Stored as they are (``config``, ``data``, ``environment``, ``timing``, ``files``, ...).
 
     Raises:
@@ -140,10 +147,18 @@ def build_report(
             {"alpha": float(a), **{task: _rate(curve[a][task]) for task in _TASKS}} for a in sorted(curve)
         ],
         "history": [{k: v for k, v in entry.items() if k != "drift_per_layer"} for entry in history],
-        "hits": {
-            name: {task: "".join("1" if h else "0" for h in hits[name][task]) for task in _TASKS}
-            for name in _MODEL_ORDER
-        },
+        "hits": {name: _bits(hits[name]) for name in _MODEL_ORDER},
+        **(
+            {
+                "slerp_curve": [
+                    {"alpha": float(a), **{task: _rate(slerp_curve[a][task]) for task in _TASKS}}
+                    for a in sorted(slerp_curve)
+                ],
+                "slerp_hits": {f"{a:g}": _bits(slerp_curve[a]) for a in sorted(slerp_curve)},
+            }
+            if slerp_curve
+            else {}
+        ),
         **extra,
     }
 
