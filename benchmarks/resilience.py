@@ -8,6 +8,8 @@ Runs the ``resilient-tune demo`` scenarios and reports, for the fine-tuned model
   the base, more = above it);
 - **online vs static**, paired on the same test examples: how many only the online model gets right, how many only
   the static one does, and McNemar's exact p;
+- for ``encoder`` and ``decoder``, SLERP at the static α (``t = 0.5``) beside the linear mix, also paired example by
+  example (issue 16);
 - the aim of issue 5: ≥ 90% of the target gain kept with general ≥ base − 1% (relative), and the online policy
   at least as good as static α = 0.5 on both axes and better on one.
 

@@ -261,3 +261,23 @@ def test_merge_speed_times_a_baseline_tree_side_by_side(tmp_path: Path) -> None:
         check=False,
     )
     assert bad.returncode == 2 and "holds no resilient_tune/cli.py" in bad.stderr
+
+
+def test_slerp_angles_counts_the_linear_fallback_and_the_distance_to_linear(tmp_path: Path) -> None:
+    """Hand-made pair: a tensor left unchanged (0°, SLERP = linear), one turned by 90° (SLERP at t = 0.5 is √2 times
+    the linear mix: distance √2 − 1), an integer buffer (ignored)."""
+    import slerp_angles
+    import torch
+    from safetensors.torch import save_file
+
+    e1, e2 = torch.tensor([1.0, 0.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0, 0.0])
+    same = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    save_file({"same": same, "turned": e1, "ids": torch.arange(3)}, str(tmp_path / "base.safetensors"))
+    save_file({"same": same, "turned": e2, "ids": torch.arange(3)}, str(tmp_path / "tuned.safetensors"))
+    stats = slerp_angles.slerp_angles(str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"))
+    assert stats["tensors"] == 2 and stats["linear_fallback_tensors"] == 1
+    assert stats["linear_fallback_weight_share"] == pytest.approx(12 / 16)
+    assert stats["angle_max_deg"] == pytest.approx(90.0)
+    assert stats["max_relative_distance_to_linear"] == pytest.approx(2**0.5 - 1, rel=1e-5)
+    text = slerp_angles.render(stats)
+    assert "1 within 1.81° of (anti)parallel" in text and "max 90.00°" in text

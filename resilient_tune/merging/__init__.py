@@ -7,6 +7,7 @@ of methods and options); :func:`merge_tensor` merges one key with any of them an
 (trim / DARE / breadcrumbs) and :mod:`resilient_tune.merging._depth` (LiNeS depths).
 """
 
+from resilient_tune.merging._combine import SLERP_DOT_THRESHOLD
 from resilient_tune.merging._depth import layer_depths
 from resilient_tune.merging._merge import (
     OwnedLoader,
@@ -27,6 +28,7 @@ from resilient_tune.merging._validate import check_compatible, validate_weights
 
 __all__ = [
     "METHODS",
+    "SLERP_DOT_THRESHOLD",
     "MergeMethod",
     "OwnedLoader",
     "TensorSource",
