@@ -28,9 +28,9 @@ from resilient_tune.merging._validate import check_compatible, validate_weights
 
 __all__ = [
     "METHODS",
+    "SLERP_DOT_THRESHOLD",
     "MergeMethod",
     "OwnedLoader",
-    "SLERP_DOT_THRESHOLD",
     "TensorSource",
     "check_compatible",
     "check_inputs",
