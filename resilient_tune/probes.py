@@ -19,6 +19,7 @@ the model's device.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -36,6 +37,7 @@ __all__ = [
     "probe",
     "probe_kl",
     "probe_loss",
+    "probe_metric",
 ]
 
 Batch = Mapping[str, Any]
@@ -184,6 +186,26 @@ def probe(
     loss = sum(losses) / len(losses) if with_loss else None
     kl = (kl_sum / kl_tokens if kl_tokens else 0.0) if base is not None else None
     return ProbeResult(loss, kl, count)
+
+
+@torch.no_grad()
+def probe_metric(model: torch.nn.Module, metric: Callable[[torch.nn.Module], Any]) -> float:
+    """``metric(model)`` in eval mode without gradients: a finite real number (a float, an int or a one-element
+    tensor), else :class:`UsageError` naming what came back and the fix."""
+    with _eval_mode(model):
+        value = metric(model)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(
+            f"the metric returned {value!r} ({type(value).__name__}); return one number, higher is better "
+            "(e.g. recall@1 as a float)"
+        )
+    if not math.isfinite(value):
+        raise UsageError(
+            f"the metric returned {value}; return a finite number (check its data: an empty set gives 0/0)"
+        )
+    return float(value)
 
 
 def ingredient_losses(

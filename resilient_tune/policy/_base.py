@@ -37,6 +37,15 @@ class Decision:
         weights: Weights ``wᵢ`` of the base and the peers (base first, summing to 1) when the policy chooses them,
             else ``None`` (the merge keeps its weights).
         ingredient_losses: The losses ``Lᵢ`` the weights came from (``cocktail``), else ``None``.
+        quantity: What the policy bounded: ``"loss"`` (the general-probe loss; ``loss``, ``base_loss``, ``threshold``
+            and ``evaluated`` hold losses) or ``"metric"`` (the user's higher-is-better metric; ``metric``,
+            ``base_metric``, ``metric_floor`` and ``evaluated`` hold its values, the loss fields stay ``None``).
+        metric: The metric at ``alpha`` (``quantity="metric"``).
+        base_metric: The metric of the base.
+        metric_floor: The lowest metric the budget allowed.
+
+    ``passes`` counts the points the policy evaluated, the base included even when the caller answered it from a
+    cache; the probe passes a decision actually ran are the history entry's ``probe_passes``.
     """
 
     alpha: float
@@ -49,9 +58,13 @@ class Decision:
     reason: str = ""
     weights: tuple[float, ...] | None = None
     ingredient_losses: tuple[float, ...] | None = None
+    quantity: str = "loss"
+    metric: float | None = None
+    base_metric: float | None = None
+    metric_floor: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "alpha": self.alpha,
             "passes": self.passes,
             "policy": self.policy,
@@ -63,6 +76,14 @@ class Decision:
             "weights": None if self.weights is None else list(self.weights),
             "ingredient_losses": None if self.ingredient_losses is None else list(self.ingredient_losses),
         }
+        if self.quantity != "loss":
+            out.update(
+                quantity=self.quantity,
+                metric=self.metric,
+                base_metric=self.base_metric,
+                metric_floor=self.metric_floor,
+            )
+        return out
 
 
 @runtime_checkable

@@ -5,7 +5,7 @@ the base's, found in a few probe passes by a bracket narrowed with fitted curves
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..errors import NonFiniteError, UsageError
@@ -34,13 +34,32 @@ class BudgetPolicy:
     The chosen α is always one that was *measured* within budget (or 0, the base itself), so the written model
     honours the budget on the probe data.
 
+    **A budget in the user's own metric.** With ``metric`` (a higher-is-better number such as recall or accuracy,
+    computed by ``metric(model)`` on the user's own general data with the candidate mix swapped in), the bound is on
+    that metric instead of the loss: at most ``metric_drop`` below the base's (in the metric's own units, or a
+    fraction of the base's with ``relative=True``), or at least ``metric_floor``. The search is the same, on
+    ``−metric``; ``evaluate(alpha)`` then returns the metric (the session arranges it). The loss budget stays the
+    default: it needs no labels beyond the probes and moves smoothly with α; a metric budget says what users
+    mean when the loss's scale says little (an easy contrastive probe set, a loss that depends on the batch size).
+
     Args:
-        drift_budget: Allowed relative increase of the general-probe loss, ``>= 0`` (``0.05`` = 5%).
+        drift_budget: Allowed relative increase of the general-probe loss, ``>= 0`` (``0.05`` = 5%). Unused with
+            ``metric``.
         tolerance: Bracket width in α at which the search stops, in ``(0, 1)``.
         slack: Accept a measured α whose loss increase is within this fraction below the bound, in ``(0, 1)``
             (0.25: any α using 75–100% of the allowed increase).
         max_passes: Cap on probe passes per decision (base and ``α = 1`` included), ``>= 2``. The default 5 leaves a
             callback, which measures the base once per run, at most 4 passes per evaluation (``α = 1`` and 3 guesses).
+        metric: ``metric(model) -> float``, higher is better, called with the candidate mix in the model (eval mode,
+            no gradients; every rank calls it and the values are averaged across ranks).
+        metric_drop: With ``metric``: how much the metric may fall below the base's, ``>= 0`` (e.g. ``0.01`` = one
+            point of a recall in [0, 1]).
+        relative: ``metric_drop`` is a fraction of the base's metric (``0.02`` = 2% of it) instead of absolute.
+        metric_floor: With ``metric``, instead of ``metric_drop``: the lowest metric allowed (the base must reach it).
+
+    Raises:
+        UsageError: A value out of range, a metric budget without ``metric``, ``metric`` without a budget, or both
+            ``metric_drop`` and ``metric_floor``.
     """
 
     name = "budget"
@@ -48,7 +67,16 @@ class BudgetPolicy:
     uses_previous = True
 
     def __init__(
-        self, drift_budget: float = 0.05, *, tolerance: float = 0.05, slack: float = 0.25, max_passes: int = 5
+        self,
+        drift_budget: float = 0.05,
+        *,
+        tolerance: float = 0.05,
+        slack: float = 0.25,
+        max_passes: int = 5,
+        metric: Callable[[Any], float] | None = None,
+        metric_drop: float | None = None,
+        relative: bool = False,
+        metric_floor: float | None = None,
     ) -> None:
         if (
             isinstance(drift_budget, bool)
@@ -70,6 +98,38 @@ class BudgetPolicy:
         self.tolerance = float(tolerance)
         self.slack = float(slack)
         self.max_passes = max_passes
+        _check_metric_budget(metric, metric_drop, relative, metric_floor)
+        self.metric = metric
+        self.metric_drop = None if metric_drop is None else float(metric_drop)
+        self.relative = relative
+        self.metric_floor = None if metric_floor is None else float(metric_floor)
+        self.needs_general_data = metric is None  # a metric brings its own data
+
+    @property
+    def quantity(self) -> str:
+        """``"metric"`` when the budget is on the user's metric, else ``"loss"``."""
+        return "loss" if self.metric is None else "metric"
+
+    def check_base(self, base: float) -> None:
+        """Refuse a metric budget the base itself fails (``metric_floor`` above the base's metric).
+
+        Raises:
+            UsageError: Names both values and the fix.
+        """
+        if self.metric_floor is not None and base < self.metric_floor:
+            raise UsageError(
+                f"the base scores {base:.6g} on the metric, below metric_floor={self.metric_floor:g}: no alpha can "
+                "meet the budget; lower metric_floor, use metric_drop=, or check the metric"
+            )
+
+    def _bound(self, base: float) -> float:
+        """The worst allowed value of the budgeted quantity in search units (loss, or −metric)."""
+        if self.metric is None:
+            return base + self.drift_budget * abs(base)
+        if self.metric_floor is not None:
+            return -self.metric_floor
+        assert self.metric_drop is not None  # checked at construction
+        return base + self.metric_drop * (abs(base) if self.relative else 1.0)
 
     def choose(self, evaluate: Evaluate | None, *, previous: Any = None, **_: Any) -> Decision:
         """Search α (see the class docs).
@@ -83,29 +143,39 @@ class BudgetPolicy:
             raise UsageError(
                 "the budget policy measures general-probe losses; pass an evaluate(alpha) function"
             )
-        measured: list[tuple[float, float]] = []
+        measured: list[tuple[float, float]] = []  # (alpha, cost): the loss, or minus the metric
+        sign = 1.0 if self.metric is None else -1.0
+        what = "general-probe loss" if self.metric is None else "metric"
 
         def measure(alpha: float) -> float:
-            loss = float(evaluate(alpha))
-            if not math.isfinite(loss):
+            value = float(evaluate(alpha))
+            if not math.isfinite(value):
                 raise NonFiniteError(
-                    f"the general-probe loss at alpha={alpha:.4g} is {loss}; check the probe data and the model"
+                    f"the {what} at alpha={alpha:.4g} is {value}; check the probe data, the metric and the model"
                 )
-            measured.append((alpha, loss))
-            return loss
+            measured.append((alpha, sign * value))
+            return sign * value
 
         base = measure(0.0)
-        threshold = base + self.drift_budget * abs(base)
+        if self.metric is not None:
+            self.check_base(-base)
+        threshold = self._bound(base)
         aim = threshold - 0.5 * self.slack * (threshold - base)
         accept = threshold - self.slack * (threshold - base)
         top = measure(1.0)
 
-        def decide(alpha: float, loss: float, reason: str) -> Decision:
-            return Decision(alpha, len(measured), self.name, loss, base, threshold, tuple(measured), reason)
+        def decide(alpha: float, cost: float, reason: str) -> Decision:
+            shown = tuple((a, sign * c) for a, c in measured)
+            if self.metric is None:
+                return Decision(alpha, len(measured), self.name, cost, base, threshold, shown, reason)
+            return Decision(
+                alpha, len(measured), self.name, evaluated=shown, reason=reason, quantity="metric",
+                metric=-cost, base_metric=-base, metric_floor=-threshold,
+            )  # fmt: skip
 
         if top <= threshold:
             return decide(1.0, top, "the fine-tuned model is within the budget")
-        prior = _prior_shape(previous)
+        prior = _prior_shape(previous, sign)
         (lo, f_lo), hi = (0.0, base), 1.0
         last_side = ""
         while len(measured) < self.max_passes and hi - lo > self.tolerance:
@@ -124,16 +194,67 @@ class BudgetPolicy:
         return decide(lo, f_lo, f"largest alpha measured within budget ({why})")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "drift_budget": self.drift_budget,
             "tolerance": self.tolerance,
             "slack": self.slack,
             "max_passes": self.max_passes,
         }
+        if self.metric is not None:
+            out.update(
+                quantity="metric",
+                metric=getattr(self.metric, "__qualname__", type(self.metric).__name__),
+                metric_drop=self.metric_drop,
+                relative=self.relative,
+                metric_floor=self.metric_floor,
+            )
+        return out
 
     def __repr__(self) -> str:
+        if self.metric is not None:
+            bound = (
+                f"metric_floor={self.metric_floor}"
+                if self.metric_floor is not None
+                else f"metric_drop={self.metric_drop}, relative={self.relative}"
+            )
+            return f"BudgetPolicy(metric={self.to_dict()['metric']}, {bound})"
         return f"BudgetPolicy(drift_budget={self.drift_budget}, tolerance={self.tolerance})"
+
+
+def _check_metric_budget(
+    metric: Any, metric_drop: float | None, relative: bool, metric_floor: float | None
+) -> None:
+    """The metric-budget arguments of :class:`BudgetPolicy`, each refusal naming the value and the fix."""
+    if not isinstance(relative, bool):
+        raise UsageError(f"relative={relative!r} must be True or False")
+    for label, value in (("metric_drop", metric_drop), ("metric_floor", metric_floor)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UsageError(f"{label}={value!r} must be a finite number")
+        if metric is None:
+            raise UsageError(
+                f"{label}={value!r} bounds a metric, but no metric was given; pass metric=fn (fn(model) -> a "
+                "higher-is-better number) or use drift_budget= for a loss budget"
+            )
+    if metric is None:
+        if relative:
+            raise UsageError("relative=True applies to metric_drop; pass metric= and metric_drop=")
+        return
+    if not callable(metric):
+        raise UsageError(f"metric={metric!r} must be callable as metric(model) -> float (higher is better)")
+    if (metric_drop is None) == (metric_floor is None):
+        raise UsageError(
+            "a metric budget needs exactly one bound: metric_drop= (how much the metric may fall below the base's) "
+            "or metric_floor= (the lowest value allowed)"
+        )
+    if metric_drop is not None and metric_drop < 0:
+        raise UsageError(
+            f"metric_drop={metric_drop!r} must be >= 0: how much the metric may fall below the base's (e.g. 0.01)"
+        )
+    if relative and metric_floor is not None:
+        raise UsageError("relative=True applies to metric_drop, not metric_floor; drop one of them")
 
 
 def _normalised(measured: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -153,15 +274,17 @@ def _fit_b(points: Sequence[tuple[float, float]]) -> float | None:
     return num / den if den > 0 else None
 
 
-def _prior_shape(previous: Any) -> float:
-    """``b`` fitted to the previous decision's measured points (0.0, a pure quadratic, without them)."""
+def _prior_shape(previous: Any, sign: float = 1.0) -> float:
+    """``b`` fitted to the previous decision's measured points (0.0, a pure quadratic, without them); ``sign`` turns
+    them into search units (``-1`` for a metric). A previous decision on the other quantity gives no prior."""
     if previous is None:
         return 0.0
-    evaluated = (
-        previous.get("evaluated") if isinstance(previous, Mapping) else getattr(previous, "evaluated", ())
-    )
+    get = previous.get if isinstance(previous, Mapping) else lambda k, d=None: getattr(previous, k, d)
+    if (get("quantity", "loss") or "loss") != ("loss" if sign > 0 else "metric"):
+        return 0.0
+    evaluated = get("evaluated", ())
     try:
-        points = _normalised([(float(a), float(f)) for a, f in evaluated or ()])
+        points = _normalised([(float(a), sign * float(f)) for a, f in evaluated or ()])
     except (TypeError, ValueError):
         return 0.0
     b = _fit_b(points)

@@ -54,7 +54,8 @@ class Cocktail:
         policy: ``"fixed"`` (default), ``"cocktail"`` (``wᵢ = softmax(−Lᵢ/temperature)`` from each ingredient's loss
             ``Lᵢ`` on target examples, α as given), ``"budget"`` (the largest α whose general-probe loss stays within
             ``(1 + drift_budget)`` × the base's; needs ``general_data``), or an object with
-            ``choose(evaluate) -> Decision``.
+            ``choose(evaluate) -> Decision``. A budget on the user's own metric is the object
+            ``BudgetPolicy(metric=fn, metric_drop=0.01)`` (``fn(model) -> float``, higher is better).
         drift_budget: For ``budget``: allowed relative increase of the general-probe loss (default 0.05 = 5%).
         general_data: General probes (what the model must not forget): a dataset of examples, a ``DataLoader``, or a
             dict ``name -> dataset``. :meth:`begin` batches them with ``batch_size`` and ``collate_fn`` (the
@@ -197,7 +198,8 @@ class Cocktail:
 
         Raises:
             UsageError: ``step > 0`` without a loaded state (the live weights are not the base), a state without a
-                snapshot, a LoRA/full mismatch, a PEFT model the LoRA path does not support.
+                snapshot, a LoRA/full mismatch, a PEFT model the LoRA path does not support; with a metric budget, a
+                metric that returns no finite number or a ``metric_floor`` the base itself fails.
             IncompatibleModelsError: A peer does not fit the model, or the peers changed since the run started.
         """
         self._reset()
@@ -212,6 +214,11 @@ class Cocktail:
             self._keeper.take(self.engine, model, folder)
         if isinstance(self.engine, CocktailEngine):  # tokens added before training: rows the base never had
             self.engine.set_base_rows(base_vocab_rows(model))
+        metric = getattr(self.policy, "metric", None)
+        if metric is not None:
+            # a budget on the user's metric: measure the base now, so a bad metric fails here
+            base_metric = self._probes.run_metric(self.engine, model, 0.0, metric)
+            getattr(self.policy, "check_base", lambda value: None)(base_metric)
         target = self.target_sets() if probes else {}
         if probes and (self.general_data or target):
             size, collate = self.batch_size, self.collate_fn

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -25,8 +25,9 @@ def decide_entry(
     previous: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run ``policy`` (probing candidates), apply its weights to ``engine``, set the engine's α, and return the history
-    entry of ``step``: α, drift, the general losses at α / the base / the fine-tuned model (and KL), the target losses,
-    the peer weights, the probe passes this decision cost, the decision itself and the per-layer drift.
+    entry of ``step``: α, drift, the general losses at α / the base / the fine-tuned model (and KL), the user's metric
+    there for a metric budget, the target losses, the peer weights, the probe passes this decision cost, the decision
+    itself and the per-layer drift.
 
     ``previous`` is the last decision's record (``Decision.to_dict()``), which a policy may start its search from.
     """
@@ -42,7 +43,19 @@ def decide_entry(
                 probes.base_result = results[alpha]
         return results[alpha]
 
-    evaluate = (lambda a: loss_of(measure(a))) if probes.general else None
+    # a budget on the user's metric: the policy evaluates that instead of the loss
+    metric = getattr(policy, "metric", None)
+    scores: dict[float, float] = {}
+
+    def score(alpha: float) -> float:
+        if alpha not in scores:
+            scores[alpha] = probes.run_metric(engine, model, alpha, metric)
+        return scores[alpha]
+
+    if metric is not None:
+        evaluate: Callable[[float], float] | None = score
+    else:
+        evaluate = (lambda a: loss_of(measure(a))) if probes.general else None
     decision: Decision = choose(
         policy,
         evaluate,
@@ -52,7 +65,9 @@ def decide_entry(
     if decision.weights is not None and tuple(decision.weights) != tuple(engine.weights):
         engine.set_weights(decision.weights)  # before the chosen mix is measured (and written)
         results.clear()
+        scores.clear()
         probes.base_result = None
+        probes.base_metric = None
     entry: dict[str, Any] = {"step": int(step), "alpha": decision.alpha}
     drift = engine.drift(model)
     entry.update(drift_norm=drift.total, drift_relative=drift.relative)
@@ -61,6 +76,12 @@ def decide_entry(
         entry.update(general_loss=chosen.loss, general_loss_base=base.loss, general_loss_finetuned=tuned.loss)
         if tuned.kl is not None:
             entry.update(general_kl=tuned.kl, general_kl_merged=chosen.kl)
+    if metric is not None:
+        entry.update(
+            general_metric=score(decision.alpha),
+            general_metric_base=score(0.0),
+            general_metric_finetuned=score(1.0),
+        )
     if probes.target:
         entry["target_loss"] = probes.run_target(engine, model, decision.alpha)
         entry["target_loss_finetuned"] = probes.run_target(engine, model, 1.0)

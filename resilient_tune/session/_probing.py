@@ -17,7 +17,7 @@ import torch
 from ..distributed import mean_across_ranks
 from ..engine import Engine
 from ..errors import UsageError
-from ..probes import BaseLogits, ProbeResult, base_log_probs, ingredient_losses, probe
+from ..probes import BaseLogits, ProbeResult, base_log_probs, ingredient_losses, probe, probe_metric
 
 __all__ = ["Batches", "ProbeRunner", "ScoreFn"]
 
@@ -36,6 +36,7 @@ class ProbeRunner:
         self.base_refs: dict[str, list[BaseLogits]] = {}
         self.base_result: ProbeResult | None = None  # the general probes at α = 0, measured once per run
         self.ingredient_losses: list[float] | None = None
+        self.base_metric: float | None = None  # the user's metric at α = 0, once per run (metric budgets)
         self.passes = 0
         self.installed = False
 
@@ -89,6 +90,19 @@ class ProbeRunner:
         kl = None if any(k is None for k in kls) else mean_across_ranks(sum(kls) / len(kls))
         loss = mean_across_ranks(sum(losses) / len(losses))  # every rank decides from the same numbers
         return ProbeResult(loss, kl, sum(len(b) for b in self.general.values()))
+
+    def run_metric(
+        self, engine: Engine, model: torch.nn.Module, alpha: float, metric: Callable[[torch.nn.Module], Any]
+    ) -> float:
+        """The user's metric on θ(α) (swapped into ``model``), averaged across ranks; the base's is cached."""
+        if alpha == 0.0 and self.base_metric is not None:
+            return self.base_metric
+        with engine.swapped(model, alpha):
+            self.passes += 1
+            value = mean_across_ranks(probe_metric(self._scorer(model), metric))
+        if alpha == 0.0:
+            self.base_metric = value
+        return value
 
     def run_target(self, engine: Engine, model: torch.nn.Module, alpha: float) -> float:
         """The target probes' mean loss on θ(α)."""
