@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from resilient_tune.demo.decoder import (  # noqa: E402
     char_tokenizer,
     encode,
     next_char_hits,
+    next_char_scores,
     run_decoder,
     windows,
 )
@@ -97,6 +99,15 @@ def test_next_char_hits_score_every_predicted_position():
     assert next_char_hits(_Oracle(), w, batch_size=2) == expected
 
 
+def test_next_char_scores_give_the_hits_and_the_mean_loss_of_the_same_forwards():
+    w = torch.tensor([[3, 4, 5, 6], [3, 4, 9, 10], [1, 7, 8, 2]])
+    hits, loss = next_char_scores(_Oracle(), w, batch_size=2)
+    assert hits == next_char_hits(_Oracle(), w, batch_size=2)
+    # one-hot logits over 20 tokens: a right guess costs log(e + 19) - 1, a wrong one log(e + 19)
+    right, wrong = math.log(math.e + 19) - 1, math.log(math.e + 19)
+    assert loss == pytest.approx((6 * right + 3 * wrong) / 9)
+
+
 def test_config_validation():
     with pytest.raises(UsageError, match="steps=0"):
         DecoderConfig(steps=0)
@@ -157,6 +168,10 @@ def test_whole_run_on_tiny_settings(tmp_path, capsys):
 
     curve = {point["alpha"]: point for point in report["curve"]}
     assert {0.0, 0.25, 0.5, 1.0, alpha} <= set(curve)
+    # the held-out losses: the probes' LM loss on the test windows, for every scored model and curve point
+    assert curve[0.0]["test_loss"] == models["base"]["test_loss"]
+    assert all(set(p["test_loss"]) == {"target", "general"} for p in report["curve"])
+    assert models["fine_tuned"]["test_loss"]["target"] < models["base"]["test_loss"]["target"]
 
     # a second run can start from the saved base (no pre-training): same base scores
     again = run_decoder(

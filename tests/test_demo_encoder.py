@@ -18,6 +18,7 @@ from resilient_tune.demo.encoder import (  # noqa: E402
     ContrastiveTrainer,
     EncoderConfig,
     PairCollator,
+    contrastive_loss,
     encode,
     recall_hits,
     run_encoder,
@@ -58,6 +59,15 @@ def test_compute_loss_is_in_batch_contrastive(tiny, tokenizer):
     p = encode(model, tokenizer, pairs.passages)
     expected = F.cross_entropy(20.0 * q @ p.T, torch.arange(6))
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_held_out_contrastive_loss_uses_full_chunks_of_the_probe_batch():
+    torch.manual_seed(0)
+    q, p = F.normalize(torch.randn(10, 4), dim=1), F.normalize(torch.randn(10, 4), dim=1)
+    by_hand = [float(F.cross_entropy(20 * q[s : s + 4] @ p[s : s + 4].T, torch.arange(4))) for s in (0, 4)]
+    assert contrastive_loss(q, p, 4, 20.0) == pytest.approx(sum(by_hand) / 2)  # the last 2 pairs: no full chunk
+    whole = float(F.cross_entropy(5 * q @ p.T, torch.arange(10)))
+    assert contrastive_loss(q, p, 64, 5.0) == pytest.approx(whole)  # fewer pairs than a batch: one chunk
 
 
 def test_encode_keeps_the_input_order(tiny, tokenizer):
@@ -121,6 +131,9 @@ def test_whole_run_on_a_tiny_encoder(tiny, tokenizer, tmp_path, capsys):
     alpha = report["alpha"]
     assert report["history"] and report["history"][-1]["alpha"] == alpha
     assert models["resilient"]["alpha"] == alpha and models["static"]["alpha"] == 0.5
+    # held-out losses beside the hits: the probes' contrastive loss on the test pairs (chunks of the probe batch)
+    assert all(set(models[m]["test_loss"]) == {"target", "general"} for m in models)
+    assert {p["alpha"]: p["test_loss"] for p in report["curve"]}[0.0] == models["base"]["test_loss"]
 
     # the resilient checkpoint is θ₀ + α·(θ − θ₀) of the base and the saved fine-tuned weights
     base = load_file(str(tiny / "model.safetensors"))

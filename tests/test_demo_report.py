@@ -223,7 +223,7 @@ def test_cli_demo_rejects_unknown_scenarios(capsys):
 
 
 def test_plot_title_names_the_text():
-    from resilient_tune.demo.report import _title
+    from resilient_tune.demo._report_plot import _title
 
     env = {"python": "3.11.7"}
     decoder = {"scenario": "decoder", "model": "m", "config": {"steps": 100}, "environment": env}

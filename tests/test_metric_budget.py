@@ -61,9 +61,9 @@ def test_a_previous_decision_on_the_metric_shapes_the_next_guess_and_a_loss_one_
     again = policy.choose(_recall, previous=first.to_dict())
     assert again.alpha == pytest.approx(first.alpha, abs=policy.tolerance)
     assert again.passes <= first.passes  # the curve's shape is known: no more guesses than the first time
-    from resilient_tune.policy._budget import _prior_shape
+    from resilient_tune.policy._search import prior_shape
 
-    assert _prior_shape(BudgetPolicy(0.05).choose(lambda a: 1.0 + a * a).to_dict(), -1.0) == 0.0
+    assert prior_shape(BudgetPolicy(0.05).choose(lambda a: 1.0 + a * a).to_dict(), -1.0) == 0.0
 
 
 def test_the_base_failing_the_floor_and_a_nan_metric_are_refused() -> None:
@@ -206,5 +206,7 @@ def test_the_trainer_callback_takes_a_metric_budget(tmp_path) -> None:
     assert [e["step"] for e in history] == [3, 6]
     assert all(e["decision"]["quantity"] == "metric" for e in history)
     assert all(e["general_metric"] >= e["general_metric_base"] for e in history)
-    assert history[-1]["general_metric_finetuned"] < history[-1]["general_metric_base"]
+    assert history[0]["general_metric_finetuned"] < history[0]["general_metric_base"]  # first decision: measured
+    last = history[-1]  # a warm decision measures α = 1 only where its search needs it
+    assert last["decision"].get("finetuned_skipped") != ("general_metric_finetuned" in last)
     assert (tmp_path / "resilient" / "model.safetensors").is_file()

@@ -145,6 +145,7 @@ def main() -> None:
                     "general_loss_base",
                     "general_loss_finetuned",
                     "general_kl",
+                    "general_kl_merged",
                     "weights",
                     "drift_norm",
                     "probe_passes",

@@ -71,7 +71,7 @@ def test_seq2seq_probes_with_decoder_masks(tmp_path, build, fmt):
     callback = _train(tmp_path, model, general)
     history = callback.history
     assert [h["step"] for h in history] == [2, 4]
-    assert all(h["general_kl"] >= 0.0 and "general_kl_merged" in h for h in history)
+    assert history[0]["general_kl"] >= 0.0 and all(h["general_kl_merged"] >= 0.0 for h in history)
     assert all(h["general_loss"] <= h["general_loss_base"] * 1.05 + 1e-6 for h in history)
     tuned = {k: v.detach() for k, v in model.state_dict().items()}
     assert _assert_mix(tmp_path / "resilient", theta0, tuned) == pytest.approx(history[-1]["alpha"])

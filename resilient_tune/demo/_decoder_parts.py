@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, Trainer
 
 from ..errors import UsageError
@@ -86,21 +87,31 @@ class LMCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-@torch.inference_mode()
 def next_char_hits(
     model: torch.nn.Module, block: torch.Tensor, batch_size: int = 100, bar: Any = None
 ) -> list[bool]:
     """Per predicted character of the windows ``block`` ``(N, T + 1)``: is the model's most likely next token the
     right one (given the true text before it)? ``N·T`` hits, window by window."""
+    return next_char_scores(model, block, batch_size, bar)[0]
+
+
+@torch.inference_mode()
+def next_char_scores(
+    model: torch.nn.Module, block: torch.Tensor, batch_size: int = 100, bar: Any = None
+) -> tuple[list[bool], float]:
+    """:func:`next_char_hits` and, from the same forward passes, the mean next-character loss (the LM loss the
+    probes measure) over all ``N·T`` predicted characters."""
     model.eval()
     hits: list[bool] = []
+    total = 0.0
     for start in range(0, len(block), batch_size):
         w = block[start : start + batch_size]
         logits = model(input_ids=w[:, :-1]).logits  # (B, T, V)
         hits += (logits.argmax(-1) == w[:, 1:]).flatten().tolist()
+        total += float(F.cross_entropy(logits.flatten(0, 1).float(), w[:, 1:].flatten(), reduction="sum"))
         if bar is not None:
             bar.update(len(w))
-    return hits
+    return hits, total / max(len(hits), 1)
 
 
 def _examples(block: torch.Tensor) -> list[dict[str, list[int]]]:

@@ -28,10 +28,29 @@ from ..merging import merge_tensor
 from ..policy import BudgetPolicy
 from ._progress import use_demo_progress
 
-__all__ = ["Hits", "Score", "environment", "fine_tune", "finish", "mix", "score_mixes", "training_args"]
+__all__ = [
+    "Hits",
+    "Score",
+    "Scored",
+    "environment",
+    "fine_tune",
+    "finish",
+    "mix",
+    "score_mixes",
+    "training_args",
+]
 
 Hits = dict[str, list[bool]]
 """``task -> per-example hits`` (``"target"``, ``"general"``)."""
+
+
+class Scored(dict):  # type: ignore[type-arg]
+    """``task -> per-example hits`` of one model, with ``losses``: ``task -> held-out loss``, the probes' loss
+    measured on the test set (the quantity the ``budget`` policy bounds, on data it never saw)."""
+
+    def __init__(self, hits: Hits, losses: dict[str, float]) -> None:
+        super().__init__(hits)
+        self.losses = losses
 Score = Callable[[torch.nn.Module, str], Hits]
 """``score(model, label)``: the model's hits on the test sets (``label`` names it on the progress bar)."""
 

@@ -45,11 +45,13 @@ from ._decoder_parts import (
     char_tokenizer,
     encode,
     next_char_hits,
+    next_char_scores,
     windows,
 )
 from ._scenario import (
     Hits,
     ScenarioConfig,
+    Scored,
     echo_scores,
     environment,
     fine_tune,
@@ -66,6 +68,7 @@ __all__ = [
     "char_tokenizer",
     "encode",
     "next_char_hits",
+    "next_char_scores",
     "run_decoder",
     "windows",
 ]
@@ -205,7 +208,8 @@ def run_decoder(
         sets = {"target": data.target_test, "general": data.general_test}
         total = sum(len(s) for s in sets.values())
         with tqdm(total=total, desc=f"scoring {label}", unit="win", leave=False, dynamic_ncols=True) as bar:
-            return {k: next_char_hits(m, s, cfg.eval_batch_size, bar) for k, s in sets.items()}
+            scored = {k: next_char_scores(m, s, cfg.eval_batch_size, bar) for k, s in sets.items()}
+        return Scored({k: h for k, (h, _) in scored.items()}, {k: loss for k, (_, loss) in scored.items()})
 
     hits = {"base": score(model, "base")}
     echo_scores(echo, "base", hits["base"], SCORE_NAME)

@@ -34,6 +34,7 @@ from ..errors import UsageError
 from ._scenario import (
     Hits,
     ScenarioConfig,
+    Scored,
     echo_scores,
     environment,
     fine_tune,
@@ -44,7 +45,15 @@ from ._scenario import (
 )
 from .data import DemoData, Pairs, demo_data, fingerprint
 
-__all__ = ["ContrastiveTrainer", "EncoderConfig", "PairCollator", "encode", "recall_hits", "run_encoder"]
+__all__ = [
+    "ContrastiveTrainer",
+    "EncoderConfig",
+    "PairCollator",
+    "contrastive_loss",
+    "encode",
+    "recall_hits",
+    "run_encoder",
+]
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -190,8 +199,24 @@ def recall_hits(queries: torch.Tensor, passages: torch.Tensor) -> list[bool]:
     return (best == torch.arange(len(queries))).tolist()
 
 
-def _score(model: torch.nn.Module, tokenizer: Any, sets: Mapping[str, Pairs], label: str, cfg: EncoderConfig):
-    """``{set name: hits}`` of ``model`` on each test set; one length-sorted pass over all their texts."""
+def contrastive_loss(queries: torch.Tensor, passages: torch.Tensor, batch: int, scale: float) -> float:
+    """The training loss on held-out pairs: in-batch-negatives cross-entropy of ``scale · q·pᵀ``, averaged over the
+    full chunks of ``batch`` consecutive pairs (the probes' batch, so the loss has the probes' number of negatives;
+    fewer pairs than ``batch``: one chunk of them all)."""
+    n = len(queries)
+    size = min(batch, n)
+    losses = []
+    for start in range(0, n - size + 1, size):
+        q, p = queries[start : start + size], passages[start : start + size]
+        losses.append(float(F.cross_entropy(scale * q @ p.T, torch.arange(size))))
+    return sum(losses) / len(losses)
+
+
+def _score(
+    model: torch.nn.Module, tokenizer: Any, sets: Mapping[str, Pairs], label: str, cfg: EncoderConfig
+) -> Scored:
+    """``{set name: hits}`` of ``model`` on each test set, with each set's held-out contrastive loss (in chunks of
+    the probes' batch size); one length-sorted pass over all their texts."""
     texts: list[str] = []
     for pairs in sets.values():
         texts += pairs.queries + pairs.passages
@@ -199,12 +224,14 @@ def _score(model: torch.nn.Module, tokenizer: Any, sets: Mapping[str, Pairs], la
         vectors = encode(
             model, tokenizer, texts, batch_size=cfg.eval_batch_size, max_length=cfg.max_length, bar=bar
         )
-    hits, start = {}, 0
+    hits, losses, start = {}, {}, 0
     for name, pairs in sets.items():
         n = len(pairs)
-        hits[name] = recall_hits(vectors[start : start + n], vectors[start + n : start + 2 * n])
+        queries, passages = vectors[start : start + n], vectors[start + n : start + 2 * n]
+        hits[name] = recall_hits(queries, passages)
+        losses[name] = contrastive_loss(queries, passages, cfg.eval_batch_size, cfg.scale)
         start += 2 * n
-    return hits
+    return Scored(hits, losses)
 
 
 # ---------------------------------------------------------------------------- the run

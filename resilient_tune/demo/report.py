@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..report import new_figure, save_figure
+from ._report_plot import PLOT_FILE, write_plot
 
 __all__ = [
     "DEMO_FORMAT",
@@ -43,7 +43,6 @@ __all__ = [
 
 DEMO_FORMAT = "resilient-tune/demo-report"
 REPORT_FILE = "report.json"
-PLOT_FILE = "report.png"
 _MODEL_ORDER = ("base", "fine_tuned", "resilient", "static")
 _TASKS = ("target", "general")
 
@@ -111,7 +110,8 @@ def build_report(
         hits: ``model -> task -> per-example hits`` for the models ``base``, ``fine_tuned``, ``resilient``,
             ``static`` and the tasks ``target``, ``general``.
         alphas: ``model -> α`` (weight of the fine-tuned model in the mix).
-        curve: ``α -> task -> hits`` of the trade-off curve.
+        curve: ``α -> task -> hits`` of the trade-off curve. Hits that carry ``losses`` (the scenarios' ``Scored``:
+            the probes' loss on the held-out test sets) add ``test_loss`` to the model and curve rows.
         history: The callback's decisions (``step``, ``alpha``, probe losses, ...); per-layer drift is dropped.
         drift_relative: ``‖θ − θ₀‖ / ‖θ₀‖`` of the fine-tuned weights (a mix at α drifts α times that).
         slerp_curve: ``α -> task -> hits`` of the models mixed by SLERP (stored as ``slerp_curve`` rates and
@@ -130,6 +130,7 @@ def build_report(
         row: dict[str, Any] = {task: _rate(hits[name][task]) for task in _TASKS}
         row["alpha"] = alpha
         row["drift"] = None if drift_relative is None else alpha * drift_relative
+        row.update(_losses(hits[name]))
         models[name] = row
     significance = {}
     for task in _TASKS:
@@ -144,14 +145,19 @@ def build_report(
         "summary": {name: gain_kept(models, name) for name in ("resilient", "static")},
         "significance": significance,
         "curve": [
-            {"alpha": float(a), **{task: _rate(curve[a][task]) for task in _TASKS}} for a in sorted(curve)
+            {"alpha": float(a), **{task: _rate(curve[a][task]) for task in _TASKS}, **_losses(curve[a])}
+            for a in sorted(curve)
         ],
         "history": [{k: v for k, v in entry.items() if k != "drift_per_layer"} for entry in history],
         "hits": {name: _bits(hits[name]) for name in _MODEL_ORDER},
         **(
             {
                 "slerp_curve": [
-                    {"alpha": float(a), **{task: _rate(slerp_curve[a][task]) for task in _TASKS}}
+                    {
+                        "alpha": float(a),
+                        **{task: _rate(slerp_curve[a][task]) for task in _TASKS},
+                        **_losses(slerp_curve[a]),
+                    }
                     for a in sorted(slerp_curve)
                 ],
                 "slerp_hits": {f"{a:g}": _bits(slerp_curve[a]) for a in sorted(slerp_curve)},
@@ -161,6 +167,12 @@ def build_report(
         ),
         **extra,
     }
+
+
+def _losses(scored: Any) -> dict[str, dict[str, float]]:
+    """``{"test_loss": {task: loss}}`` when the scenario measured held-out losses with the hits, else ``{}``."""
+    losses = getattr(scored, "losses", None)
+    return {"test_loss": {task: float(losses[task]) for task in _TASKS if task in losses}} if losses else {}
 
 
 def write_report(run_dir: str | os.PathLike[str], report: Mapping[str, Any]) -> Path:
@@ -234,110 +246,6 @@ def format_report(report: Mapping[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------- plot
-def write_plot(
-    run_dir: str | os.PathLike[str], report: Mapping[str, Any], path: str | os.PathLike[str] | None = None
-) -> Path | None:
-    """Draw ``report.png``: probe losses over steps, α (and drift) over steps, the α trade-off curve.
-
-    Returns:
-        The PNG's path, or ``None`` (with a warning naming the extra) when matplotlib is not installed.
-    """
-    figure = new_figure("report.png", figsize=(13.0, 4.2), dpi=100)
-    if figure is None:
-        return None
-    losses, alphas, tradeoff = figure.subplots(1, 3)
-    history = report.get("history") or []
-    _plot_losses(
-        losses,
-        history,
-        (report.get("policy") or {}).get("drift_budget"),
-        report.get("loss_name", "contrastive loss"),
-    )
-    _plot_alpha(alphas, history)
-    _plot_curve(tradeoff, report)
-    figure.suptitle(_title(report), fontsize=10)
-    return save_figure(figure, Path(path) if path is not None else Path(run_dir) / PLOT_FILE)
-
-
-def _title(report: Mapping[str, Any]) -> str:
-    cfg = report.get("config") or {}
-    env = report.get("environment") or {}
-    parts = [f"resilient-tune demo ({report.get('scenario', '?')})", report.get("model")]
-    parts += [f"{cfg['steps']} steps" if cfg.get("steps") else None]
-    data = report.get("data") or {}
-    source = data.get("source", "")
-    if data.get("title") and env.get("python"):  # a short name of the text, e.g. "stdlib prose → code"
-        parts += [f"Python {env['python']} {data['title']}"]
-    elif "docstring" in source and env.get("python"):
-        parts += [f"Python {env['python']} docstrings"]
-    else:
-        parts += [source or None]
-    return " · ".join(p for p in parts if p)
-
-
-def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    points = [(e["step"], e[key]) for e in history if isinstance(e.get(key), (int, float))]
-    return ([p[0] for p in points], [p[1] for p in points]) if points else ([], [])
-
-
-def _plot_losses(
-    ax: Any, history: Sequence[Mapping[str, Any]], budget: float | None, loss_name: str = "contrastive loss"
-) -> None:
-    lines = (
-        ("general_loss_finetuned", "general, fine-tuned", "--", "C0"),
-        ("general_loss", "general, resilient (α)", "-", "C0"),
-        ("target_loss_finetuned", "target, fine-tuned", "--", "C2"),
-        ("target_loss", "target, resilient (α)", "-", "C2"),
-    )
-    for key, label, style, colour in lines:
-        xs, ys = _series(history, key)
-        if xs:
-            ax.plot(xs, ys, style, color=colour, marker="o", markersize=3, label=label)
-    xs, base = _series(history, "general_loss_base")
-    if base:
-        ax.axhline(base[0], color="C7", linestyle=":", label="general, base")
-        if budget is not None:
-            ax.axhline(
-                base[0] * (1 + budget), color="C3", linestyle=":", label=f"budget (+{100 * budget:g}%)"
-            )
-    if not history:
-        ax.text(0.5, 0.5, "no history", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title("probe losses (held-out probes)", fontsize=9)
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"{loss_name} (lower is better)")
-    ax.legend(fontsize=7)
-
-
-def _plot_alpha(ax: Any, history: Sequence[Mapping[str, Any]]) -> None:
-    xs, ys = _series(history, "alpha")
-    ax.step(xs, ys, where="post", color="C3", marker="o", markersize=3, label="α chosen")
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("step")
-    ax.set_ylabel("α (weight of the fine-tuned model)", color="C3")
-    ax.set_title("α over steps", fontsize=9)
-    dx, dy = _series(history, "drift_relative")
-    if dx:
-        twin = ax.twinx()
-        twin.plot(dx, dy, color="C7", linewidth=1)
-        twin.set_ylim(bottom=0)
-        twin.set_ylabel("‖θₜ − θ₀‖ / ‖θ₀‖ (grey)", color="C7")
-
-
-def _plot_curve(ax: Any, report: Mapping[str, Any]) -> None:
-    curve = report.get("curve") or []
-    xs = [p["alpha"] for p in curve]
-    for task, colour in (("target", "C2"), ("general", "C0")):
-        ax.plot(xs, [100 * p[task] for p in curve], color=colour, marker="o", markersize=4, label=task)
-    models = report["models"]
-    ax.axhline(100 * models["base"]["general"], color="C0", linestyle=":", linewidth=1, label="general, base")
-    alpha = models["resilient"]["alpha"]
-    ax.axvline(alpha, color="C3", linestyle="--", linewidth=1, label=f"resilient α={alpha:.2f}")
-    ax.set_xlabel("α (0 = base, 1 = fine-tuned)")
-    ax.set_ylabel(f"{report.get('score_name', 'recall@1')} on the test sets (%)")
-    ax.set_title("trade-off: θ₀ + α·(θ − θ₀)", fontsize=9)
-    ax.legend(fontsize=7)
-
-
 # ---------------------------------------------------------------------------- reading a run
 def load_run(run_dir: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
     """What a run folder holds: ``("demo", report)`` for a demo run, ``("history", cocktail report)`` for any

@@ -43,6 +43,13 @@ class Decision:
         metric: The metric at ``alpha`` (``quantity="metric"``).
         base_metric: The metric of the base.
         metric_floor: The lowest metric the budget allowed.
+        slope: The budget search's ``dL/dα`` near ``alpha`` (search units: the loss, or minus the metric), handed to
+            the next decision's warm start (``budget``).
+        displacement: ``‖θ − θ₀‖`` of the fine-tuned model at the decision, when the caller passed it (``budget``).
+        over_at: The smallest displacement ``α·‖θ − θ₀‖`` measured over the bound so far in the run (``budget``).
+        exponent: The run's estimate of ``k`` in ``α* ∝ ‖θ − θ₀‖^−k``, handed to the next decision (``budget``).
+        finetuned_skipped: The policy did not measure ``α = 1`` (the fine-tuned model is known to be over budget);
+            the caller need not measure it for its report either.
 
     ``passes`` counts the points the policy evaluated, the base included even when the caller answered it from a
     cache; the probe passes a decision actually ran are the history entry's ``probe_passes``.
@@ -62,6 +69,11 @@ class Decision:
     metric: float | None = None
     base_metric: float | None = None
     metric_floor: float | None = None
+    slope: float | None = None
+    displacement: float | None = None
+    over_at: float | None = None
+    exponent: float | None = None
+    finetuned_skipped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -76,6 +88,11 @@ class Decision:
             "weights": None if self.weights is None else list(self.weights),
             "ingredient_losses": None if self.ingredient_losses is None else list(self.ingredient_losses),
         }
+        for key in ("slope", "displacement", "over_at", "exponent"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.finetuned_skipped:
+            out["finetuned_skipped"] = True
         if self.quantity != "loss":
             out.update(
                 quantity=self.quantity,
@@ -136,10 +153,12 @@ def choose(
     *,
     ingredient_losses: IngredientLosses | None = None,
     previous: Decision | Mapping[str, Any] | None = None,
+    displacement: float | None = None,
 ) -> Decision:
     """Ask ``policy`` for a decision, passing ``ingredient_losses`` only to the policies that declare
     ``needs_ingredient_losses`` and ``previous`` (the run's previous decision, or its ``to_dict()``) only to those
-    that declare ``uses_previous`` (so user policies with a plain ``choose(evaluate)`` keep working).
+    that declare ``uses_previous`` and ``displacement`` (``‖θ − θ₀‖`` now) only to those that declare
+    ``uses_displacement`` (so user policies with a plain ``choose(evaluate)`` keep working).
 
     The caller applies the decision: ``alpha``, and ``weights`` when not ``None`` (e.g.
     ``engine.set_weights(decision.weights)``) before it measures or writes the chosen mix.
@@ -149,4 +168,6 @@ def choose(
         options["ingredient_losses"] = ingredient_losses
     if getattr(policy, "uses_previous", False):
         options["previous"] = previous
+    if getattr(policy, "uses_displacement", False):
+        options["displacement"] = displacement
     return policy.choose(evaluate, **options)  # type: ignore[call-arg]

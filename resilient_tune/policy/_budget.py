@@ -1,15 +1,19 @@
 """The ``budget`` policy: the largest α in ``[0, 1]`` whose general-probe loss stays within ``(1 + drift_budget)`` ×
-the base's, found in a few probe passes by a bracket narrowed with fitted curves (the helpers below the class).
+the base's, found in a few probe passes by a bracket narrowed with fitted curves (:mod:`._search`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import NonFiniteError, UsageError
 from ._base import Decision, Evaluate
+from ._search import next_guess, prior_shape
+from ._warm import comparable, local_slope, next_exponent, over_budget_at, warm_guess, warm_start
+
+_RECHECK_FINETUNED = 0.9  # a warm search whose bracket's low end reaches this α measures α = 1 again
 
 
 class BudgetPolicy:
@@ -34,6 +38,14 @@ class BudgetPolicy:
     The chosen α is always one that was *measured* within budget (or 0, the base itself), so the written model
     honours the budget on the probe data.
 
+    **Warm start** (``warm=True``, the default). From the second decision of a run on, the search starts where the
+    previous one ended, moved with the fine-tune's displacement ``D = ‖θ − θ₀‖`` (passed by the session as
+    ``displacement``): the first guess is the previous α times ``(D_prev / D)^k``, with ``k`` estimated from the
+    run's own decisions (:mod:`._warm`), the next ones step along the local slope until the bound is bracketed. While
+    the fine-tuned model lies further along than a point already measured over the bound, ``α = 1`` is not
+    re-measured (the decision's ``finetuned_skipped``); it is measured again as soon as the search climbs to
+    ``α ≥ 0.9``. On the demos a decision then costs 1–2 general-probe passes instead of 2–4.
+
     **A budget in the user's own metric.** With ``metric`` (a higher-is-better number such as recall or accuracy,
     computed by ``metric(model)`` on the user's own general data with the candidate mix swapped in), the bound is on
     that metric instead of the loss: at most ``metric_drop`` below the base's (in the metric's own units, or a
@@ -56,6 +68,8 @@ class BudgetPolicy:
             point of a recall in [0, 1]).
         relative: ``metric_drop`` is a fraction of the base's metric (``0.02`` = 2% of it) instead of absolute.
         metric_floor: With ``metric``, instead of ``metric_drop``: the lowest metric allowed (the base must reach it).
+        warm: Start each decision from the previous one (see above); ``False`` searches every decision from
+            scratch and measures ``α = 1`` every time.
 
     Raises:
         UsageError: A value out of range, a metric budget without ``metric``, ``metric`` without a budget, or both
@@ -65,6 +79,7 @@ class BudgetPolicy:
     name = "budget"
     needs_general_data = True
     uses_previous = True
+    uses_displacement = True
 
     def __init__(
         self,
@@ -77,6 +92,7 @@ class BudgetPolicy:
         metric_drop: float | None = None,
         relative: bool = False,
         metric_floor: float | None = None,
+        warm: bool = True,
     ) -> None:
         if (
             isinstance(drift_budget, bool)
@@ -104,6 +120,9 @@ class BudgetPolicy:
         self.relative = relative
         self.metric_floor = None if metric_floor is None else float(metric_floor)
         self.needs_general_data = metric is None  # a metric brings its own data
+        if not isinstance(warm, bool):
+            raise UsageError(f"warm={warm!r} must be True or False")
+        self.warm = warm
 
     @property
     def quantity(self) -> str:
@@ -131,13 +150,22 @@ class BudgetPolicy:
         assert self.metric_drop is not None  # checked at construction
         return base + self.metric_drop * (abs(base) if self.relative else 1.0)
 
-    def choose(self, evaluate: Evaluate | None, *, previous: Any = None, **_: Any) -> Decision:
+    def choose(
+        self,
+        evaluate: Evaluate | None,
+        *,
+        previous: Any = None,
+        displacement: float | None = None,
+        **_: Any,
+    ) -> Decision:
         """Search α (see the class docs).
 
         Args:
-            evaluate: ``evaluate(alpha) -> general-probe loss`` (one probe pass).
+            evaluate: ``evaluate(alpha) -> general-probe loss`` (one probe pass), or the metric with ``metric``.
             previous: The previous decision of the run (a :class:`Decision` or its ``to_dict()``), whose measured
                 points give the curve's shape before this decision has measured any; ``None``: no prior.
+            displacement: ``‖θ − θ₀‖`` of the fine-tuned model now (the session's drift); with ``previous`` it
+                allows the warm start. ``None``: a cold search.
         """
         if evaluate is None:
             raise UsageError(
@@ -162,24 +190,49 @@ class BudgetPolicy:
         threshold = self._bound(base)
         aim = threshold - 0.5 * self.slack * (threshold - base)
         accept = threshold - self.slack * (threshold - base)
-        top = measure(1.0)
+        # the previous decision's curve says something about this one only on the same probes and the same mix
+        before = previous if comparable(previous, quantity=self.quantity, base=sign * base) else None
+        warm = warm_start(before, sign=sign, displacement=displacement) if self.warm else None
+        carried = None if before is None else _get(before, "exponent")
 
         def decide(alpha: float, cost: float, reason: str) -> Decision:
             shown = tuple((a, sign * c) for a, c in measured)
+            run = {
+                "slope": local_slope(sorted(measured), alpha, warm),
+                "displacement": displacement,
+                "over_at": over_budget_at(before, measured, threshold, displacement),
+                "exponent": next_exponent(before, alpha, displacement, carried),
+                "finetuned_skipped": all(a != 1.0 for a, _ in measured),
+            }
             if self.metric is None:
-                return Decision(alpha, len(measured), self.name, cost, base, threshold, shown, reason)
+                return Decision(alpha, len(measured), self.name, cost, base, threshold, shown, reason, **run)
             return Decision(
                 alpha, len(measured), self.name, evaluated=shown, reason=reason, quantity="metric",
-                metric=-cost, base_metric=-base, metric_floor=-threshold,
+                metric=-cost, base_metric=-base, metric_floor=-threshold, **run,
             )  # fmt: skip
 
-        if top <= threshold:
-            return decide(1.0, top, "the fine-tuned model is within the budget")
-        prior = _prior_shape(previous, sign)
+        top: float | None = None
+        if warm is None:
+            top = measure(1.0)
+            if top <= threshold:
+                return decide(1.0, top, "the fine-tuned model is within the budget")
+        prior = prior_shape(previous, sign)
         (lo, f_lo), hi = (0.0, base), 1.0
         last_side = ""
+        start = "warm start; " if warm is not None else ""
         while len(measured) < self.max_passes and hi - lo > self.tolerance:
-            alpha = _next_guess(measured, lo, hi, aim, bisect=last_side == "repeat", prior=prior)
+            if top is None and lo >= _RECHECK_FINETUNED:
+                # the warm search climbed near the top: the fine-tuned model may be within budget after all
+                top = measure(1.0)
+                if top <= threshold:
+                    return decide(1.0, top, "the fine-tuned model is within the budget (re-measured)")
+                continue
+            if warm is None or (lo > 0.0 and hi < 1.0):
+                alpha = next_guess(measured, lo, hi, aim, bisect=last_side == "repeat", prior=prior)
+            elif len(measured) == 1:
+                alpha = warm.alpha
+            else:
+                alpha = warm_guess(measured, lo, hi, aim, warm.slope)
             loss = measure(alpha)
             side = "lo" if loss <= threshold else "hi"
             # the same end moved twice in a row: the fit is off there, so bisect next
@@ -187,11 +240,15 @@ class BudgetPolicy:
             if side == "lo":
                 lo, f_lo = alpha, loss
                 if loss >= accept:
-                    return decide(lo, f_lo, "within budget and close to the bound")
+                    return decide(lo, f_lo, start + "within budget and close to the bound")
             else:
                 hi = alpha
+        if top is None and lo >= _RECHECK_FINETUNED and len(measured) < self.max_passes:
+            top = measure(1.0)  # the bracket closed near the top: is the fine-tuned model itself within budget?
+            if top <= threshold:
+                return decide(1.0, top, "the fine-tuned model is within the budget (re-measured)")
         why = "bracket narrower than the tolerance" if hi - lo <= self.tolerance else "pass cap reached"
-        return decide(lo, f_lo, f"largest alpha measured within budget ({why})")
+        return decide(lo, f_lo, f"{start}largest alpha measured within budget ({why})")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -200,6 +257,7 @@ class BudgetPolicy:
             "tolerance": self.tolerance,
             "slack": self.slack,
             "max_passes": self.max_passes,
+            "warm": self.warm,
         }
         if self.metric is not None:
             out.update(
@@ -257,89 +315,5 @@ def _check_metric_budget(
         raise UsageError("relative=True applies to metric_drop, not metric_floor; drop one of them")
 
 
-def _normalised(measured: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Interior points ``(α, g)`` with ``g = (L(α) − L(0)) / (L(1) − L(0))``; ``[]`` when the ends are missing or
-    ``L(1) <= L(0)``."""
-    ends = {a: f for a, f in measured if a in (0.0, 1.0)}
-    if len(ends) < 2 or ends[1.0] <= ends[0.0]:
-        return []
-    rise = ends[1.0] - ends[0.0]
-    return [(a, (f - ends[0.0]) / rise) for a, f in measured if 0.0 < a < 1.0]
-
-
-def _fit_b(points: Sequence[tuple[float, float]]) -> float | None:
-    """Least-squares ``b`` of ``g(α) = b·α + (1 − b)·α²`` through ``points`` (``None`` without any)."""
-    num = sum((a - a * a) * (g - a * a) for a, g in points)
-    den = sum((a - a * a) ** 2 for a, g in points)
-    return num / den if den > 0 else None
-
-
-def _prior_shape(previous: Any, sign: float = 1.0) -> float:
-    """``b`` fitted to the previous decision's measured points (0.0, a pure quadratic, without them); ``sign`` turns
-    them into search units (``-1`` for a metric). A previous decision on the other quantity gives no prior."""
-    if previous is None:
-        return 0.0
-    get = previous.get if isinstance(previous, Mapping) else lambda k, d=None: getattr(previous, k, d)
-    if (get("quantity", "loss") or "loss") != ("loss" if sign > 0 else "metric"):
-        return 0.0
-    evaluated = get("evaluated", ())
-    try:
-        points = _normalised([(float(a), sign * float(f)) for a, f in evaluated or ()])
-    except (TypeError, ValueError):
-        return 0.0
-    b = _fit_b(points)
-    return 0.0 if b is None or not math.isfinite(b) else b
-
-
-def _next_guess(
-    measured: list[tuple[float, float]],
-    lo: float,
-    hi: float,
-    aim: float,
-    *,
-    bisect: bool = False,
-    prior: float = 0.0,
-) -> float:
-    """Next α to measure, solving a fitted curve for ``L(α) = aim`` in normalised form ``g``, kept 10% of the
-    bracket away from its ends; the midpoint when ``bisect`` or when the fit has no root in the bracket. Once both
-    ends of the bracket are measured interior points, the chord between them (regula falsi) replaces the fit.
-
-    The curve: before any interior point, ``g(α) = b·α + (1 − b)·α²`` with ``b = prior``; once interior points
-    are measured and all lie above the base, a power law ``g = c·α^p`` through the two points nearest the
-    bracket (``α = 1`` included), which follows curves flatter or sharper than a quadratic; when one dips below
-    the base, the quadratic with ``b`` fitted to the two interior points nearest the bracket."""
-    width = hi - lo
-    guess = lo + 0.5 * width
-    ends = {a: f for a, f in measured if a in (0.0, 1.0)}
-    points = _normalised(measured)
-    losses = dict(measured)
-    if not bisect and lo > 0.0 and hi < 1.0 and losses[hi] > losses[lo]:
-        # measured on both sides inside (0, 1): the chord between them (regula falsi); on a convex stretch it
-        # lands on the feasible side of the bound
-        guess = lo + (aim - losses[lo]) / (losses[hi] - losses[lo]) * width
-    elif not bisect and len(ends) == 2 and ends[1.0] > ends[0.0]:
-        target = (aim - ends[0.0]) / (ends[1.0] - ends[0.0])
-        closeness = lambda p: min(abs(p[0] - lo), abs(p[0] - hi))  # noqa: E731
-        if points and all(g > 0 for _, g in points):
-            (a1, g1), (a2, g2) = sorted(sorted([*points, (1.0, 1.0)], key=closeness)[:2])
-            power = math.log(g2 / g1) / math.log(a2 / a1) if g1 != g2 else 0.0
-            roots = [a2 * (target / g2) ** (1.0 / power)] if power > 0 and target > 0 else []
-        else:
-            fitted = _fit_b(sorted(points, key=closeness)[:2])
-            b = prior if fitted is None else fitted
-            roots = _roots(1.0 - b, b, -target)
-        inside = [r for r in roots if lo < r < hi]
-        if inside:
-            guess = max(inside)
-    return min(max(guess, lo + 0.1 * width), hi - 0.1 * width)
-
-
-def _roots(a: float, b: float, c: float) -> list[float]:
-    """Real roots of ``a·x² + b·x + c`` (linear when ``a`` is ~0)."""
-    if abs(a) < 1e-12:
-        return [] if abs(b) < 1e-12 else [-c / b]
-    disc = b * b - 4.0 * a * c
-    if disc < 0:
-        return []
-    root = math.sqrt(disc)
-    return [(-b - root) / (2.0 * a), (-b + root) / (2.0 * a)]
+def _get(record: Any, key: str) -> Any:
+    return record.get(key) if isinstance(record, Mapping) else getattr(record, key, None)

@@ -27,7 +27,9 @@ def decide_entry(
     """Run ``policy`` (probing candidates), apply its weights to ``engine``, set the engine's α, and return the history
     entry of ``step``: α, drift, the general losses at α / the base / the fine-tuned model (and KL), the user's metric
     there for a metric budget, the target losses, the peer weights, the probe passes this decision cost, the decision
-    itself and the per-layer drift.
+    itself and the per-layer drift. The fine-tuned model's figures (``*_finetuned``, ``general_kl``) are left out
+    when the decision skipped ``α = 1`` (``decision.finetuned_skipped``: a warm budget search that knew it over
+    budget).
 
     ``previous`` is the last decision's record (``Decision.to_dict()``), which a policy may start its search from.
     """
@@ -56,11 +58,13 @@ def decide_entry(
         evaluate: Callable[[float], float] | None = score
     else:
         evaluate = (lambda a: loss_of(measure(a))) if probes.general else None
+    drift = engine.drift(model)  # the fine-tune's displacement: a warm budget search starts from it
     decision: Decision = choose(
         policy,
         evaluate,
         ingredient_losses=lambda: probes.losses_of_ingredients(engine, model),
         previous=previous,
+        displacement=drift.total,
     )
     if decision.weights is not None and tuple(decision.weights) != tuple(engine.weights):
         engine.set_weights(decision.weights)  # before the chosen mix is measured (and written)
@@ -69,22 +73,27 @@ def decide_entry(
         probes.base_result = None
         probes.base_metric = None
     entry: dict[str, Any] = {"step": int(step), "alpha": decision.alpha}
-    drift = engine.drift(model)
     entry.update(drift_norm=drift.total, drift_relative=drift.relative)
+    # the fine-tuned model (α = 1) is measured for the report unless the policy knew it over budget and skipped it
+    tuned_too = not decision.finetuned_skipped
     if probes.general:
-        chosen, tuned, base = measure(decision.alpha), measure(1.0), measure(0.0)
-        entry.update(general_loss=chosen.loss, general_loss_base=base.loss, general_loss_finetuned=tuned.loss)
-        if tuned.kl is not None:
-            entry.update(general_kl=tuned.kl, general_kl_merged=chosen.kl)
+        chosen, base = measure(decision.alpha), measure(0.0)
+        entry.update(general_loss=chosen.loss, general_loss_base=base.loss)
+        if tuned_too:
+            tuned = measure(1.0)
+            entry["general_loss_finetuned"] = tuned.loss
+            if tuned.kl is not None:
+                entry["general_kl"] = tuned.kl
+        if chosen.kl is not None:
+            entry["general_kl_merged"] = chosen.kl
     if metric is not None:
-        entry.update(
-            general_metric=score(decision.alpha),
-            general_metric_base=score(0.0),
-            general_metric_finetuned=score(1.0),
-        )
+        entry.update(general_metric=score(decision.alpha), general_metric_base=score(0.0))
+        if tuned_too:
+            entry["general_metric_finetuned"] = score(1.0)
     if probes.target:
         entry["target_loss"] = probes.run_target(engine, model, decision.alpha)
-        entry["target_loss_finetuned"] = probes.run_target(engine, model, 1.0)
+        if tuned_too:
+            entry["target_loss_finetuned"] = probes.run_target(engine, model, 1.0)
     if engine.num_peers:
         labels = ["base", *(f"peer{i}" for i in range(1, engine.num_peers + 1))]
         entry.update({f"weight_{label}": w for label, w in zip(labels, engine.weights)})

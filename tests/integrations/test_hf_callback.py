@@ -131,10 +131,12 @@ def test_budget_keeps_the_written_model_within_budget(tmp_path):
     callback = CocktailCallback(policy="budget", drift_budget=0.02, general_data=GENERAL)
     trainer = _run(tmp_path, callback, metric_for_best_model="cocktail_general_loss", greater_is_better=False)
     final = callback.history[-1]
+    # the fine-tuned model's figures: where a decision measured α = 1 (a warm budget search may skip it)
+    tuned = [h for h in callback.history if "general_loss_finetuned" in h]
     assert final["general_loss_base"] == pytest.approx(base_loss, rel=1e-5)
-    assert final["general_loss_finetuned"] > 1.02 * base_loss  # fine-tuning hurt the general data...
+    assert tuned[-1]["general_loss_finetuned"] > 1.02 * base_loss  # fine-tuning hurt the general data...
     assert 0 < final["alpha"] < 1  # ...so the budget bound bites
-    assert final["probe_passes"] <= 6 and final["general_kl"] > 0
+    assert final["probe_passes"] <= 6 and tuned[-1]["general_kl"] > 0 and final["general_kl_merged"] > 0
     written = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "resilient")
     assert probe_loss(written, batches) <= 1.02 * base_loss * (1 + 1e-6)
     alpha = json.loads((tmp_path / "resilient" / "cocktail.json").read_text())["alpha"]

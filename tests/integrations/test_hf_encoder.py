@@ -113,8 +113,10 @@ def test_probes_use_the_trainers_compute_loss(tmp_path):
     trainer = _run(tmp_path, callback)
     first, last = callback.history
     assert first["general_loss_base"] == pytest.approx(_by_hand(_encoder(), GENERAL), rel=1e-5)
-    assert last["target_loss_finetuned"] == pytest.approx(_by_hand(trainer.model, TARGET), rel=1e-5)
-    assert last["target_loss_finetuned"] < _by_hand(_encoder(), TARGET)  # the encoder learned the task
+    # the fine-tuned model's target loss where the decision measured α = 1 (a warm budget search may skip it)
+    if "target_loss_finetuned" in last:
+        assert last["target_loss_finetuned"] == pytest.approx(_by_hand(trainer.model, TARGET), rel=1e-5)
+    assert first["target_loss_finetuned"] < _by_hand(_encoder(), TARGET)  # the encoder learned the task
     assert False in CALLS and True in CALLS  # probes (eval mode) and training both went through compute_loss
     assert "general_kl" not in last  # an encoder's custom objective has no next-token distribution
     alpha = json.loads((tmp_path / "resilient" / "cocktail.json").read_text())["alpha"]
