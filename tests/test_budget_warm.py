@@ -200,3 +200,39 @@ def test_a_session_reports_what_it_measured_and_counts_fewer_passes() -> None:
     assert not warm[0]["decision"].get("finetuned_skipped", False)
     assert any(e["decision"].get("finetuned_skipped") for e in warm[1:])
     assert sum(e["probe_passes"] for e in warm) < sum(e["probe_passes"] for e in cold)
+
+
+def test_a_loss_budget_that_keeps_little_of_the_fine_tune_says_so_once(caplog) -> None:
+    from resilient_tune import Cocktail
+
+    general = [{"input_ids": row, "labels": row.clone()} for row in COUNTING]
+    session = Cocktail(policy=BudgetPolicy(0.002), general_data=general, batch_size=8)
+    model = _pretrained()
+    session.begin(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    with caplog.at_level("WARNING", logger="resilient_tune.session"):
+        for step in range(1, 10):
+            model(input_ids=PATTERN, labels=PATTERN).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if step % 3 == 0:
+                session.decide(step, model)
+    noted = [e for e in session.history if "note" in e]
+    assert noted and all(e["alpha"] < 0.2 for e in noted)
+    assert "BudgetPolicy(metric=fn, metric_drop=...)" in noted[0]["note"]
+    assert "of the fine-tuned model's increase" in noted[0]["note"]
+    warnings = [r for r in caplog.records if "the loss budget kept alpha=" in r.getMessage()]
+    assert len(warnings) == 1  # once per run, however many decisions repeat it
+
+
+def test_no_note_where_the_budget_keeps_a_fair_share_or_another_policy_decided() -> None:
+    from resilient_tune.policy import Decision
+    from resilient_tune.session._decide import strict_budget_note
+
+    entry = {"general_loss_finetuned": 3.0}
+    kept = Decision(0.45, 3, "budget", 1.04, 1.0, 1.05, ((0.0, 1.0),), "")
+    assert strict_budget_note(kept, entry) is None
+    assert strict_budget_note(Decision(0.1, 0, "fixed"), entry) is None
+    strict = Decision(0.08, 4, "budget", 1.04, 1.0, 1.06, ((0.0, 1.0),), "")
+    note = strict_budget_note(strict, entry)
+    assert note is not None and "1 -> 1.06 (3% of the fine-tuned model's increase)" in note

@@ -266,6 +266,8 @@ class Cocktail:
         if self._last_step != step or not self._history:
             previous = self._history[-1].get("decision") if self._history else None  # restored on resume too
             entry = decide_entry(self.engine, self.policy, self._probes, int(step), model, previous=previous)
+            if entry.get("note") and not any("note" in e for e in self._history):  # once per run
+                logger.warning("resilient-tune: %s", entry["note"])
             if self._guard.failures:  # so far in this run; logged as cocktail/save_failed
                 entry["save_failed"] = len(self._guard.failures)
             self._history.append(entry)

@@ -98,9 +98,36 @@ def decide_entry(
         labels = ["base", *(f"peer{i}" for i in range(1, engine.num_peers + 1))]
         entry.update({f"weight_{label}": w for label, w in zip(labels, engine.weights)})
         entry["weights"] = list(engine.weights)
+    note = strict_budget_note(decision, entry)
+    if note:
+        entry["note"] = note
     entry["probe_passes"] = probes.passes - passes_before
     entry["snapshot_bytes"] = engine.snapshot.nbytes
     entry["decision"] = decision.to_dict()
     entry["drift_per_layer"] = drift.per_layer
     engine.alpha = decision.alpha
     return entry
+
+
+STRICT_ALPHA = 0.2  # a loss budget that leaves the fine-tuned model less weight than this is worth a word
+
+
+def strict_budget_note(decision: Decision, entry: Mapping[str, Any]) -> str | None:
+    """A word when a relative loss budget keeps little of the fine-tune (α below :data:`STRICT_ALPHA`): the bound may
+    be far stricter than the user's own metric needs (an easy probe set, whose small base loss leaves a small absolute
+    allowance, or a contrastive loss whose scale depends on the batch size). ``None`` otherwise."""
+    if decision.policy != "budget" or decision.quantity != "loss" or not 0.0 < decision.alpha < STRICT_ALPHA:
+        return None
+    base, bound = decision.base_loss, decision.threshold
+    if base is None or bound is None:
+        return None
+    tuned = entry.get("general_loss_finetuned")
+    share = ""
+    if isinstance(tuned, (int, float)) and tuned > bound:
+        share = f" ({100 * (bound - base) / (tuned - base):.0f}% of the fine-tuned model's increase)"
+    return (
+        f"the loss budget kept alpha={decision.alpha:.2f}: it allows the general-probe loss {base:.4g} -> "
+        f"{bound:.4g}{share}. A relative bound on a small base loss (an easy probe set) or on a loss whose scale "
+        "depends on the batch size can be far stricter than your metric needs; check the resilient model on your "
+        "metric, or bound that metric instead: BudgetPolicy(metric=fn, metric_drop=...)"
+    )
