@@ -88,6 +88,8 @@ def test_a_fine_tune_back_within_budget_is_measured_again_and_kept() -> None:
     second = policy.choose(gentle, previous=first.to_dict(), displacement=1.2)
     assert second.alpha == 1.0 and not second.finetuned_skipped
     assert "re-measured" in second.reason
+    # as soon as a step would climb to α >= 0.9 the fine-tuned model itself is measured, not a point just below it
+    assert second.passes <= 4 and all(a < 0.9 or a == 1.0 for a, _ in second.evaluated)
 
 
 @pytest.mark.parametrize(

@@ -221,18 +221,20 @@ class BudgetPolicy:
         last_side = ""
         start = "warm start; " if warm is not None else ""
         while len(measured) < self.max_passes and hi - lo > self.tolerance:
-            if top is None and lo >= _RECHECK_FINETUNED:
-                # the warm search climbed near the top: the fine-tuned model may be within budget after all
-                top = measure(1.0)
-                if top <= threshold:
-                    return decide(1.0, top, "the fine-tuned model is within the budget (re-measured)")
-                continue
             if warm is None or (lo > 0.0 and hi < 1.0):
                 alpha = next_guess(measured, lo, hi, aim, bisect=last_side == "repeat", prior=prior)
             elif len(measured) == 1:
                 alpha = warm.alpha
             else:
-                alpha = warm_guess(measured, lo, hi, aim, warm.slope)
+                reach = _RECHECK_FINETUNED if top is None else None
+                alpha = warm_guess(measured, lo, hi, aim, warm.slope, reach=reach)
+            if top is None and (lo >= _RECHECK_FINETUNED or alpha >= 1.0):
+                # the warm search climbed near the top, or its next step would: the fine-tuned model may be within
+                # budget after all
+                top = measure(1.0)
+                if top <= threshold:
+                    return decide(1.0, top, "the fine-tuned model is within the budget (re-measured)")
+                continue
             loss = measure(alpha)
             side = "lo" if loss <= threshold else "hi"
             # the same end moved twice in a row: the fit is off there, so bisect next

@@ -136,11 +136,18 @@ def local_slope(
 
 
 def warm_guess(
-    measured: Sequence[tuple[float, float]], lo: float, hi: float, aim: float, slope: float
+    measured: Sequence[tuple[float, float]],
+    lo: float,
+    hi: float,
+    aim: float,
+    slope: float,
+    *,
+    reach: float | None = None,
 ) -> float:
     """The next α of a warm decision before the bound is bracketed: a step from the last measured point along the
     secant of this decision's two latest interior points (when it rises), else along ``slope``; kept 5% of the
-    bracket away from its ends (a bound near α = 0 stays reachable)."""
+    bracket away from its ends (a bound near α = 0 stays reachable). ``1.0`` when the step reaches ``reach`` or
+    beyond (the caller then measures the fine-tuned model itself)."""
     interior = [(a, c) for a, c in measured if 0.0 < a < 1.0]
     a_last, c_last = interior[-1]
     if len(interior) >= 2:
@@ -149,6 +156,8 @@ def warm_guess(
             slope = (c2 - c1) / (a2 - a1)
     width = hi - lo
     guess = a_last + (aim - c_last) / slope
+    if reach is not None and guess >= reach:
+        return 1.0
     return min(max(guess, lo + 0.05 * width), hi - 0.05 * width)
 
 
