@@ -115,6 +115,13 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="B",
         help="budget policy: allowed general-loss increase (default: encoder 0.05, decoder 0.02)",
     )
+    d.add_argument(
+        "--metric-drop",
+        type=float,
+        metavar="D",
+        help="bound the general probes' own score (recall@1 / next-char accuracy) instead of their loss: at most "
+        "D below the base's (0.01 = one point)",
+    )
 
     r = sub.add_parser(
         "report", help="rebuild the table and plot of a run (demo or any CocktailCallback run)"
@@ -233,6 +240,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             ("seed", args.seed),
             ("learning_rate", args.lr),
             ("drift_budget", args.drift_budget),
+            ("metric_drop", args.metric_drop),
         )
         if value is not None
     }

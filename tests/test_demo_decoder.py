@@ -237,3 +237,16 @@ def test_lora_run_writes_the_merged_models(tmp_path):
 def test_lora_rank_is_validated():
     with pytest.raises(UsageError, match=r"lora_rank=-1 must be an int >= 0"):
         DecoderConfig(lora_rank=-1)
+
+
+def test_a_metric_budget_bounds_the_probes_next_character_accuracy(tmp_path):
+    report = run_decoder(
+        tmp_path / "run", DecoderConfig(**{**TINY, "metric_drop": 0.02}), echo=lambda line: None
+    )
+    assert report["policy"]["quantity"] == "metric" and report["policy"]["metric_drop"] == 0.02
+    for entry in report["history"]:
+        assert entry["decision"]["quantity"] == "metric"
+        assert 0.0 <= entry["general_metric_base"] <= 1.0
+        assert entry["general_metric"] >= entry["general_metric_base"] - 0.02 - 1e-12
+    with pytest.raises(UsageError, match=r"metric_drop=-0\.1 must be >= 0"):
+        DecoderConfig(metric_drop=-0.1)

@@ -65,7 +65,9 @@ def test_held_out_contrastive_loss_uses_full_chunks_of_the_probe_batch():
     torch.manual_seed(0)
     q, p = F.normalize(torch.randn(10, 4), dim=1), F.normalize(torch.randn(10, 4), dim=1)
     by_hand = [float(F.cross_entropy(20 * q[s : s + 4] @ p[s : s + 4].T, torch.arange(4))) for s in (0, 4)]
-    assert contrastive_loss(q, p, 4, 20.0) == pytest.approx(sum(by_hand) / 2)  # the last 2 pairs: no full chunk
+    assert contrastive_loss(q, p, 4, 20.0) == pytest.approx(
+        sum(by_hand) / 2
+    )  # the last 2 pairs: no full chunk
     whole = float(F.cross_entropy(5 * q @ p.T, torch.arange(10)))
     assert contrastive_loss(q, p, 64, 5.0) == pytest.approx(whole)  # fewer pairs than a batch: one chunk
 
@@ -164,3 +166,25 @@ def test_whole_run_on_a_tiny_encoder(tiny, tokenizer, tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(out)]) == 0
     assert "resilient (budget)" in capsys.readouterr().out
+
+
+def test_a_metric_budget_bounds_the_probes_recall(tiny, tokenizer, tmp_path):
+    data = DemoData(
+        target_train=_pairs(48, 0),
+        target_probe=_pairs(8, 1),
+        target_test=_pairs(12, 2),
+        general_probe=_pairs(8, 3),
+        general_test=_pairs(12, 4),
+    )
+    config = EncoderConfig(
+        steps=4, batch_size=8, learning_rate=5e-3, decisions=2, probe_pairs=8, curve=(), eval_batch_size=8,
+        metric_drop=0.0,
+    )  # fmt: skip
+    report = run_encoder(tmp_path / "run", config, model_path=tiny, data=data, echo=lambda line: None)
+    assert report["policy"]["quantity"] == "metric"
+    base = transformers.AutoModel.from_pretrained(tiny)
+    probe = data.general_probe
+    by_hand = recall_hits(encode(base, tokenizer, probe.queries), encode(base, tokenizer, probe.passages))
+    for entry in report["history"]:
+        assert entry["general_metric_base"] == pytest.approx(sum(by_hand) / len(by_hand))
+        assert entry["general_metric"] >= entry["general_metric_base"] - 1e-12  # a drop of 0 allowed

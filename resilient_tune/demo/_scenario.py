@@ -51,6 +51,8 @@ class Scored(dict):  # type: ignore[type-arg]
     def __init__(self, hits: Hits, losses: dict[str, float]) -> None:
         super().__init__(hits)
         self.losses = losses
+
+
 Score = Callable[[torch.nn.Module, str], Hits]
 """``score(model, label)``: the model's hits on the test sets (``label`` names it on the progress bar)."""
 
@@ -66,6 +68,9 @@ class ScenarioConfig:
         decisions: Evaluations during fine-tuning (each one probes and lets the policy choose α).
         drift_budget: ``budget`` policy: allowed relative increase of the general-probe loss over the base's.
         max_passes: ``budget`` policy: cap on general-probe passes per decision (the base's is cached).
+        metric_drop: Bound the general probes' own score (the scenario's test score: recall@1, next-character
+            accuracy) instead of their loss: at most this much below the base's (a fraction, ``0.01`` = one point);
+            ``None`` (default) keeps the loss budget ``drift_budget``.
         static_alpha: The static LM-Cocktail α reported for comparison (the paper's 0.5).
         curve: Extra α values scored for the trade-off curve (0, 1, ``static_alpha`` and the chosen α always are).
         slerp_curve: α values also scored along SLERP from θ₀ to θ (``t = α``, per tensor; the callbacks'
@@ -84,11 +89,14 @@ class ScenarioConfig:
     static_alpha: float = 0.5
     curve: tuple[float, ...] = (0.25, 0.75)
     slerp_curve: tuple[float, ...] = ()
+    metric_drop: float | None = None
 
     def __post_init__(self) -> None:
         positive_ints(self, ("decisions",))
         # the policy's own checks name the field and the fix
         BudgetPolicy(self.drift_budget, max_passes=self.max_passes)
+        if self.metric_drop is not None:
+            BudgetPolicy(metric=lambda model: 0.0, metric_drop=self.metric_drop)
         for a in (self.static_alpha, *self.curve, *self.slerp_curve):
             if not 0.0 <= a <= 1.0:
                 raise UsageError(f"alpha {a!r} must be in [0, 1]")
@@ -157,17 +165,27 @@ def fine_tune(
     general_probe: Sequence[Mapping[str, Any]],
     target_probe: Sequence[Mapping[str, Any]],
     desc: str = "fine-tuning",
+    probe_metric: Callable[[torch.nn.Module], float] | None = None,
     **trainer_kwargs: Any,
 ) -> tuple[CocktailCallback, BudgetPolicy]:
-    """Fine-tune with ``CocktailCallback(policy=BudgetPolicy(cfg.drift_budget, max_passes=cfg.max_passes))``.
+    """Fine-tune with ``CocktailCallback(policy=BudgetPolicy(cfg.drift_budget, max_passes=cfg.max_passes))``, or,
+    with ``cfg.metric_drop``, a budget on ``probe_metric(model)`` (the general probes' score).
 
     The target probe is also the eval dataset. ``out/resilient`` (the callback's) and ``out/fine-tuned`` are
     written. ``trainer_kwargs`` go to ``trainer_class`` (``model``, ``train_dataset``, ``data_collator``, ...).
 
+    Raises:
+        UsageError: ``cfg.metric_drop`` without a ``probe_metric``.
+
     Returns:
         The callback (``alpha``, ``history``) and the policy.
     """
-    policy = BudgetPolicy(cfg.drift_budget, max_passes=cfg.max_passes)
+    if cfg.metric_drop is None:
+        policy = BudgetPolicy(cfg.drift_budget, max_passes=cfg.max_passes)
+    elif probe_metric is None:
+        raise UsageError("metric_drop needs the scenario's probe metric; this scenario passes none")
+    else:
+        policy = BudgetPolicy(metric=probe_metric, metric_drop=cfg.metric_drop, max_passes=cfg.max_passes)
     callback = CocktailCallback(
         policy=policy, general_data=list(general_probe), target_data=list(target_probe)
     )

@@ -214,11 +214,16 @@ def run_decoder(
     hits = {"base": score(model, "base")}
     echo_scores(echo, "base", hits["base"], SCORE_NAME)
 
+    def probe_accuracy(candidate: torch.nn.Module) -> float:  # the general probes' score, for a metric budget
+        hits = next_char_hits(candidate, data.general_probe, cfg.eval_batch_size)
+        return sum(hits) / len(hits)
+
     t = time.perf_counter()
     trained = _with_lora(model, cfg.lora_rank, cfg.seed) if cfg.lora_rank else model
     callback, policy = fine_tune(
         out,
         cfg,
+        probe_metric=probe_accuracy,
         general_probe=_examples(data.general_probe),
         target_probe=_examples(data.target_probe),
         desc="fine-tuning (target: Python code" + (f", LoRA r={cfg.lora_rank})" if cfg.lora_rank else ")"),

@@ -292,11 +292,25 @@ def run_encoder(
     def score(model: torch.nn.Module, label: str) -> Hits:
         return _score(model, tokenizer, test_sets, label, cfg)
 
+    def probe_recall(
+        candidate: torch.nn.Module,
+    ) -> float:  # the general probes' recall@1, for a metric budget
+        probe = data.general_probe
+        queries = encode(
+            candidate, tokenizer, probe.queries, batch_size=cfg.eval_batch_size, max_length=cfg.max_length
+        )
+        passages = encode(
+            candidate, tokenizer, probe.passages, batch_size=cfg.eval_batch_size, max_length=cfg.max_length
+        )
+        hits = recall_hits(queries, passages)
+        return sum(hits) / len(hits)
+
     t = time.perf_counter()
     callback, policy = fine_tune(
         out,
         cfg,
         trainer_class=ContrastiveTrainer,
+        probe_metric=probe_recall,
         general_probe=_examples(data.general_probe),
         target_probe=_examples(data.target_probe),
         model=model,
