@@ -70,12 +70,20 @@ _SMOKE = {
 _SMOKE_STEPS = {"encoder": (2, 3), "decoder": (4, 6)}
 
 
-def run_name(scenario: str, lr: float, steps: int, seed: int) -> str:
-    return f"{scenario}-lr{lr:g}-s{steps}-seed{seed}"
+def run_name(scenario: str, lr: float, steps: int, seed: int, metric_drop: float | None = None) -> str:
+    name = f"{scenario}-lr{lr:g}-s{steps}-seed{seed}"
+    return name if metric_drop is None else f"{name}-metric{metric_drop:g}"
 
 
-def plan(scenarios: Sequence[str], seeds: Sequence[int], smoke: bool) -> list[dict[str, Any]]:
-    """The runs: scenario, learning rate, steps, seed, decisions and the run's name."""
+def plan(
+    scenarios: Sequence[str],
+    seeds: Sequence[int],
+    smoke: bool,
+    metric_drop: float | None = None,
+    only: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """The runs: scenario, learning rate, steps, seed, decisions, the metric budget (``None``: the loss budget) and
+    the run's name; ``only`` keeps the runs of those loss-budget names."""
     runs = []
     for scenario in scenarios:
         grid = GRIDS[scenario]
@@ -87,8 +95,14 @@ def plan(scenarios: Sequence[str], seeds: Sequence[int], smoke: bool) -> list[di
                     runs.append(
                         {"scenario": scenario, "lr": lr, "steps": steps, "seed": seed, "decisions": decisions}
                     )
+    if only:
+        unknown = sorted(set(only) - {run_name(r["scenario"], r["lr"], r["steps"], r["seed"]) for r in runs})
+        if unknown:
+            raise SystemExit(f"resilience_grid: --only {unknown} are not runs of this grid")
+        runs = [r for r in runs if run_name(r["scenario"], r["lr"], r["steps"], r["seed"]) in only]
     for run in runs:
-        run["name"] = run_name(run["scenario"], run["lr"], run["steps"], run["seed"])
+        run["metric_drop"] = metric_drop
+        run["name"] = run_name(run["scenario"], run["lr"], run["steps"], run["seed"], metric_drop)
     return runs
 
 
@@ -99,6 +113,7 @@ def _execute(run: Mapping[str, Any], out: Path, smoke: bool, base: Path | None, 
         "seed": run["seed"],
         "decisions": run["decisions"],
         "curve": () if smoke else CURVE,
+        "metric_drop": run.get("metric_drop"),
     }
     if smoke:
         options.update(_SMOKE[run["scenario"]])
@@ -132,6 +147,10 @@ def summarize_run(report: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str
             "general": m["general"],
             "general_loss_ratio": ratio,
             "budget_honoured": None if ratio is None else ratio <= 1 + budget,
+            # with a metric budget: the held-out general score within metric_drop of the base's
+            "metric_honoured": None
+            if run.get("metric_drop") is None
+            else m["general"] >= base["general"] - run["metric_drop"] - 1e-12,
             "target_gain_kept": (m["target"] - base["target"]) / gain if gain > 0 else None,
             "general_vs_base": (m["general"] - base["general"]) / base["general"]
             if base["general"]
@@ -139,6 +158,7 @@ def summarize_run(report: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str
         }
     return {
         **{k: run[k] for k in ("name", "scenario", "lr", "steps", "seed")},
+        "metric_drop": run.get("metric_drop"),
         "budget": budget,
         "base": {"target": base["target"], "general": base["general"], "general_loss": base_loss},
         "models": rows,
@@ -320,6 +340,21 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the tables")
     p.add_argument("--smoke", action="store_true", help="tiny settings (seconds; checks the pipeline only)")
     p.add_argument("--reuse", action="store_true", help="read OUT/<run>/report.json where it exists")
+    p.add_argument(
+        "--metric-drop",
+        type=float,
+        default=None,
+        help="a budget on the general probes' own score instead of their loss: at most D below the base's",
+    )
+    p.add_argument(
+        "--only", nargs="+", default=[], metavar="RUN", help="only these runs of the grid (by name)"
+    )
+    p.add_argument(
+        "--decoder-base",
+        type=Path,
+        default=None,
+        help="a pre-trained decoder base/ folder to start every decoder run from (default: the first run's)",
+    )
     return p.parse_args(argv)
 
 
@@ -329,8 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     echo = (lambda line: print(line, file=sys.stderr)) if args.json else (lambda line: None)
     summaries = []
-    base: Path | None = None
-    for run in plan(args.scenarios, args.seeds, args.smoke):
+    base: Path | None = args.decoder_base
+    for run in plan(args.scenarios, args.seeds, args.smoke, args.metric_drop, args.only):
         path = args.out / run["name"] / "report.json"
         if args.reuse and path.is_file():
             report = json.loads(path.read_text())

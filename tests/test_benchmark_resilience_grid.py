@@ -127,3 +127,15 @@ def test_a_smoke_run_of_the_decoder_grid_writes_its_tables_json_and_plot(tmp_pat
     assert all(not (tmp_path / r["name"] / "base").exists() for r in later)
     assert (tmp_path / result["runs"][0]["name"] / "base").is_dir()
     assert "budget honoured" in capsys.readouterr().out
+
+
+def test_a_metric_budget_reruns_chosen_runs_under_their_own_names() -> None:
+    runs = grid.plan(["encoder"], [0, 1], smoke=False, metric_drop=0.02, only=["encoder-lr0.0003-s75-seed1"])
+    assert [r["name"] for r in runs] == ["encoder-lr0.0003-s75-seed1-metric0.02"]
+    assert runs[0]["metric_drop"] == 0.02 and runs[0]["lr"] == 3e-4
+    with pytest.raises(SystemExit, match="not runs of this grid"):
+        grid.plan(["encoder"], [0], smoke=False, only=["encoder-lr9-s1-seed0"])
+    s = grid.summarize_run(_report(2.2, 2.08), {**RUN, "metric_drop": 0.01})
+    assert s["models"]["resilient"]["metric_honoured"] is False  # 0.58 against a floor of 0.60 - 0.01
+    assert s["models"]["static"]["metric_honoured"] is False
+    assert grid.summarize_run(_report(2.2, 2.08), RUN)["models"]["resilient"]["metric_honoured"] is None
