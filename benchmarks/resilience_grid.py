@@ -252,7 +252,7 @@ def render(summaries: Sequence[Mapping[str, Any]], totals: Mapping[str, Any]) ->
             ratio = row["general_loss_ratio"]
             if ratio is None:
                 return "n/a"
-            return f"{ratio:.3f} {'✓' if ratio <= 1 + budget else '✗'}"
+            return f"{ratio:.4f} {'✓' if ratio <= 1 + budget else '✗'}"
 
         rows.append([
             s["name"], _pct(ft["general_vs_base"], True), loss(st), f"{on['alpha']:.2f}", loss(on),
