@@ -44,7 +44,7 @@ class BudgetPolicy:
     run's own decisions (:mod:`._warm`), the next ones step along the local slope until the bound is bracketed. While
     the fine-tuned model lies further along than a point already measured over the bound, ``α = 1`` is not
     re-measured (the decision's ``finetuned_skipped``); it is measured again as soon as the search climbs to
-    ``α ≥ 0.9``. On the demos a decision then costs 1–2 general-probe passes instead of 2–4.
+    ``α ≥ 0.9``. On the demos a decision after the first then costs 1–3 general-probe passes instead of 2–4.
 
     **A budget in the user's own metric.** With ``metric`` (a higher-is-better number such as recall or accuracy,
     computed by ``metric(model)`` on the user's own general data with the candidate mix swapped in), the bound is on
