@@ -211,7 +211,7 @@ class CocktailEngine:
         def write(name: str, live: torch.Tensor, param: torch.Tensor) -> None:
             param.copy_(self.snapshot.get(name) if index == 0 else self._peer_loader(index - 1, name)())
 
-        with self._swap(model, write) as swapped:
+        with resharded_on_exit(model), self._swap(model, write) as swapped:
             yield swapped
 
     def close(self) -> None:
@@ -280,7 +280,8 @@ class CocktailEngine:
         Works in place under ``torch.no_grad()``: each live tensor θₜ is copied once to a CPU scratch (one
         transient copy of the trainable parameters), the merged tensor is written into the parameter, and on
         exit (also on an exception) every parameter is restored from the scratch, bit-exactly. ``alpha == 1``
-        is θₜ itself: nothing is swapped.
+        is θₜ itself: nothing is swapped. On exit FSDP2 modules are resharded, so that the registered parameters are
+        the shards the optimizer holds even after a forward in the block left them unsharded.
 
         Args:
             model: The live model.
@@ -295,13 +296,14 @@ class CocktailEngine:
         self._open_peers(model)
         if alpha == 1.0 and not self._spec.needs_base:
             self._params(model)
-            yield model
+            with resharded_on_exit(model):
+                yield model
             return
 
         def write(name: str, live: torch.Tensor, param: torch.Tensor) -> None:
             self.merged_tensor(name, live, alpha, weights, out=param)
 
-        with self._swap(model, write) as swapped:
+        with resharded_on_exit(model), self._swap(model, write) as swapped:
             yield swapped
 
     def _swap(
@@ -401,3 +403,13 @@ class CocktailEngine:
         if param is None:
             return loader
         return lambda: local_part(param, loader())  # the peer's piece matching this rank's shard
+
+
+@contextlib.contextmanager
+def resharded_on_exit(model: torch.nn.Module) -> Iterator[None]:
+    """Reshard ``model``'s FSDP2 modules when the block ends (also on an exception): a forward in the block may leave
+    them unsharded, and the optimizer and the checkpoint savers expect the registered parameters to be the shards."""
+    try:
+        yield
+    finally:
+        reshard(model)
