@@ -103,6 +103,15 @@ class Decision:
         return out
 
 
+def decision_field(record: Decision | Mapping[str, Any] | None, key: str, default: Any = None) -> Any:
+    """``key`` of a decision or of its ``to_dict()`` (what a resumed run hands back), ``default`` when absent."""
+    if record is None:
+        return default
+    if isinstance(record, Mapping):
+        return record.get(key, default)
+    return getattr(record, key, default)
+
+
 @runtime_checkable
 class Policy(Protocol):
     """The interface every policy implements."""

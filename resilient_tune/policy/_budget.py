@@ -5,11 +5,11 @@ the base's, found in a few probe passes by a bracket narrowed with fitted curves
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import NonFiniteError, UsageError
-from ._base import Decision, Evaluate
+from ._base import Decision, Evaluate, decision_field
 from ._search import next_guess, prior_shape
 from ._warm import comparable, local_slope, next_exponent, over_budget_at, warm_guess, warm_start
 
@@ -193,7 +193,7 @@ class BudgetPolicy:
         # the previous decision's curve says something about this one only on the same probes and the same mix
         before = previous if comparable(previous, quantity=self.quantity, base=sign * base) else None
         warm = warm_start(before, sign=sign, displacement=displacement) if self.warm else None
-        carried = None if before is None else _get(before, "exponent")
+        carried = decision_field(before, "exponent")
 
         def decide(alpha: float, cost: float, reason: str) -> Decision:
             shown = tuple((a, sign * c) for a, c in measured)
@@ -315,7 +315,3 @@ def _check_metric_budget(
         )
     if relative and metric_floor is not None:
         raise UsageError("relative=True applies to metric_drop, not metric_floor; drop one of them")
-
-
-def _get(record: Any, key: str) -> Any:
-    return record.get(key) if isinstance(record, Mapping) else getattr(record, key, None)

@@ -4,8 +4,10 @@ losses at ``α = 0`` and ``α = 1``) and the next guess it gives, with the previ
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
+
+from ._base import decision_field
 
 __all__ = ["next_guess", "prior_shape"]
 
@@ -32,10 +34,9 @@ def prior_shape(previous: Any, sign: float = 1.0) -> float:
     them into search units (``-1`` for a metric). A previous decision on the other quantity gives no prior."""
     if previous is None:
         return 0.0
-    get = previous.get if isinstance(previous, Mapping) else lambda k, d=None: getattr(previous, k, d)
-    if (get("quantity", "loss") or "loss") != ("loss" if sign > 0 else "metric"):
+    if (decision_field(previous, "quantity") or "loss") != ("loss" if sign > 0 else "metric"):
         return 0.0
-    evaluated = get("evaluated", ())
+    evaluated = decision_field(previous, "evaluated", ())
     try:
         points = _normalised([(float(a), sign * float(f)) for a, f in evaluated or ()])
     except (TypeError, ValueError):

@@ -16,10 +16,13 @@ model's displacement ``D`` is at least the smallest displacement ``α·D`` measu
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from ._base import decision_field
 
 __all__ = [
     "DEFAULT_EXPONENT",
@@ -54,12 +57,6 @@ class WarmStart:
     over_at: float
 
 
-def _getter(previous: Any) -> Any:
-    if isinstance(previous, Mapping):
-        return previous.get
-    return lambda key, default=None: getattr(previous, key, default)
-
-
 def _finite_positive(value: Any) -> float | None:
     try:
         number = float(value)
@@ -74,7 +71,7 @@ def comparable(previous: Any, *, quantity: str, base: float) -> bool:
     units (a loss, or the metric)."""
     if previous is None:
         return False
-    get = _getter(previous)
+    get = functools.partial(decision_field, previous)
     if get("policy") != "budget" or (get("quantity", "loss") or "loss") != quantity:
         return False
     try:
@@ -92,7 +89,7 @@ def warm_start(previous: Any, *, sign: float, displacement: float | None) -> War
     now = _finite_positive(displacement)
     if previous is None or now is None:
         return None
-    get = _getter(previous)
+    get = functools.partial(decision_field, previous)
     before = _finite_positive(get("displacement"))
     over_at = _finite_positive(get("over_at"))
     try:
@@ -170,7 +167,7 @@ def over_budget_at(
     if now is None:
         return None
     found = [a * now for a, c in measured if c > threshold and a > 0.0]
-    carried = _finite_positive(_getter(previous)("over_at")) if previous is not None else None
+    carried = _finite_positive(decision_field(previous, "over_at"))
     if carried is not None:
         found.append(carried)
     return min(found) if found else None
@@ -183,7 +180,7 @@ def next_exponent(previous: Any, alpha: float, displacement: float | None, carri
     now = _finite_positive(displacement)
     if previous is None or now is None or not 0.0 < alpha < 1.0:
         return carried
-    get = _getter(previous)
+    get = functools.partial(decision_field, previous)
     before = _finite_positive(get("displacement"))
     previous_alpha = _finite_positive(get("alpha"))
     if before is None or previous_alpha is None or previous_alpha >= 1.0 or math.isclose(now, before):
