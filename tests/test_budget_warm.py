@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from resilient_tune.errors import UsageError
 from resilient_tune.policy import BudgetPolicy
@@ -143,44 +142,26 @@ def test_warm_must_be_a_bool_and_is_recorded() -> None:
 
 transformers = pytest.importorskip("transformers")
 
-
-def _pretrained() -> torch.nn.Module:
-    """A tiny GPT-2 that has learned to count upwards over tokens 12-63 (the general skill)."""
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=8,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
-    model = transformers.GPT2LMHeadModel(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.0)
-    for _ in range(40):
-        model(input_ids=COUNTING, labels=COUNTING).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model
+from _counting import COUNTING, PATTERN, examples, pretrained_counter, train_on  # noqa: E402  (tests/ on sys.path)
 
 
-COUNTING = 12 + (torch.randint(0, 52, (16, 1), generator=torch.Generator().manual_seed(1)) + torch.arange(8)) % 52
-PATTERN = (torch.arange(4).unsqueeze(1) + 3 * torch.arange(8)) % 12
+def _fine_tune_deciding(session, steps: int) -> None:
+    """Begin ``session`` on the counting base, train towards the pattern, decide every 3 steps."""
+    model = pretrained_counter()
+    session.begin(model)
+    train_on(model, PATTERN, steps, 1e-2, every=3, on_step=lambda step: session.decide(step, model))
 
 
 def _session_history(warm: bool) -> list[dict]:
     from resilient_tune import Cocktail
 
-    general = [{"input_ids": row, "labels": row.clone()} for row in COUNTING]
-    target = [{"input_ids": row, "labels": row.clone()} for row in PATTERN]
     session = Cocktail(
-        policy=BudgetPolicy(BUDGET, warm=warm), general_data=general, target_data=target, batch_size=8
+        policy=BudgetPolicy(BUDGET, warm=warm),
+        general_data=examples(COUNTING),
+        target_data=examples(PATTERN),
+        batch_size=8,
     )
-    model = _pretrained()
-    session.begin(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    for step in range(1, 13):
-        model(input_ids=PATTERN, labels=PATTERN).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if step % 3 == 0:
-            session.decide(step, model)
+    _fine_tune_deciding(session, 12)
     return session.history
 
 
@@ -207,18 +188,9 @@ def test_a_session_reports_what_it_measured_and_counts_fewer_passes() -> None:
 def test_a_loss_budget_that_keeps_little_of_the_fine_tune_says_so_once(caplog) -> None:
     from resilient_tune import Cocktail
 
-    general = [{"input_ids": row, "labels": row.clone()} for row in COUNTING]
-    session = Cocktail(policy=BudgetPolicy(0.002), general_data=general, batch_size=8)
-    model = _pretrained()
-    session.begin(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    session = Cocktail(policy=BudgetPolicy(0.002), general_data=examples(COUNTING), batch_size=8)
     with caplog.at_level("WARNING", logger="resilient_tune.session"):
-        for step in range(1, 10):
-            model(input_ids=PATTERN, labels=PATTERN).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            if step % 3 == 0:
-                session.decide(step, model)
+        _fine_tune_deciding(session, 9)
     noted = [e for e in session.history if "note" in e]
     assert noted and all(e["alpha"] < 0.2 for e in noted)
     assert "BudgetPolicy(metric=fn, metric_drop=...)" in noted[0]["note"]

@@ -35,6 +35,16 @@ def _pairs(n: int, offset: int) -> Pairs:
     return Pairs(queries, [f"pkg{offset}.name_{WORDS[(offset + i) % len(WORDS)]}_{i}" for i in range(n)])
 
 
+def _tiny_data() -> DemoData:
+    return DemoData(
+        target_train=_pairs(48, 0),
+        target_probe=_pairs(8, 1),
+        target_test=_pairs(12, 2),
+        general_probe=_pairs(8, 3),
+        general_test=_pairs(12, 4),
+    )
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_bert_dirs):
     return transformers.AutoTokenizer.from_pretrained(tiny_bert_dirs(1)[0])
@@ -109,13 +119,7 @@ def test_documented_recipe_is_the_default():
 
 
 def test_whole_run_on_a_tiny_encoder(tiny, tokenizer, tmp_path, capsys):
-    data = DemoData(
-        target_train=_pairs(48, 0),
-        target_probe=_pairs(8, 1),
-        target_test=_pairs(12, 2),
-        general_probe=_pairs(8, 3),
-        general_test=_pairs(12, 4),
-    )
+    data = _tiny_data()
     config = EncoderConfig(
         steps=4,
         batch_size=8,
@@ -169,13 +173,7 @@ def test_whole_run_on_a_tiny_encoder(tiny, tokenizer, tmp_path, capsys):
 
 
 def test_a_metric_budget_bounds_the_probes_recall(tiny, tokenizer, tmp_path):
-    data = DemoData(
-        target_train=_pairs(48, 0),
-        target_probe=_pairs(8, 1),
-        target_test=_pairs(12, 2),
-        general_probe=_pairs(8, 3),
-        general_test=_pairs(12, 4),
-    )
+    data = _tiny_data()
     config = EncoderConfig(
         steps=4, batch_size=8, learning_rate=5e-3, decisions=2, probe_pairs=8, curve=(), eval_batch_size=8,
         metric_drop=0.0,

@@ -14,6 +14,8 @@ from resilient_tune.policy import BudgetPolicy
 
 transformers = pytest.importorskip("transformers")
 
+from _counting import COUNTING, PATTERN, pretrained_counter, tiny_gpt2, train_on  # noqa: E402  (tests/ on sys.path)
+
 from resilient_tune import Cocktail, CocktailCallback  # noqa: E402
 
 
@@ -95,35 +97,7 @@ def test_bad_metric_budgets_name_the_value_and_the_fix(options: dict, needle: st
 
 # --- in a session and a Trainer ---------------------------------------------------------------------------------
 
-VOCAB, LENGTH = 64, 8
-
-
-def _model() -> transformers.GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=LENGTH,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
-    return transformers.GPT2LMHeadModel(config)
-
-
-# general skill: counting upwards over tokens 12-63 (the base learns it below); the new task: a pattern over 0-11
-GENERAL = (
-    12
-    + (torch.randint(0, 52, (16, 1), generator=torch.Generator().manual_seed(1)) + torch.arange(LENGTH)) % 52
-)
-PATTERN = (torch.arange(4).unsqueeze(1) + 3 * torch.arange(LENGTH)) % 12
-
-
-def _pretrained() -> transformers.GPT2LMHeadModel:
-    """The base: a tiny GPT-2 trained to count (next-token accuracy on GENERAL well above chance)."""
-    model = _model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.0)
-    for _ in range(40):
-        model(input_ids=GENERAL, labels=GENERAL).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model
+GENERAL = COUNTING  # the general skill the base learned
 
 
 class Accuracy:
@@ -140,17 +114,13 @@ class Accuracy:
 
 
 def _train_towards_a_pattern(model: torch.nn.Module, steps: int = 6) -> None:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.0)
-    for _ in range(steps):
-        model(input_ids=PATTERN, labels=PATTERN).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_on(model, PATTERN, steps, 3e-2)
 
 
 def test_a_session_bounds_the_metric_without_general_data(tmp_path) -> None:
     metric = Accuracy()
     session = Cocktail(policy=BudgetPolicy(metric=metric, metric_drop=0.0))
-    model = _pretrained()
+    model = pretrained_counter()
     session.begin(model)
     assert metric.calls == 1  # the base, measured at begin
     _train_towards_a_pattern(model)
@@ -180,13 +150,13 @@ def test_a_session_bounds_the_metric_without_general_data(tmp_path) -> None:
 def test_a_metric_that_returns_no_number_is_refused_at_begin(metric, needle: str) -> None:
     session = Cocktail(policy=BudgetPolicy(metric=metric, metric_drop=0.01))
     with pytest.raises(UsageError, match=needle):
-        session.begin(_model())
+        session.begin(tiny_gpt2())
 
 
 def test_a_floor_the_base_fails_is_refused_at_begin() -> None:
     session = Cocktail(policy=BudgetPolicy(metric=lambda model: 0.25, metric_floor=0.3))
     with pytest.raises(UsageError, match=r"base scores 0\.25 on the metric, below metric_floor=0\.3"):
-        session.begin(_model())
+        session.begin(tiny_gpt2())
 
 
 def test_the_trainer_callback_takes_a_metric_budget(tmp_path) -> None:
@@ -199,14 +169,20 @@ def test_the_trainer_callback_takes_a_metric_budget(tmp_path) -> None:
         disable_tqdm=True, logging_strategy="no",
     )  # fmt: skip
     trainer = transformers.Trainer(
-        model=_pretrained(), args=args, train_dataset=train, eval_dataset=train[:4], callbacks=[callback]
+        model=pretrained_counter(),
+        args=args,
+        train_dataset=train,
+        eval_dataset=train[:4],
+        callbacks=[callback],
     )
     trainer.train()
     history = callback.history
     assert [e["step"] for e in history] == [3, 6]
     assert all(e["decision"]["quantity"] == "metric" for e in history)
     assert all(e["general_metric"] >= e["general_metric_base"] for e in history)
-    assert history[0]["general_metric_finetuned"] < history[0]["general_metric_base"]  # first decision: measured
+    assert (
+        history[0]["general_metric_finetuned"] < history[0]["general_metric_base"]
+    )  # first decision: measured
     last = history[-1]  # a warm decision measures α = 1 only where its search needs it
     assert last["decision"].get("finetuned_skipped") != ("general_metric_finetuned" in last)
     assert (tmp_path / "resilient" / "model.safetensors").is_file()
