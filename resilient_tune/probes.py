@@ -1,7 +1,8 @@
 """Probes: small scoring passes that measure what a model must not forget.
 
 - :func:`probe_loss`: the mean, over batches, of the model's own loss (``model(**batch).loss``) or of a user
-  ``score_fn(model, batch) -> scalar loss`` (e.g. a Trainer's ``compute_loss`` for custom objectives).
+  ``score_fn(model, batch) -> loss`` (e.g. a Trainer's ``compute_loss`` for custom objectives): a scalar, or a
+  1-D tensor of per-example losses (the batch's loss is their mean).
 - :func:`probe_kl`: ``KL(base ‖ current)`` of the next-token distributions on general tokens (label-free): how
   far the current model's predictions moved from the base's, averaged over the tokens whose attention mask is 1.
 - :func:`base_log_probs` collects the base's predictions once, optionally compressed to the ``top_k`` most
@@ -27,7 +28,8 @@ from typing import Any, Union
 import torch
 import torch.nn.functional as F
 
-from .errors import NonFiniteError, UsageError
+from .errors import UsageError
+from .probe_bound import loss_value, sequence_losses
 
 __all__ = [
     "ProbeResult",
@@ -69,11 +71,13 @@ class ProbeResult:
         loss: Mean of the per-batch losses (``None`` when not computed).
         kl: Mean ``KL(base ‖ current)`` per general token, in nats (``None`` when no base was given).
         batches: Number of batches scored.
+        units: Per-unit losses in order, when asked for (``with_units``): see :mod:`resilient_tune.probe_bound`.
     """
 
     loss: float | None
     kl: float | None
     batches: int
+    units: tuple[float, ...] | None = None
 
 
 def probe_loss(model: torch.nn.Module, batches: Iterable[Batch], score_fn: ScoreFn | None = None) -> float:
@@ -83,7 +87,7 @@ def probe_loss(model: torch.nn.Module, batches: Iterable[Batch], score_fn: Score
         model: The model to score (restored to its training mode afterwards).
         batches: Mappings of tensors; with the default scoring they must make the model return a loss (e.g.
             hold ``labels``).
-        score_fn: ``score_fn(model, batch) -> scalar loss`` replacing ``model(**batch).loss``.
+        score_fn: ``score_fn(model, batch) -> loss`` (a scalar or per-example losses) replacing ``model(**batch).loss``.
 
     Raises:
         UsageError: No batches, or the model returned no loss.
@@ -147,6 +151,7 @@ def probe(
     score_fn: ScoreFn | None = None,
     base: Sequence[BaseLogits] | Callable[[Batch], BaseLogits] | None = None,
     with_loss: bool = True,
+    with_units: bool = False,
 ) -> ProbeResult:
     """Loss and/or ``KL(base ‖ current)`` in one pass (one forward per batch when both come from the model).
 
@@ -156,8 +161,10 @@ def probe(
         score_fn: Replaces ``model(**batch).loss`` (then KL, if asked, needs a second forward per batch).
         base: Base predictions per batch, or a function of the batch (see :func:`probe_kl`); ``None``: no KL.
         with_loss: Compute the loss (``False`` for a label-free KL pass).
+        with_units: Keep the per-unit losses (:mod:`resilient_tune.probe_bound`) for a confidence bound.
     """
     losses: list[float] = []
+    units: list[float] = []
     kl_sum, kl_tokens, count = 0.0, 0, 0
     with _eval_mode(model):
         for index, batch in enumerate(batches):
@@ -166,10 +173,14 @@ def probe(
             output = None
             if with_loss:
                 if score_fn is not None:
-                    losses.append(_scalar(score_fn(model, on_device), index))
+                    value, batch_units = loss_value(score_fn(model, on_device), index)
                 else:
                     output = model(**on_device)
-                    losses.append(_scalar(_loss_of(output), index))
+                    value, batch_units = loss_value(_loss_of(output), index)
+                    if with_units:
+                        batch_units = sequence_losses(model, output, on_device, value) or batch_units
+                losses.append(value)
+                units += batch_units
             if base is not None:
                 if output is None:
                     output = model(**_forward_inputs(model, on_device))
@@ -185,7 +196,7 @@ def probe(
         )
     loss = sum(losses) / len(losses) if with_loss else None
     kl = (kl_sum / kl_tokens if kl_tokens else 0.0) if base is not None else None
-    return ProbeResult(loss, kl, count)
+    return ProbeResult(loss, kl, count, tuple(units) if with_units and with_loss else None)
 
 
 @torch.no_grad()
@@ -331,17 +342,6 @@ def _kl_mask(model: torch.nn.Module, batch: Mapping[str, Any]) -> Any:
         labels = batch.get("labels")
         return labels != -100 if isinstance(labels, torch.Tensor) else None
     return batch.get("attention_mask")
-
-
-def _scalar(value: torch.Tensor | float, index: int) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise UsageError(f"probe batch {index}: the loss has shape {tuple(value.shape)}; return a scalar")
-        value = value.item()
-    result = float(value)
-    if result != result or result in (float("inf"), float("-inf")):
-        raise NonFiniteError(f"probe batch {index}: the loss is {result}; check the probe data and the model")
-    return result
 
 
 def _nth(base: Sequence[BaseLogits], index: int) -> BaseLogits:

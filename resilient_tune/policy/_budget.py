@@ -70,6 +70,13 @@ class BudgetPolicy:
         metric_floor: With ``metric``, instead of ``metric_drop``: the lowest metric allowed (the base must reach it).
         warm: Start each decision from the previous one (see above); ``False`` searches every decision from
             scratch and measures ``α = 1`` every time.
+        confidence: Bound the probe loss with this one-sided confidence instead of its mean (e.g. ``0.95``), in
+            ``[0.5, 1)``: a candidate's loss counts as ``L(α) + z·SE`` where ``SE`` is the standard error of the
+            paired per-unit increase over the base (units: the examples of a ``score_fn`` that returns per-example
+            losses, the sequences of a language model's own loss, else the probe batches) and ``z`` the normal
+            quantile. A few dozen probes estimate the held-out loss with noise; the bound keeps that noise from
+            spending the budget (``benchmarks/resilience_grid.py --confidence``). ``None`` (default): the mean.
+            Loss budgets only.
 
     Raises:
         UsageError: A value out of range, a metric budget without ``metric``, ``metric`` without a budget, or both
@@ -93,6 +100,7 @@ class BudgetPolicy:
         relative: bool = False,
         metric_floor: float | None = None,
         warm: bool = True,
+        confidence: float | None = None,
     ) -> None:
         if (
             isinstance(drift_budget, bool)
@@ -123,6 +131,7 @@ class BudgetPolicy:
         if not isinstance(warm, bool):
             raise UsageError(f"warm={warm!r} must be True or False")
         self.warm = warm
+        self.confidence = _check_confidence(confidence, metric)
 
     @property
     def quantity(self) -> str:
@@ -246,7 +255,9 @@ class BudgetPolicy:
             else:
                 hi = alpha
         if top is None and lo >= _RECHECK_FINETUNED and len(measured) < self.max_passes:
-            top = measure(1.0)  # the bracket closed near the top: is the fine-tuned model itself within budget?
+            top = measure(
+                1.0
+            )  # the bracket closed near the top: is the fine-tuned model itself within budget?
             if top <= threshold:
                 return decide(1.0, top, "the fine-tuned model is within the budget (re-measured)")
         why = "bracket narrower than the tolerance" if hi - lo <= self.tolerance else "pass cap reached"
@@ -261,6 +272,8 @@ class BudgetPolicy:
             "max_passes": self.max_passes,
             "warm": self.warm,
         }
+        if self.confidence is not None:
+            out["confidence"] = self.confidence
         if self.metric is not None:
             out.update(
                 quantity="metric",
@@ -279,7 +292,25 @@ class BudgetPolicy:
                 else f"metric_drop={self.metric_drop}, relative={self.relative}"
             )
             return f"BudgetPolicy(metric={self.to_dict()['metric']}, {bound})"
-        return f"BudgetPolicy(drift_budget={self.drift_budget}, tolerance={self.tolerance})"
+        bound = "" if self.confidence is None else f", confidence={self.confidence}"
+        return f"BudgetPolicy(drift_budget={self.drift_budget}, tolerance={self.tolerance}{bound})"
+
+
+def _check_confidence(confidence: Any, metric: Any) -> float | None:
+    """``confidence`` as a float in ``[0.5, 1)`` (or ``None``); refused with a metric budget."""
+    if confidence is None:
+        return None
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.5 <= confidence < 1:
+        raise UsageError(
+            f"confidence={confidence!r} must be a number in [0.5, 1) (e.g. 0.95: the loss bound holds with 95% "
+            "confidence), or None to bound the probe loss's mean"
+        )
+    if metric is not None:
+        raise UsageError(
+            "confidence bounds the probe loss; a metric budget bounds the metric's own value: drop confidence, or "
+            "drop metric to budget the loss"
+        )
+    return float(confidence)
 
 
 def _check_metric_budget(

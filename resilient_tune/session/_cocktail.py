@@ -251,6 +251,7 @@ class Cocktail:
                 the module's own loss scores the probes.
         """
         score = score_fn or self.score_fn
+        self._probes.with_units = getattr(self.policy, "confidence", None) is not None
         self._probes.install(
             self.engine, model, general or {}, target or {}, score,
             probe_module=probe_module, with_kl=with_kl, kl_top_k=self.kl_top_k,

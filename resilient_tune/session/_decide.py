@@ -36,9 +36,13 @@ def decide_entry(
     results: dict[float, ProbeResult] = {}
     passes_before = probes.passes
 
+    confidence = getattr(policy, "confidence", None)  # bound the loss's mean with this confidence
+    bounds: dict[float, tuple[float, int]] = {}
+
     def measure(alpha: float) -> ProbeResult:
-        if alpha == 0.0 and probes.base_result is not None:
-            return probes.base_result
+        cached = probes.base_result
+        if alpha == 0.0 and cached is not None and (confidence is None or cached.units is not None):
+            return cached  # (a resumed run kept the base's loss only: a bound measures its units again)
         if alpha not in results:
             results[alpha] = probes.run_general(engine, model, alpha)
             if alpha == 0.0:
@@ -54,10 +58,17 @@ def decide_entry(
             scores[alpha] = probes.run_metric(engine, model, alpha, metric)
         return scores[alpha]
 
+    def bounded(alpha: float) -> float:
+        if alpha not in bounds:
+            bounds[alpha] = probes.bound(measure(alpha), measure(0.0), confidence)
+        return bounds[alpha][0]
+
     if metric is not None:
         evaluate: Callable[[float], float] | None = score
+    elif not probes.general:
+        evaluate = None
     else:
-        evaluate = (lambda a: loss_of(measure(a))) if probes.general else None
+        evaluate = bounded if confidence is not None else (lambda a: loss_of(measure(a)))
     drift = engine.drift(model)  # the fine-tune's displacement: a warm budget search starts from it
     decision: Decision = choose(
         policy,
@@ -70,6 +81,7 @@ def decide_entry(
         engine.set_weights(decision.weights)  # before the chosen mix is measured (and written)
         results.clear()
         scores.clear()
+        bounds.clear()
         probes.base_result = None
         probes.base_metric = None
     entry: dict[str, Any] = {"step": int(step), "alpha": decision.alpha}
@@ -86,6 +98,9 @@ def decide_entry(
                 entry["general_kl"] = tuned.kl
         if chosen.kl is not None:
             entry["general_kl_merged"] = chosen.kl
+        if confidence is not None:
+            entry["general_loss_bound"] = bounded(decision.alpha)
+            entry["general_loss_units"] = bounds[decision.alpha][1]
     if metric is not None:
         entry.update(general_metric=score(decision.alpha), general_metric_base=score(0.0))
         if tuned_too:
@@ -98,7 +113,7 @@ def decide_entry(
         labels = ["base", *(f"peer{i}" for i in range(1, engine.num_peers + 1))]
         entry.update({f"weight_{label}": w for label, w in zip(labels, engine.weights)})
         entry["weights"] = list(engine.weights)
-    note = strict_budget_note(decision, entry)
+    note = unbounded_note(confidence, entry) or strict_budget_note(decision, entry)
     if note:
         entry["note"] = note
     entry["probe_passes"] = probes.passes - passes_before
@@ -130,4 +145,17 @@ def strict_budget_note(decision: Decision, entry: Mapping[str, Any]) -> str | No
         f"{bound:.4g}{share}. A relative bound on a small base loss (an easy probe set) or on a loss whose scale "
         "depends on the batch size can be far stricter than your metric needs; check the resilient model on your "
         "metric, or bound that metric instead: BudgetPolicy(metric=fn, metric_drop=...)"
+    )
+
+
+def unbounded_note(confidence: float | None, entry: Mapping[str, Any]) -> str | None:
+    """A word when a confidence bound had fewer than two probe units to estimate a spread from (it then bounds the
+    mean); ``None`` otherwise."""
+    units = entry.get("general_loss_units")
+    if confidence is None or units is None or units >= 2:
+        return None
+    return (
+        f"confidence={confidence:g} bounds the general-probe loss from the spread of its per-unit increase, but the "
+        f"probes gave {units} unit: the mean is bounded instead. Let score_fn return per-example losses (a 1-D "
+        "tensor), or batch the general probes in two or more batches"
     )

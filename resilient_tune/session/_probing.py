@@ -17,6 +17,7 @@ import torch
 from ..distributed import mean_across_ranks
 from ..engine import Engine
 from ..errors import UsageError
+from ..probe_bound import bounded_loss, z_of
 from ..probes import BaseLogits, ProbeResult, base_log_probs, ingredient_losses, probe, probe_metric
 
 __all__ = ["Batches", "ProbeRunner", "ScoreFn"]
@@ -39,6 +40,7 @@ class ProbeRunner:
         self.base_metric: float | None = None  # the user's metric at α = 0, once per run (metric budgets)
         self.passes = 0
         self.installed = False
+        self.with_units = False  # keep per-unit losses of the general probes (a confidence-bounded budget)
 
     def install(
         self,
@@ -80,16 +82,33 @@ class ProbeRunner:
     def run_general(self, engine: Engine, model: torch.nn.Module, alpha: float) -> ProbeResult:
         """The general probes on θ(α): loss (and KL to the base when its predictions were collected)."""
         scorer = self._scorer(model)
-        losses, kls = [], []
+        losses, kls, units = [], [], []
         with engine.swapped(model, alpha):
             for name, batches in self.general.items():
                 self.passes += 1
-                result = probe(scorer, batches, score_fn=self.score, base=self.base_refs.get(name))
+                result = probe(
+                    scorer,
+                    batches,
+                    score_fn=self.score,
+                    base=self.base_refs.get(name),
+                    with_units=self.with_units,
+                )
                 losses.append(result.loss)
                 kls.append(result.kl)
+                units += result.units or ()
         kl = None if any(k is None for k in kls) else mean_across_ranks(sum(kls) / len(kls))
         loss = mean_across_ranks(sum(losses) / len(losses))  # every rank decides from the same numbers
-        return ProbeResult(loss, kl, sum(len(b) for b in self.general.values()))
+        count = sum(len(b) for b in self.general.values())
+        return ProbeResult(loss, kl, count, tuple(units) if self.with_units else None)
+
+    def bound(self, result: ProbeResult, base: ProbeResult, confidence: float) -> tuple[float, int]:
+        """The one-sided ``confidence`` upper bound of ``result``'s loss from its per-unit increase over ``base``
+        (:func:`~resilient_tune.probe_bound.bounded_loss`), and the number of units."""
+        if result.units is None or base.units is None:
+            raise UsageError(
+                "a confidence bound needs both probe passes run with per-unit losses (with_units)"
+            )
+        return bounded_loss(loss_of(result), result.units, base.units, z_of(confidence))
 
     def run_metric(
         self, engine: Engine, model: torch.nn.Module, alpha: float, metric: Callable[[torch.nn.Module], Any]
