@@ -70,9 +70,17 @@ _SMOKE = {
 _SMOKE_STEPS = {"encoder": (2, 3), "decoder": (4, 6)}
 
 
-def run_name(scenario: str, lr: float, steps: int, seed: int, metric_drop: float | None = None) -> str:
+def run_name(
+    scenario: str,
+    lr: float,
+    steps: int,
+    seed: int,
+    metric_drop: float | None = None,
+    confidence: float | None = None,
+) -> str:
     name = f"{scenario}-lr{lr:g}-s{steps}-seed{seed}"
-    return name if metric_drop is None else f"{name}-metric{metric_drop:g}"
+    name = name if metric_drop is None else f"{name}-metric{metric_drop:g}"
+    return name if confidence is None else f"{name}-conf{confidence:g}"
 
 
 def plan(
@@ -81,9 +89,10 @@ def plan(
     smoke: bool,
     metric_drop: float | None = None,
     only: Sequence[str] = (),
+    confidence: float | None = None,
 ) -> list[dict[str, Any]]:
-    """The runs: scenario, learning rate, steps, seed, decisions, the metric budget (``None``: the loss budget) and
-    the run's name; ``only`` keeps the runs of those loss-budget names."""
+    """The runs: scenario, learning rate, steps, seed, decisions, the metric budget (``None``: the loss budget), the
+    loss bound's confidence (``None``: the mean) and the run's name; ``only`` keeps the runs of those plain names."""
     runs = []
     for scenario in scenarios:
         grid = GRIDS[scenario]
@@ -101,8 +110,8 @@ def plan(
             raise SystemExit(f"resilience_grid: --only {unknown} are not runs of this grid")
         runs = [r for r in runs if run_name(r["scenario"], r["lr"], r["steps"], r["seed"]) in only]
     for run in runs:
-        run["metric_drop"] = metric_drop
-        run["name"] = run_name(run["scenario"], run["lr"], run["steps"], run["seed"], metric_drop)
+        run["metric_drop"], run["confidence"] = metric_drop, confidence
+        run["name"] = run_name(run["scenario"], run["lr"], run["steps"], run["seed"], metric_drop, confidence)
     return runs
 
 
@@ -114,6 +123,7 @@ def _execute(run: Mapping[str, Any], out: Path, smoke: bool, base: Path | None, 
         "decisions": run["decisions"],
         "curve": () if smoke else CURVE,
         "metric_drop": run.get("metric_drop"),
+        "confidence": run.get("confidence"),
     }
     if smoke:
         options.update(_SMOKE[run["scenario"]])
@@ -159,6 +169,7 @@ def summarize_run(report: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str
     return {
         **{k: run[k] for k in ("name", "scenario", "lr", "steps", "seed")},
         "metric_drop": run.get("metric_drop"),
+        "confidence": run.get("confidence"),
         "budget": budget,
         "base": {"target": base["target"], "general": base["general"], "general_loss": base_loss},
         "models": rows,
@@ -347,6 +358,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="a budget on the general probes' own score instead of their loss: at most D below the base's",
     )
     p.add_argument(
+        "--confidence",
+        type=float,
+        default=None,
+        help="bound the general-probe loss with this one-sided confidence (e.g. 0.95) instead of its mean",
+    )
+    p.add_argument(
         "--only", nargs="+", default=[], metavar="RUN", help="only these runs of the grid (by name)"
     )
     p.add_argument(
@@ -365,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     echo = (lambda line: print(line, file=sys.stderr)) if args.json else (lambda line: None)
     summaries = []
     base: Path | None = args.decoder_base
-    for run in plan(args.scenarios, args.seeds, args.smoke, args.metric_drop, args.only):
+    for run in plan(args.scenarios, args.seeds, args.smoke, args.metric_drop, args.only, args.confidence):
         path = args.out / run["name"] / "report.json"
         if args.reuse and path.is_file():
             report = json.loads(path.read_text())

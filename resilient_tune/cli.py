@@ -122,6 +122,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="bound the general probes' own score (recall@1 / next-char accuracy) instead of their loss: at most "
         "D below the base's (0.01 = one point)",
     )
+    d.add_argument(
+        "--confidence",
+        type=float,
+        metavar="C",
+        help="budget policy: bound the general-probe loss with one-sided confidence C (e.g. 0.95) instead of its "
+        "mean, from the spread of its per-example increase",
+    )
 
     r = sub.add_parser(
         "report", help="rebuild the table and plot of a run (demo or any CocktailCallback run)"
@@ -241,6 +248,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             ("learning_rate", args.lr),
             ("drift_budget", args.drift_budget),
             ("metric_drop", args.metric_drop),
+            ("confidence", args.confidence),
         )
         if value is not None
     }

@@ -139,3 +139,10 @@ def test_a_metric_budget_reruns_chosen_runs_under_their_own_names() -> None:
     assert s["models"]["resilient"]["metric_honoured"] is False  # 0.58 against a floor of 0.60 - 0.01
     assert s["models"]["static"]["metric_honoured"] is False
     assert grid.summarize_run(_report(2.2, 2.08), RUN)["models"]["resilient"]["metric_honoured"] is None
+
+
+def test_a_confidence_bound_reruns_the_grid_under_its_own_names() -> None:
+    runs = grid.plan(["encoder"], [1], smoke=False, only=["encoder-lr0.0003-s75-seed1"], confidence=0.95)
+    assert [r["name"] for r in runs] == ["encoder-lr0.0003-s75-seed1-conf0.95"]
+    assert runs[0]["confidence"] == 0.95 and runs[0]["metric_drop"] is None
+    assert grid.summarize_run(_report(2.2, 2.08), {**RUN, "confidence": 0.95})["confidence"] == 0.95

@@ -71,6 +71,8 @@ class ScenarioConfig:
         metric_drop: Bound the general probes' own score (the scenario's test score: recall@1, next-character
             accuracy) instead of their loss: at most this much below the base's (a fraction, ``0.01`` = one point);
             ``None`` (default) keeps the loss budget ``drift_budget``.
+        confidence: Bound the general-probe loss with this one-sided confidence instead of its mean
+            (``BudgetPolicy(confidence=...)``); ``None`` (default) bounds the mean.
         static_alpha: The static LM-Cocktail α reported for comparison (the paper's 0.5).
         curve: Extra α values scored for the trade-off curve (0, 1, ``static_alpha`` and the chosen α always are).
         slerp_curve: α values also scored along SLERP from θ₀ to θ (``t = α``, per tensor; the callbacks'
@@ -90,11 +92,12 @@ class ScenarioConfig:
     curve: tuple[float, ...] = (0.25, 0.75)
     slerp_curve: tuple[float, ...] = ()
     metric_drop: float | None = None
+    confidence: float | None = None
 
     def __post_init__(self) -> None:
         positive_ints(self, ("decisions",))
         # the policy's own checks name the field and the fix
-        BudgetPolicy(self.drift_budget, max_passes=self.max_passes)
+        BudgetPolicy(self.drift_budget, max_passes=self.max_passes, confidence=self.confidence)
         if self.metric_drop is not None:
             BudgetPolicy(metric=lambda model: 0.0, metric_drop=self.metric_drop)
         for a in (self.static_alpha, *self.curve, *self.slerp_curve):
@@ -166,12 +169,13 @@ def fine_tune(
     target_probe: Sequence[Mapping[str, Any]],
     desc: str = "fine-tuning",
     probe_metric: Callable[[torch.nn.Module], float] | None = None,
+    score_fn: Callable[[torch.nn.Module, Mapping[str, Any]], Any] | None = None,
     **trainer_kwargs: Any,
 ) -> tuple[CocktailCallback, BudgetPolicy]:
     """Fine-tune with ``CocktailCallback(policy=BudgetPolicy(cfg.drift_budget, max_passes=cfg.max_passes))``, or,
     with ``cfg.metric_drop``, a budget on ``probe_metric(model)`` (the general probes' score).
 
-    The target probe is also the eval dataset. ``out/resilient`` (the callback's) and ``out/fine-tuned`` are
+    ``score_fn`` scores the probes (default: the trainer's own loss). The target probe is also the eval dataset. ``out/resilient`` (the callback's) and ``out/fine-tuned`` are
     written. ``trainer_kwargs`` go to ``trainer_class`` (``model``, ``train_dataset``, ``data_collator``, ...).
 
     Raises:
@@ -181,13 +185,13 @@ def fine_tune(
         The callback (``alpha``, ``history``) and the policy.
     """
     if cfg.metric_drop is None:
-        policy = BudgetPolicy(cfg.drift_budget, max_passes=cfg.max_passes)
+        policy = BudgetPolicy(cfg.drift_budget, max_passes=cfg.max_passes, confidence=cfg.confidence)
     elif probe_metric is None:
         raise UsageError("metric_drop needs the scenario's probe metric; this scenario passes none")
     else:
         policy = BudgetPolicy(metric=probe_metric, metric_drop=cfg.metric_drop, max_passes=cfg.max_passes)
     callback = CocktailCallback(
-        policy=policy, general_data=list(general_probe), target_data=list(target_probe)
+        policy=policy, general_data=list(general_probe), target_data=list(target_probe), score_fn=score_fn
     )
     trainer = trainer_class(
         args=training_args(out, cfg),

@@ -21,6 +21,7 @@ import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ __all__ = [
     "PairCollator",
     "contrastive_loss",
     "encode",
+    "pair_losses",
     "recall_hits",
     "run_encoder",
 ]
@@ -135,6 +137,25 @@ class PairCollator:
         return out
 
 
+def _pair_losses(
+    model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query of a batch of pairs: the cross-entropy of ``scale · q·pᵀ`` with its own passage as the label
+    ``(B,)``, and the scores ``(B, B)``."""
+    q = _embed(model, inputs["q_input_ids"], inputs["q_attention_mask"])  # (B, H)
+    p = _embed(model, inputs["p_input_ids"], inputs["p_attention_mask"])  # (B, H)
+    scores = scale * q @ p.T  # (B, B)
+    return F.cross_entropy(scores, torch.arange(len(q), device=scores.device), reduction="none"), scores
+
+
+def pair_losses(
+    model: torch.nn.Module, batch: Mapping[str, torch.Tensor], scale: float = 20.0
+) -> torch.Tensor:
+    """The contrastive loss of each pair of a probe batch ``(B,)`` (their mean is :class:`ContrastiveTrainer`'s
+    loss): the callback's ``score_fn``, so that a confidence-bounded budget has one unit per probe pair."""
+    return _pair_losses(model, batch, scale)[0]
+
+
 class ContrastiveTrainer(Trainer):
     """A ``Trainer`` whose loss is in-batch-negatives contrastive: cross-entropy of ``scale · q·pᵀ`` with the
     matching passage as the label (``scale`` = 20). Evaluation reports the same loss."""
@@ -150,10 +171,8 @@ class ContrastiveTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
-        q = _embed(model, inputs["q_input_ids"], inputs["q_attention_mask"])  # (B, H)
-        p = _embed(model, inputs["p_input_ids"], inputs["p_attention_mask"])  # (B, H)
-        scores = self.scale * q @ p.T  # (B, B)
-        loss = F.cross_entropy(scores, torch.arange(len(q), device=scores.device))
+        losses, scores = _pair_losses(model, inputs, self.scale)
+        loss = losses.mean()
         return (loss, {"scores": scores}) if return_outputs else loss
 
     def prediction_step(
@@ -311,6 +330,7 @@ def run_encoder(
         cfg,
         trainer_class=ContrastiveTrainer,
         probe_metric=probe_recall,
+        score_fn=partial(pair_losses, scale=cfg.scale),  # one loss per probe pair (the trainer's, unaveraged)
         general_probe=_examples(data.general_probe),
         target_probe=_examples(data.target_probe),
         model=model,
