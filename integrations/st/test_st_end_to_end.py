@@ -158,6 +158,18 @@ def test_mnrl_budget_with_a_list_of_dicts(tmp_path):
     _check_folder(tmp_path / "run" / "resilient", tmp_path / "run" / "checkpoint-4", model)
 
 
+def test_a_confidence_bound_with_a_sentence_transformers_loss_has_one_unit_per_eval_batch(tmp_path):
+    from resilient_tune.policy import BudgetPolicy
+
+    rows = [{"anchor": a, "positive": p} for a, p in zip(*_pairs(16, "astronomy").values())]
+    callback = CocktailCallback(policy=BudgetPolicy(0.01, confidence=0.95), general_data=rows)
+    _train(tmp_path / "run", "mnrl", callback, _pairs(32, "cooking"))
+    for entry in callback.history:  # the MNRL loss is a scalar per batch: 16 probes in batches of 8
+        assert entry["general_loss_units"] == 2
+        assert entry["general_loss_bound"] <= entry["decision"]["threshold"] * (1 + 1e-9)
+    assert (tmp_path / "run" / "resilient" / "cocktail.json").is_file()
+
+
 def test_probe_rows_that_are_not_text_are_refused_before_training(tmp_path):
     callback = CocktailCallback(policy="budget", general_data=[{"input_ids": [1, 2, 3]}])
     with pytest.raises(UsageError, match="text columns"):

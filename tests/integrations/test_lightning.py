@@ -175,6 +175,19 @@ def test_budget_metrics_drive_model_checkpoint(tmp_path):
     assert sorted(p.name for p in (tmp_path / "best").iterdir()) == [kept.name, kept.stem + ".resilient"]
 
 
+def test_a_confidence_bound_uses_the_probe_batches_of_a_lightning_module(tmp_path):
+    from resilient_tune.policy import BudgetPolicy
+
+    callback = CocktailCallback(policy=BudgetPolicy(0.05, confidence=0.95), general_data=GENERAL)
+    _fit(tmp_path, [callback], Regressor(lr=0.3))
+    for entry in callback.history:  # the module's own scalar loss: one unit per probe batch (16 examples / 8)
+        assert entry["general_loss_units"] == 2
+        assert entry["general_loss_bound"] >= entry["general_loss"]
+        assert entry["decision"]["loss"] <= entry["decision"]["threshold"]
+        assert entry["general_loss_bound"] <= entry["decision"]["threshold"] * (1 + 1e-9)
+    assert callback.history[0]["general_loss_finetuned"] > (1 + 0.05) * callback.history[0]["general_loss_base"]
+
+
 def test_rotation_removes_companions_with_their_checkpoints(tmp_path):
     latest = ModelCheckpoint(
         dirpath=tmp_path / "ckpts", every_n_train_steps=2, save_top_k=1, monitor="step", mode="max"
