@@ -72,3 +72,17 @@ def test_top_k_references_match_on_the_decoder_positions():
         current, batches, base=base_log_probs(base, batches, top_k=64)
     ).kl  # k = vocab: no "rest" bucket
     assert top == pytest.approx(full, rel=1e-5)
+
+
+@pytest.mark.parametrize("build", [_t5, _bart], ids=["t5", "bart"])
+def test_per_sequence_units_of_an_encoder_decoder_take_the_labels_unshifted(build):
+    model, batch = build(0), _batch(6)
+    result = probe(model, [batch], with_units=True)
+    with torch.no_grad():
+        logits = model(**batch).logits.float()
+    token = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="none")
+    token = token.view(batch["labels"].shape)
+    keep = batch["labels"] != -100
+    by_hand = [float(token[i][keep[i]].mean()) for i in range(len(token))]
+    assert result.units == pytest.approx(by_hand, rel=1e-5)  # one unit per sequence, not one per batch
+    assert probe(model, [batch]).units is None  # only when asked for
