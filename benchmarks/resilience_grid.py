@@ -24,6 +24,7 @@ Usage::
     python benchmarks/resilience_grid.py --scenarios decoder --seeds 0
     python benchmarks/resilience_grid.py --reuse --out runs/grid --json > grid.json   # tables from earlier runs
     python benchmarks/resilience_grid.py --smoke --seeds 0        # seconds: tiny settings, numbers meaningless
+    python benchmarks/resilience_grid.py --confidence 0.95 --out runs/grid-conf   # bound the loss, not its mean
 
 Each run goes in-process into ``OUT/<scenario>-lr<lr>-s<steps>-seed<seed>/`` (its ``report.json``); the tables go
 to stdout, ``OUT/grid.json`` and ``OUT/grid.png`` are written.

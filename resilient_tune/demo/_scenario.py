@@ -172,11 +172,13 @@ def fine_tune(
     score_fn: Callable[[torch.nn.Module, Mapping[str, Any]], Any] | None = None,
     **trainer_kwargs: Any,
 ) -> tuple[CocktailCallback, BudgetPolicy]:
-    """Fine-tune with ``CocktailCallback(policy=BudgetPolicy(cfg.drift_budget, max_passes=cfg.max_passes))``, or,
-    with ``cfg.metric_drop``, a budget on ``probe_metric(model)`` (the general probes' score).
+    """Fine-tune with ``CocktailCallback(policy=BudgetPolicy(cfg.drift_budget, max_passes=cfg.max_passes,
+    confidence=cfg.confidence))``, or, with ``cfg.metric_drop``, a budget on ``probe_metric(model)`` (the general
+    probes' score).
 
-    ``score_fn`` scores the probes (default: the trainer's own loss). The target probe is also the eval dataset. ``out/resilient`` (the callback's) and ``out/fine-tuned`` are
-    written. ``trainer_kwargs`` go to ``trainer_class`` (``model``, ``train_dataset``, ``data_collator``, ...).
+    ``score_fn`` scores the probes (default: the trainer's own loss). The target probe is also the eval dataset.
+    ``out/resilient`` (the callback's) and ``out/fine-tuned`` are written. ``trainer_kwargs`` go to
+    ``trainer_class`` (``model``, ``train_dataset``, ``data_collator``, ...).
 
     Raises:
         UsageError: ``cfg.metric_drop`` without a ``probe_metric``.

@@ -255,9 +255,8 @@ class BudgetPolicy:
             else:
                 hi = alpha
         if top is None and lo >= _RECHECK_FINETUNED and len(measured) < self.max_passes:
-            top = measure(
-                1.0
-            )  # the bracket closed near the top: is the fine-tuned model itself within budget?
+            # the bracket closed near the top: is the fine-tuned model itself within budget?
+            top = measure(1.0)
             if top <= threshold:
                 return decide(1.0, top, "the fine-tuned model is within the budget (re-measured)")
         why = "bracket narrower than the tolerance" if hi - lo <= self.tolerance else "pass cap reached"
