@@ -29,7 +29,7 @@ from .errors import NonFiniteError, UsageError
 
 __all__ = ["bounded_loss", "loss_value", "sequence_losses", "z_of"]
 
-_REPRODUCE_TOLERANCE = 1e-3  # per-sequence losses must give the model's own loss back within this (relative)
+_REPRODUCE_TOLERANCE = 5e-3  # per-sequence losses must give the model's own loss back within this (relative)
 
 
 def loss_value(value: Any, index: int) -> tuple[float, list[float]]:

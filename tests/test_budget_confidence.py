@@ -81,6 +81,9 @@ def test_per_sequence_losses_reproduce_the_models_own_loss() -> None:
     # a loss that is not the token cross-entropy (scaled): the batch stays one unit
     assert sequence_losses(model, output, batch, 2 * float(output.loss)) is None
     assert sequence_losses(model, output, {"input_ids": ids}, float(output.loss)) is None  # no labels
+    half = tiny_gpt2().eval().requires_grad_(False).to(torch.bfloat16)  # the model upcasts its logits for the loss
+    output = half(**batch)
+    assert sequence_losses(half, output, batch, output.loss.item()) is not None
 
 
 # ---------------------------------------------------------------------------- the policy's option
