@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -45,18 +46,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table  # the benchmarks folder is not a package: imported from its own directory
+from resilience_grid import SMOKE
 
 BUDGET = 0.02  # the decoder scenario's budget (docs/demo.md)
 RECIPES = ("static", "budget", "cocktail", "budget+peer")
-_SMOKE = {
-    "pretrain_steps": 6,
-    "probe_windows": 8,
-    "test_windows": 20,
-    "context": 16,
-    "n_layer": 1,
-    "n_embd": 32,
-    "steps": 4,
-}
+_SMOKE = {**SMOKE["decoder"], "steps": 4}  # the grid's tiny decoder
 
 
 def _quiet_trainer(
@@ -244,7 +238,9 @@ def render(runs: Sequence[Mapping[str, Any]], totals: Mapping[str, Any]) -> str:
     return "\n\n".join([table, means, wins])
 
 
+@functools.cache
 def _corpora() -> tuple[Any, Any]:
+    """The prose and code corpora, read once per process (parsing the standard library takes seconds)."""
     from resilient_tune.demo.text import code_documents, corpus, prose_documents
 
     return corpus(prose_documents()), corpus(code_documents())

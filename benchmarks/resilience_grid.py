@@ -57,7 +57,7 @@ GRIDS: dict[str, dict[str, Any]] = {
         "decisions": {100: 5, 250: 5},
     },
 }
-_SMOKE = {
+SMOKE = {
     "encoder": {"probe_pairs": 8, "target_test": 40, "general_test": 40, "eval_batch_size": 8},
     "decoder": {
         "pretrain_steps": 6,
@@ -127,7 +127,7 @@ def _execute(run: Mapping[str, Any], out: Path, smoke: bool, base: Path | None, 
         "confidence": run.get("confidence"),
     }
     if smoke:
-        options.update(_SMOKE[run["scenario"]])
+        options.update(SMOKE[run["scenario"]])
     folder = out / run["name"]
     if run["scenario"] == "decoder":
         from resilient_tune.demo.decoder import DecoderConfig, run_decoder

@@ -57,3 +57,24 @@ def pretrained_counter() -> torch.nn.Module:
 def examples(ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     """Rows of ``ids`` as ``{"input_ids", "labels"}`` examples (probe data)."""
     return [{"input_ids": row, "labels": row.clone()} for row in ids]
+
+
+def pattern_trainer(out: object, callback: object, **args: object) -> object:
+    """A ``transformers.Trainer`` fine-tuning :func:`pretrained_counter` 6 steps towards PATTERN with ``callback``,
+    evaluating at steps 3 and 6, writing into ``out``; ``args`` add or replace ``TrainingArguments`` fields."""
+    import transformers
+
+    train = examples(PATTERN.repeat(4, 1))
+    options: dict = dict(
+        output_dir=str(out), max_steps=6, per_device_train_batch_size=4, learning_rate=3e-2,
+        eval_strategy="steps", eval_steps=3, save_strategy="no", report_to=[], use_cpu=True,
+        disable_tqdm=True, logging_strategy="no",
+    )  # fmt: skip
+    options.update(args)
+    return transformers.Trainer(
+        model=pretrained_counter(),
+        args=transformers.TrainingArguments(**options),
+        train_dataset=train,
+        eval_dataset=train[:4],
+        callbacks=[callback],
+    )

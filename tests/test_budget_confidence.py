@@ -18,7 +18,15 @@ from resilient_tune.probe_bound import bounded_loss, loss_value, sequence_losses
 
 transformers = pytest.importorskip("transformers")
 
-from _counting import COUNTING, PATTERN, examples, pretrained_counter, tiny_gpt2, train_on  # noqa: E402
+from _counting import (  # noqa: E402  (tests/ on sys.path)
+    COUNTING,
+    PATTERN,
+    examples,
+    pattern_trainer,
+    pretrained_counter,
+    tiny_gpt2,
+    train_on,
+)
 
 from resilient_tune import Cocktail, CocktailCallback  # noqa: E402
 
@@ -170,8 +178,8 @@ def test_a_resumed_run_measures_the_bases_units_again(tmp_path) -> None:
     first = first_run.last_entry
     resumed = session()
     resumed.load_state_dict(first_run.state_dict())
-    resumed.begin(model, step=6, base_dir=tmp_path)
-    assert resumed._probes.base_result.units is None  # the kept base's loss came back without its units
+    resumed.begin(model, step=6, base_dir=tmp_path)  # the checkpoint kept the base's loss, not its units
+    assert len(resumed._probes.base_result.units) == first["general_loss_units"]  # measured again at begin
     resumed.decide(7, model)
     again = resumed.last_entry
     assert again["general_loss_units"] == first["general_loss_units"]
@@ -179,20 +187,8 @@ def test_a_resumed_run_measures_the_bases_units_again(tmp_path) -> None:
 
 
 def test_the_trainer_callback_takes_a_confidence_bound(tmp_path) -> None:
-    train = [{"input_ids": row, "labels": row.clone()} for row in PATTERN.repeat(4, 1)]
     callback = CocktailCallback(policy=BudgetPolicy(0.05, confidence=0.95), general_data=examples(COUNTING))
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, per_device_eval_batch_size=4,
-        learning_rate=3e-2, eval_strategy="steps", eval_steps=3, save_strategy="no", report_to=[], use_cpu=True,
-        disable_tqdm=True, logging_strategy="no",
-    )  # fmt: skip
-    trainer = transformers.Trainer(
-        model=pretrained_counter(),
-        args=args,
-        train_dataset=train,
-        eval_dataset=train[:4],
-        callbacks=[callback],
-    )
+    trainer = pattern_trainer(tmp_path, callback, per_device_eval_batch_size=4)
     trainer.train()
     for entry in callback.history:
         assert entry["general_loss_units"] == len(COUNTING)
@@ -216,26 +212,8 @@ dist.destroy_process_group()
 
 def test_ranks_pool_their_units_into_one_bound(tmp_path) -> None:
     """2 processes over gloo, each with its own probe units: both compute the bound of the pooled increases."""
-    import json
-    import subprocess
-    import sys
+    from _ranks import run_two_ranks
 
-    script = tmp_path / "two_ranks.py"
-    script.write_text(_TWO_RANKS)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(r), str(tmp_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err[-2000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    for bound, units in results:
+    for bound, units in run_two_ranks(tmp_path, _TWO_RANKS):
         assert units == 3
         assert bound == pytest.approx(5.0 + 1.645 / math.sqrt(3))

@@ -14,21 +14,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from _counting import LENGTH, VOCAB, tiny_gpt2  # noqa: E402  (tests/ on sys.path)
 from safetensors.torch import load_file  # noqa: E402
 
 from resilient_tune import Cocktail, CocktailCallback  # noqa: E402
 from resilient_tune.errors import UsageError  # noqa: E402
 
-VOCAB, LENGTH, STEPS, EVERY, LR = 64, 8, 8, 4, 1e-2
-
-
-def _model() -> transformers.GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=LENGTH,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
-    return transformers.GPT2LMHeadModel(config)
+STEPS, EVERY, LR = 8, 4, 1e-2
 
 
 def _examples(n: int, seed: int, narrow: bool) -> list[dict[str, torch.Tensor]]:
@@ -54,7 +46,7 @@ def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def _plain(out: Path, *, stop: int = STEPS, resume: Path | None = None) -> Cocktail:
-    model, session, start = _model(), _session(), 0
+    model, session, start = tiny_gpt2(), _session(), 0
     optimizer = _optimizer(model)
     if resume is not None:
         saved = torch.load(resume / "state.pt", weights_only=False)
@@ -87,7 +79,7 @@ def _accelerate(out: Path) -> Cocktail:
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
-    model, session = _model(), _session()
+    model, session = tiny_gpt2(), _session()
     optimizer = _optimizer(model)
     session.begin(model, base_dir=out / "resilient_base")
     loader = torch.utils.data.DataLoader(TRAIN, batch_size=8)
@@ -107,7 +99,7 @@ def _fabric(out: Path) -> Cocktail:
     from lightning.fabric import Fabric
 
     fabric = Fabric(accelerator="cpu", devices=1)
-    model, session = _model(), _session()
+    model, session = tiny_gpt2(), _session()
     optimizer = _optimizer(model)
     session.begin(model, base_dir=out / "resilient_base")
     model, optimizer = fabric.setup(model, optimizer)
@@ -132,7 +124,7 @@ def _trainer(out: Path) -> CocktailCallback:
         report_to=[], use_cpu=True, seed=0, disable_tqdm=True, logging_steps=100,
     )  # fmt: skip
     trainer = transformers.Trainer(
-        model=_model(), args=args, train_dataset=TRAIN, eval_dataset=GENERAL[:8], callbacks=[callback]
+        model=tiny_gpt2(), args=args, train_dataset=TRAIN, eval_dataset=GENERAL[:8], callbacks=[callback]
     )
     trainer.model_accepts_loss_kwargs = (
         False  # the loss a plain loop computes: the model's mean over its tokens
@@ -207,7 +199,7 @@ def test_a_resumed_loop_continues_the_history(plain, tmp_path):
 def test_resuming_without_a_state_is_refused(tmp_path):
     session = _session()
     with pytest.raises(UsageError, match="not the base"):
-        session.begin(_model(), step=4)
+        session.begin(tiny_gpt2(), step=4)
     session.load_state_dict({})
     with pytest.raises(UsageError, match="holds no CocktailCallback base snapshot"):
-        session.begin(_model(), step=4)
+        session.begin(tiny_gpt2(), step=4)

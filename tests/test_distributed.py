@@ -137,32 +137,11 @@ dist.destroy_process_group()
 def test_a_failed_rank_zero_write_keeps_two_ranks_in_agreement(tmp_path):
     """2 processes over gloo: rank 0's resilient write fails. Non-strict, both ranks record it and go on; strict,
     both raise (rank 0 its own error, rank 1 the same class naming rank 0's). Both reach the next collective."""
-    import json
-    import subprocess
-    import sys
+    from _ranks import run_two_ranks
 
     (tmp_path / "blocked").write_text("not a folder")
-    script = tmp_path / "two_ranks.py"
-    script.write_text(_TWO_RANKS)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(r), str(tmp_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    outcomes = []
-    for proc in procs:
-        try:
-            out, err = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail("a rank hung after rank 0's failed write")
-        assert proc.returncode == 0, err[-2000:]
-        outcomes += json.loads(out.strip().splitlines()[-1])
+    ranks = run_two_ranks(tmp_path, _TWO_RANKS, hang="a rank hung after rank 0's failed write")
+    outcomes = [outcome for printed in ranks for outcome in printed]
     folder = str(tmp_path / "blocked" / "resilient")
     agreed = {o["rank"]: o["agreed"] for o in outcomes if "agreed" in o}
     assert agreed[1] == "ValueError: rank 1's shard is NaN" and agreed[0].startswith(

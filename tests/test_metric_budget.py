@@ -14,7 +14,14 @@ from resilient_tune.policy import BudgetPolicy
 
 transformers = pytest.importorskip("transformers")
 
-from _counting import COUNTING, PATTERN, pretrained_counter, tiny_gpt2, train_on  # noqa: E402  (tests/ on sys.path)
+from _counting import (  # noqa: E402  (tests/ on sys.path)
+    COUNTING,
+    PATTERN,
+    pattern_trainer,
+    pretrained_counter,
+    tiny_gpt2,
+    train_on,
+)
 
 from resilient_tune import Cocktail, CocktailCallback  # noqa: E402
 
@@ -160,21 +167,9 @@ def test_a_floor_the_base_fails_is_refused_at_begin() -> None:
 
 
 def test_the_trainer_callback_takes_a_metric_budget(tmp_path) -> None:
-    train = [{"input_ids": row, "labels": row.clone()} for row in PATTERN.repeat(4, 1)]
     metric = Accuracy()
     callback = CocktailCallback(policy=BudgetPolicy(metric=metric, metric_drop=0.0))
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=3e-2,
-        eval_strategy="steps", eval_steps=3, save_strategy="no", report_to=[], use_cpu=True,
-        disable_tqdm=True, logging_strategy="no",
-    )  # fmt: skip
-    trainer = transformers.Trainer(
-        model=pretrained_counter(),
-        args=args,
-        train_dataset=train,
-        eval_dataset=train[:4],
-        callbacks=[callback],
-    )
+    trainer = pattern_trainer(tmp_path, callback)
     trainer.train()
     history = callback.history
     assert [e["step"] for e in history] == [3, 6]

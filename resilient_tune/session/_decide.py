@@ -40,9 +40,8 @@ def decide_entry(
     bounds: dict[float, tuple[float, int]] = {}
 
     def measure(alpha: float) -> ProbeResult:
-        cached = probes.base_result
-        if alpha == 0.0 and cached is not None and (confidence is None or cached.units is not None):
-            return cached  # (a resumed run kept the base's loss only: a bound measures its units again)
+        if alpha == 0.0 and probes.base_result is not None:
+            return probes.base_result
         if alpha not in results:
             results[alpha] = probes.run_general(engine, model, alpha)
             if alpha == 0.0:

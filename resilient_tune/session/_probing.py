@@ -69,7 +69,8 @@ class ProbeRunner:
                     name: base_log_probs(scorer, batches, top_k=kl_top_k)
                     for name, batches in self.general.items()
                 }
-        if self.general and self.base_result is None:
+        base = self.base_result  # a resumed run kept the base's loss only: a confidence bound needs its units too
+        if self.general and (base is None or (self.with_units and base.units is None)):
             self.base_result = self.run_general(engine, model, 0.0)
 
     def restore(self, base_loss: float | None, ingredient_losses: list[float] | None) -> None:
