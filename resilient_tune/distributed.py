@@ -6,7 +6,8 @@ Every function works without a process group (a single process: world size 1, ra
 - :func:`on_rank_zero`: run a side effect (a write) on rank 0 only, then let every rank learn whether it worked,
   with one collective that every rank makes. A failure on rank 0 then raises on every rank (the other ranks get
   an error naming rank 0's) instead of leaving them blocked in the next collective of the training loop.
-- :func:`close_process_group`: the end of a run's distributed part (a barrier, then the default group destroyed).
+- :func:`close_process_group`: the end of a run's distributed part (a barrier, then the default group destroyed;
+  optionally the process's exit, past a teardown where gloo can abort).
 - :func:`mean_across_ranks`, :func:`sum_across_ranks`: numbers agreed over the ranks, so that decisions made from
   measured numbers (the budget policy's search) take the same path on every rank, and norms of sharded
   parameters add up.
@@ -26,6 +27,8 @@ collective); rank 0 gets the full ``state_dict`` on the CPU, the others ``{}``.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -70,16 +73,34 @@ def _active() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def close_process_group() -> None:
+def close_process_group(exit_code: int | None = None) -> None:
     """Wait for every rank, then destroy the default process group (nothing without one).
 
     Call it at the end of a multi-process script, on every rank. Left to the interpreter's exit, gloo's threads can
     abort a rank after all its work is done ("terminate called without an active exception", SIGABRT); Lightning
     destroys the group at exit only for NCCL.
+
+    Destroying the group only drops torch.distributed's own references: under FSDP2, DTensor's sharding caches keep
+    the device mesh, and with it the gloo group, alive until the interpreter tears down, and gloo (which has no
+    shutdown of its own) joins its threads there, where they can no longer take the GIL: the same abort, rarely
+    (once in this project's CI, on an FSDP2 script that had written everything). With ``exit_code`` the process then
+    leaves at once with that status (``os._exit`` after flushing stdout and stderr), skipping that teardown; atexit
+    handlers do not run, so call it last, once everything is saved and logged.
     """
+    if exit_code is not None and (
+        not isinstance(exit_code, int) or isinstance(exit_code, bool) or not 0 <= exit_code <= 255
+    ):
+        raise errors.UsageError(
+            f"close_process_group(exit_code={exit_code!r}): an exit status is an int from 0 to 255; pass 0 for "
+            "success, or leave exit_code out to return normally"
+        )
     if _active():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    if exit_code is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
 
 
 def world_size() -> int:

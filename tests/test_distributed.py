@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -35,6 +38,32 @@ def test_close_process_group_destroys_the_group_and_is_a_no_op_without_one(tmp_p
     distributed.close_process_group()
     assert not torch.distributed.is_initialized()
     distributed.close_process_group()  # already closed: still nothing to do
+
+
+def test_close_process_group_can_leave_the_process_with_a_status_past_the_teardown(tmp_path):
+    script = f"""
+import atexit, torch
+import resilient_tune.distributed as distributed
+torch.distributed.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+atexit.register(print, "atexit ran")
+print("saved", end="")  # no newline: only the flush before leaving puts it out
+distributed.close_process_group(exit_code=3)
+print("after the exit")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert done.stdout == "saved"  # flushed; nothing after the call ran, atexit handlers were skipped
+
+
+@pytest.mark.parametrize("code", [-1, 256, 1.0, True, "0"])
+def test_close_process_group_refuses_a_bad_exit_status_before_closing_anything(tmp_path, code):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(UsageError, match=r"exit_code=.*an exit status is an int from 0 to 255"):
+            distributed.close_process_group(exit_code=code)
+        assert torch.distributed.is_initialized()  # refused before the barrier: the group is still there
+    finally:
+        distributed.close_process_group()
 
 
 class _Zero3Param(torch.nn.Parameter):
