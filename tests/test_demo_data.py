@@ -7,7 +7,15 @@ import logging
 import pytest
 
 from resilient_tune.demo import data as demo_data_module
-from resilient_tune.demo.data import DemoData, Pairs, build_pairs, demo_data, fingerprint, stdlib_docs
+from resilient_tune.demo.data import (
+    DemoData,
+    Pairs,
+    build_pairs,
+    demo_data,
+    fingerprint,
+    stdlib_docs,
+    validation_data,
+)
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +119,22 @@ def test_pairs_head_and_split():
     first, rest = pairs.split(1)
     assert (first.queries, rest.passages) == (["a"], ["2", "3"])
     assert len(pairs.head(2)) == 2
+
+
+def test_validation_data_holds_none_of_the_demos_test_pairs(splits, docs, monkeypatch):
+    monkeypatch.setattr(demo_data_module, "stdlib_docs", lambda: docs)
+    val = validation_data()
+    tested = set(splits.target_test.queries) | set(splits.general_test.queries)
+    for name, pairs in val.__dict__.items():
+        assert len(pairs) > 0, name
+        assert not set(pairs.queries) & tested, name  # no split of it is a demo test pair
+    # another partition of the packages: a different scenario of the same construction, with its own hold-outs
+    package_of = {first: doc.package for doc, first, _ in demo_data_module._rows(docs)}
+    target = {package_of[q] for q in val.target_train.queries + val.target_test.queries}
+    general = {package_of[q] for q in val.general_test.queries + val.general_probe.queries}
+    assert not target & general
+    assert target != {package_of[q] for q in splits.target_train.queries + splits.target_test.queries}
+    assert not set(val.target_train.passages) & set(val.target_test.passages)
+    assert not set(val.general_probe.queries) & set(val.general_test.queries)
+    assert fingerprint(validation_data()) == fingerprint(val)  # stable
+    assert val.sizes()["general_probe"] == 64 and val.sizes()["general_test"] > 200
