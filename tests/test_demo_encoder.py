@@ -82,6 +82,15 @@ def test_held_out_contrastive_loss_uses_full_chunks_of_the_probe_batch():
     assert contrastive_loss(q, p, 64, 5.0) == pytest.approx(whole)  # fewer pairs than a batch: one chunk
 
 
+def test_spread_chunks_draw_their_negatives_across_the_set():
+    torch.manual_seed(0)
+    q, p = F.normalize(torch.randn(10, 4), dim=1), F.normalize(torch.randn(10, 4), dim=1)
+    chunks = ([0, 2, 4, 6], [1, 3, 5, 7])  # k = 10 // 4 = 2: pairs j, j+2, j+4, j+6; the last 2 pairs left out
+    by_hand = [float(F.cross_entropy(20 * q[list(c)] @ p[list(c)].T, torch.arange(4))) for c in chunks]
+    assert contrastive_loss(q, p, 4, 20.0, spread=True) == pytest.approx(sum(by_hand) / 2)
+    assert contrastive_loss(q, p, 64, 5.0, spread=True) == pytest.approx(contrastive_loss(q, p, 64, 5.0))
+
+
 def test_encode_keeps_the_input_order(tiny, tokenizer):
     model = transformers.AutoModel.from_pretrained(tiny)
     texts = ["a much longer sentence than the others here", "short", "medium length text", "x y"]

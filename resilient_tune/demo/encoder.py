@@ -218,15 +218,28 @@ def recall_hits(queries: torch.Tensor, passages: torch.Tensor) -> list[bool]:
     return (best == torch.arange(len(queries))).tolist()
 
 
-def contrastive_loss(queries: torch.Tensor, passages: torch.Tensor, batch: int, scale: float) -> float:
-    """The training loss on held-out pairs: in-batch-negatives cross-entropy of ``scale · q·pᵀ``, averaged over the
-    full chunks of ``batch`` consecutive pairs (the probes' batch, so the loss has the probes' number of negatives;
-    fewer pairs than ``batch``: one chunk of them all)."""
+def contrastive_loss(
+    queries: torch.Tensor, passages: torch.Tensor, batch: int, scale: float, *, spread: bool = False
+) -> float:
+    """The training loss on held-out pairs: in-batch-negatives cross-entropy of ``scale · q·pᵀ``, averaged over
+    chunks of ``batch`` pairs (the probes' batch, so the loss has the probes' number of negatives; fewer pairs than
+    ``batch``: one chunk of them all).
+
+    The chunks are runs of consecutive pairs by default; the sets list their pairs package by package, so those
+    negatives mostly share the query's package (the harder loss). ``spread=True`` makes chunk ``j`` the pairs
+    ``j, j + k, j + 2k, ...`` (``k = n // batch``): negatives drawn across the set, the way the probe set itself is
+    drawn from its task's pairs.
+    """
     n = len(queries)
     size = min(batch, n)
+    if spread:
+        step = n // size
+        chunks = [list(range(j, step * size, step)) for j in range(step)]
+    else:
+        chunks = [list(range(start, start + size)) for start in range(0, n - size + 1, size)]
     losses = []
-    for start in range(0, n - size + 1, size):
-        q, p = queries[start : start + size], passages[start : start + size]
+    for chunk in chunks:
+        q, p = queries[chunk], passages[chunk]
         losses.append(float(F.cross_entropy(scale * q @ p.T, torch.arange(size))))
     return sum(losses) / len(losses)
 
