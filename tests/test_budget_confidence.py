@@ -206,7 +206,8 @@ dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, w
 units, base = ([1.0, 2.0], [1.0, 1.0]) if rank == 0 else ([3.0], [1.0])  # increases 0, 1 | 2
 print(json.dumps(bounded_loss(5.0, units, base, z=1.645)), flush=True)
 dist.barrier()
-dist.destroy_process_group()
+from resilient_tune.distributed import close_process_group
+close_process_group(exit_code=0)  # past the teardown where gloo can abort
 """
 
 

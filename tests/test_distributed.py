@@ -159,7 +159,8 @@ except Exception as exc:
 dist.all_reduce(torch.ones(1))
 print(json.dumps(outcomes), flush=True)
 dist.barrier()  # neither rank tears gloo down while the other still talks to it (an abort at exit otherwise)
-dist.destroy_process_group()
+from resilient_tune.distributed import close_process_group
+close_process_group(exit_code=0)  # past the teardown where gloo can abort
 """
 
 
