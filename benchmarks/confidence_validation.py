@@ -118,19 +118,12 @@ def _scores(model: Any, tokenizer: Any, data: Any, cfg: Any) -> dict[str, float]
     """Recall@1 on both validation sets, and the general set's held-out loss in chunks of the probe batch: drawn
     across the set like the probe batch (``general_loss``, what the budget is judged on) and in runs of
     consecutive pairs (``general_loss_contiguous``, the grid's; mostly same-package negatives)."""
-    from resilient_tune.demo.encoder import contrastive_loss, encode, recall_hits
+    from resilient_tune.demo.encoder import _score
 
-    out: dict[str, float] = {}
-    for name, pairs in (("target", data.target_test), ("general", data.general_test)):
-        texts = pairs.queries + pairs.passages
-        vectors = encode(model, tokenizer, texts, batch_size=cfg.eval_batch_size, max_length=cfg.max_length)
-        queries, passages = vectors[: len(pairs)], vectors[len(pairs) :]
-        hits = recall_hits(queries, passages)
-        out[name] = sum(hits) / len(hits)
-        if name == "general":
-            batch, scale = cfg.eval_batch_size, cfg.scale
-            out["general_loss"] = contrastive_loss(queries, passages, batch, scale, spread=True)
-            out["general_loss_contiguous"] = contrastive_loss(queries, passages, batch, scale)
+    scored = _score(model, tokenizer, {"target": data.target_test, "general": data.general_test}, "validation", cfg)
+    out = {name: sum(hits) / len(hits) for name, hits in scored.items()}
+    out["general_loss"] = scored.spread_losses["general"]
+    out["general_loss_contiguous"] = scored.losses["general"]
     return out
 
 

@@ -146,18 +146,23 @@ def summarize_run(report: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str
     budget = (report.get("policy") or {}).get("drift_budget", GRIDS[run["scenario"]]["budget"])
     base = models["base"]
     base_loss = (base.get("test_loss") or {}).get("general")
+    base_spread = (base.get("test_loss_spread") or {}).get("general")  # encoder: chunks drawn like the probe batch
     gain = models["fine_tuned"]["target"] - base["target"]
     rows = {}
     for name in ("fine_tuned", "static", "resilient"):
         m = models[name]
         loss = (m.get("test_loss") or {}).get("general")
         ratio = None if loss is None or not base_loss else loss / base_loss
+        spread = (m.get("test_loss_spread") or {}).get("general")
         rows[name] = {
             "alpha": m["alpha"],
             "target": m["target"],
             "general": m["general"],
             "general_loss_ratio": ratio,
             "budget_honoured": None if ratio is None else ratio <= 1 + budget,
+            "budget_honoured_spread": None
+            if spread is None or not base_spread
+            else spread <= (1 + budget) * base_spread,
             # with a metric budget: the held-out general score within metric_drop of the base's
             "metric_honoured": None
             if run.get("metric_drop") is None
@@ -218,10 +223,12 @@ def aggregate(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         for name in ("static", "resilient", "fine_tuned"):
             rows = [s["models"][name] for s in runs]
             honoured = [r["budget_honoured"] for r in rows if r["budget_honoured"] is not None]
+            spread = [r["budget_honoured_spread"] for r in rows if r.get("budget_honoured_spread") is not None]
             kept = [r["target_gain_kept"] for r in rows if r["target_gain_kept"] is not None]
             vs_base = [r["general_vs_base"] for r in rows if r["general_vs_base"] is not None]
             entry[name] = {
                 "budget_honoured": sum(honoured),
+                "budget_honoured_spread": sum(spread) if spread else None,  # of the runs that measured it
                 "measured": len(honoured),
                 "mean_gain_kept": sum(kept) / len(kept) if kept else None,
                 "mean_general_vs_base": sum(vs_base) / len(vs_base) if vs_base else None,

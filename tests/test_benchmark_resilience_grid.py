@@ -76,6 +76,20 @@ def test_a_run_reports_the_held_out_loss_against_the_budget_and_the_gain_kept() 
     assert s["probe_passes"] == [4, 2] and s["budget"] == 0.05
 
 
+def test_the_spread_chunk_loss_is_judged_against_the_bases_own_spread_loss() -> None:
+    report = _report(static_loss=2.2, online_loss=2.08)
+    assert grid.summarize_run(report, RUN)["models"]["static"]["budget_honoured_spread"] is None  # not measured
+    spread = {"base": 1.0, "fine_tuned": 1.3, "static": 1.04, "resilient": 1.06}
+    for name, loss in spread.items():
+        report["models"][name]["test_loss_spread"] = {"target": 1.0, "general": loss}
+    rows = grid.summarize_run(report, RUN)["models"]
+    # consecutive chunks: static over (1.1x), online within (1.04x); spread chunks: the reverse
+    assert (rows["static"]["budget_honoured"], rows["static"]["budget_honoured_spread"]) == (False, True)
+    assert (rows["resilient"]["budget_honoured"], rows["resilient"]["budget_honoured_spread"]) == (True, False)
+    totals = grid.aggregate([grid.summarize_run(report, RUN)])["all"]
+    assert (totals["static"]["budget_honoured_spread"], totals["resilient"]["budget_honoured_spread"]) == (1, 0)
+
+
 def test_domination_needs_as_good_on_one_axis_and_more_than_two_points_on_the_other() -> None:
     chosen = {"alpha": 0.4, "target": 0.60, "general": 0.58}
     curve = [

@@ -18,6 +18,7 @@ from resilient_tune.demo.encoder import (  # noqa: E402
     ContrastiveTrainer,
     EncoderConfig,
     PairCollator,
+    _score,
     contrastive_loss,
     encode,
     recall_hits,
@@ -85,10 +86,29 @@ def test_held_out_contrastive_loss_uses_full_chunks_of_the_probe_batch():
 def test_spread_chunks_draw_their_negatives_across_the_set():
     torch.manual_seed(0)
     q, p = F.normalize(torch.randn(10, 4), dim=1), F.normalize(torch.randn(10, 4), dim=1)
-    chunks = ([0, 2, 4, 6], [1, 3, 5, 7])  # k = 10 // 4 = 2: pairs j, j+2, j+4, j+6; the last 2 pairs left out
+    chunks = (
+        [0, 2, 4, 6],
+        [1, 3, 5, 7],
+    )  # k = 10 // 4 = 2: pairs j, j+2, j+4, j+6; the last 2 pairs left out
     by_hand = [float(F.cross_entropy(20 * q[list(c)] @ p[list(c)].T, torch.arange(4))) for c in chunks]
     assert contrastive_loss(q, p, 4, 20.0, spread=True) == pytest.approx(sum(by_hand) / 2)
     assert contrastive_loss(q, p, 64, 5.0, spread=True) == pytest.approx(contrastive_loss(q, p, 64, 5.0))
+
+
+def test_score_gives_hits_and_the_held_out_loss_in_both_chunk_layouts(tiny, tokenizer):
+    model = transformers.AutoModel.from_pretrained(tiny).eval()
+    sets = {"target": _pairs(10, 0), "general": _pairs(12, 100)}
+    cfg = EncoderConfig(eval_batch_size=4)
+    scored = _score(model, tokenizer, sets, "test", cfg)
+    for name, pairs in sets.items():
+        q = encode(model, tokenizer, pairs.queries, max_length=cfg.max_length)
+        p = encode(model, tokenizer, pairs.passages, max_length=cfg.max_length)
+        assert scored[name] == recall_hits(q, p)
+        assert scored.losses[name] == pytest.approx(contrastive_loss(q, p, 4, cfg.scale), rel=1e-4)
+        assert scored.spread_losses[name] == pytest.approx(
+            contrastive_loss(q, p, 4, cfg.scale, spread=True), rel=1e-4
+        )
+    assert scored.spread_losses["general"] != pytest.approx(scored.losses["general"], rel=1e-6)
 
 
 def test_encode_keeps_the_input_order(tiny, tokenizer):
@@ -149,6 +169,11 @@ def test_whole_run_on_a_tiny_encoder(tiny, tokenizer, tmp_path, capsys):
     # held-out losses beside the hits: the probes' contrastive loss on the test pairs (chunks of the probe batch)
     assert all(set(models[m]["test_loss"]) == {"target", "general"} for m in models)
     assert {p["alpha"]: p["test_loss"] for p in report["curve"]}[0.0] == models["base"]["test_loss"]
+    # and in chunks drawn across the set, as the probe batch is drawn
+    assert all(set(models[m]["test_loss_spread"]) == {"target", "general"} for m in models)
+    assert {p["alpha"]: p["test_loss_spread"] for p in report["curve"]}[0.0] == models["base"][
+        "test_loss_spread"
+    ]
 
     # the resilient checkpoint is θ₀ + α·(θ − θ₀) of the base and the saved fine-tuned weights
     base = load_file(str(tiny / "model.safetensors"))

@@ -100,7 +100,7 @@ def main() -> None:
     # one file per rank: the ranks' stdout lines may interleave under load
     (args.root / f"summary-rank{trainer.global_rank}.json").write_text(json.dumps(summary))
     print("SUMMARY " + json.dumps(summary), flush=True)
-    close_process_group()
+    close_process_group(exit_code=0)  # past gloo's teardown abort: see close_process_group
 
 
 if __name__ == "__main__":

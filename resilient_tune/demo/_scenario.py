@@ -46,11 +46,16 @@ Hits = dict[str, list[bool]]
 
 class Scored(dict):  # type: ignore[type-arg]
     """``task -> per-example hits`` of one model, with ``losses``: ``task -> held-out loss``, the probes' loss
-    measured on the test set (the quantity the ``budget`` policy bounds, on data it never saw)."""
+    measured on the test set (the quantity the ``budget`` policy bounds, on data it never saw), and
+    ``spread_losses``: the same loss with its batches drawn across the set the way the probe set is drawn (a
+    contrastive loss, whose value depends on its in-batch negatives; empty where the layout does not matter)."""
 
-    def __init__(self, hits: Hits, losses: dict[str, float]) -> None:
+    def __init__(
+        self, hits: Hits, losses: dict[str, float], spread_losses: dict[str, float] | None = None
+    ) -> None:
         super().__init__(hits)
         self.losses = losses
+        self.spread_losses = spread_losses or {}
 
 
 Score = Callable[[torch.nn.Module, str], Hits]

@@ -247,8 +247,9 @@ def contrastive_loss(
 def _score(
     model: torch.nn.Module, tokenizer: Any, sets: Mapping[str, Pairs], label: str, cfg: EncoderConfig
 ) -> Scored:
-    """``{set name: hits}`` of ``model`` on each test set, with each set's held-out contrastive loss (in chunks of
-    the probes' batch size); one length-sorted pass over all their texts."""
+    """``{set name: hits}`` of ``model`` on each test set, with each set's held-out contrastive loss in chunks of
+    the probes' batch size: runs of consecutive pairs (``losses``) and chunks drawn across the set like the probe
+    batch (``spread_losses``, see :func:`contrastive_loss`); one length-sorted pass over all their texts."""
     texts: list[str] = []
     for pairs in sets.values():
         texts += pairs.queries + pairs.passages
@@ -256,14 +257,15 @@ def _score(
         vectors = encode(
             model, tokenizer, texts, batch_size=cfg.eval_batch_size, max_length=cfg.max_length, bar=bar
         )
-    hits, losses, start = {}, {}, 0
+    hits, losses, spread, start = {}, {}, {}, 0
     for name, pairs in sets.items():
         n = len(pairs)
         queries, passages = vectors[start : start + n], vectors[start + n : start + 2 * n]
         hits[name] = recall_hits(queries, passages)
         losses[name] = contrastive_loss(queries, passages, cfg.eval_batch_size, cfg.scale)
+        spread[name] = contrastive_loss(queries, passages, cfg.eval_batch_size, cfg.scale, spread=True)
         start += 2 * n
-    return Scored(hits, losses)
+    return Scored(hits, losses, spread)
 
 
 # ---------------------------------------------------------------------------- the run

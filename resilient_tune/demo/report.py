@@ -111,7 +111,8 @@ def build_report(
             ``static`` and the tasks ``target``, ``general``.
         alphas: ``model -> α`` (weight of the fine-tuned model in the mix).
         curve: ``α -> task -> hits`` of the trade-off curve. Hits that carry ``losses`` (the scenarios' ``Scored``:
-            the probes' loss on the held-out test sets) add ``test_loss`` to the model and curve rows.
+            the probes' loss on the held-out test sets) add ``test_loss`` (and ``test_loss_spread``) to the model
+            and curve rows.
         history: The callback's decisions (``step``, ``alpha``, probe losses, ...); per-layer drift is dropped.
         drift_relative: ``‖θ − θ₀‖ / ‖θ₀‖`` of the fine-tuned weights (a mix at α drifts α times that).
         slerp_curve: ``α -> task -> hits`` of the models mixed by SLERP (stored as ``slerp_curve`` rates and
@@ -170,9 +171,14 @@ def build_report(
 
 
 def _losses(scored: Any) -> dict[str, dict[str, float]]:
-    """``{"test_loss": {task: loss}}`` when the scenario measured held-out losses with the hits, else ``{}``."""
-    losses = getattr(scored, "losses", None)
-    return {"test_loss": {task: float(losses[task]) for task in _TASKS if task in losses}} if losses else {}
+    """``{"test_loss": {task: loss}}`` when the scenario measured held-out losses with the hits (and
+    ``test_loss_spread`` when it also measured them in batches drawn across the set), else ``{}``."""
+    out = {}
+    for key, attr in (("test_loss", "losses"), ("test_loss_spread", "spread_losses")):
+        losses = getattr(scored, attr, None)
+        if losses:
+            out[key] = {task: float(losses[task]) for task in _TASKS if task in losses}
+    return out
 
 
 def write_report(run_dir: str | os.PathLike[str], report: Mapping[str, Any]) -> Path:
