@@ -65,8 +65,17 @@ def aimed_alpha(losses: Mapping[float, Sequence[float]], level: float, budget: f
     return max(fits, default=0.0)
 
 
-def _run(run: Mapping[str, Any], data: Any, path: Path, smoke: bool) -> dict[str, Any]:
-    """Fine-tune one grid point on the validation data; measure the probes on ALPHAS and score the needed α."""
+def _run(
+    run: Mapping[str, Any],
+    data: Any,
+    path: Path,
+    smoke: bool,
+    every_alpha: bool = False,
+    probe_batches: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """Fine-tune one grid point on the validation data; measure the probes on ALPHAS and score the needed α (every
+    α of ALPHAS with ``every_alpha``). The probes are ``data.general_probe`` in one batch, or each of
+    ``probe_batches`` (pairs) in a batch of its own, their per-pair losses concatenated in that order."""
     from transformers import AutoModel, AutoTokenizer
 
     from resilient_tune.demo._progress import use_demo_progress
@@ -98,16 +107,17 @@ def _run(run: Mapping[str, Any], data: Any, path: Path, smoke: bool) -> dict[str
     use_demo_progress(trainer, run["name"])  # a bar on stderr, not the log dicts on stdout
     trainer.train()
     tuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    probe = collate(_examples(data.general_probe))  # one batch: the callback's probe batch (eval batch 64)
+    # one batch each: the callback's probe batches (eval batch 64)
+    probes = [collate(_examples(pairs)) for pairs in (probe_batches or [data.general_probe])]
     losses: dict[float, list[float]] = {}
     model.eval()
     for alpha in ALPHAS:
         model.load_state_dict(mix(base, tuned, alpha))
         with torch.no_grad():
-            losses[alpha] = pair_losses(model, probe, cfg.scale).tolist()
+            losses[alpha] = [x for probe in probes for x in pair_losses(model, probe, cfg.scale).tolist()]
     aimed = {str(level): aimed_alpha(losses, level) for level in LEVELS}
     scores = {}
-    for alpha in sorted(set(FRONT) | set(aimed.values())):
+    for alpha in sorted(set(ALPHAS if every_alpha else FRONT) | set(aimed.values())):
         model.load_state_dict(mix(base, tuned, alpha))
         scores[str(alpha)] = _scores(model, tokenizer, data, cfg)
     return {**run, "probe_losses": {str(a): v for a, v in losses.items()}, "aimed": aimed, "scores": scores,

@@ -267,11 +267,16 @@ def validation_data(
         general_test: Cap on general test pairs (validation).
         probe: Pairs in each probe set.
     """
+    return _demo_splits(_validation_pairs(target_test), target_train, general_test, probe)
+
+
+def _validation_pairs(target_test: int = 400) -> dict[str, Pairs]:
+    """The validation scenario's pairs before any probe is drawn (:func:`build_pairs` under the validation salt,
+    without the demo's default test pairs); the general pairs in package order."""
     docs = stdlib_docs()
     shipped = _demo_splits(build_pairs(10**9, 400, 10**9, docs=docs), 10**9, 400, 64)
     held = frozenset(shipped.target_test.queries) | frozenset(shipped.general_test.queries)
-    pairs = build_pairs(10**9, target_test, 10**9, salt=_VALIDATION_SALT, exclude=held, docs=docs)
-    return _demo_splits(pairs, target_train, general_test, probe)
+    return build_pairs(10**9, target_test, 10**9, salt=_VALIDATION_SALT, exclude=held, docs=docs)
 
 
 def _demo_splits(pairs: dict[str, Pairs], target_train: int, general_test: int, probe: int) -> DemoData:
