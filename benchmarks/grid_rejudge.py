@@ -151,7 +151,7 @@ def render(rows: Sequence[Mapping[str, Any]], table: Sequence[Mapping[str, Any]]
             j = row["judged"].get(t["statistic"])
             cells.append("-" if j is None else (
                 f"{j['alpha']:.2f} · {j['loss_ratio_spread']:.3f}{'✓' if j['within_budget_spread'] else '✗'}"
-                + (f" · dom. by {', '.join(f'{a:g}' for a in j['dominated_by'])}" if j["dominated_by"] else "")))  # fmt: skip
+                + (f" · dom. by {', '.join(f'{a:.2f}' for a in j['dominated_by'])}" if j["dominated_by"] else "")))  # fmt: skip
         per_run.append(cells)
     head = ["run", *(f"{t['statistic']}: α · spread loss / base" for t in table)]
     lines += ["", markdown_table(head, per_run)]
