@@ -191,6 +191,33 @@ def _plan(seeds: Sequence[int], out: Path, smoke: bool) -> list[dict[str, Any]]:
     return runs
 
 
+def cell(judged: Mapping[str, Any]) -> str:
+    """A run's judgement at one level, for the per-run table: ``"0.55 ✓ dom. by 0.8"``."""
+    by = judged["dominated_by"]
+    mark = "✓" if judged["within_budget"] else "✗"
+    return f"{judged['alpha']:.2f} {mark}" + (f" dom. by {', '.join(f'{a:g}' for a in by)}" if by else "")
+
+
+def command_line(description: str, out: str, json_help: str) -> argparse.ArgumentParser:
+    """The options of the validation scripts: ``--out``, ``--seeds``, ``--reuse``, ``--smoke``, ``--json``, ``--model``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--reuse", action="store_true", help="read OUT/<run>.json, run nothing")
+    parser.add_argument("--smoke", action="store_true", help="tiny settings: seconds, numbers meaningless")
+    parser.add_argument("--json", action="store_true", help=json_help)
+    parser.add_argument("--model", type=Path, default=None, help="a MiniLM folder (default: the packaged one)")
+    return parser
+
+
+def reuse(runs: Sequence[Mapping[str, Any]], out: Path, script: str) -> list[dict[str, Any]]:
+    """The rows an earlier invocation wrote to ``out/<run>.json``; every run's must be there."""
+    missing = [r["name"] for r in runs if not (out / f"{r['name']}.json").exists()]
+    if missing:
+        raise SystemExit(f"{script}: --reuse found no results for {missing} in {out}")
+    return [json.loads((out / f"{r['name']}.json").read_text()) for r in runs]
+
+
 def _tables(rows: Sequence[Mapping[str, Any]], chosen: float, table: Sequence[Mapping[str, Any]]) -> str:
     lines = [
         markdown_table(
@@ -212,11 +239,7 @@ def _tables(rows: Sequence[Mapping[str, Any]], chosen: float, table: Sequence[Ma
             [
                 [
                     row["name"],
-                    *(
-                        f"{j['alpha']:.2f} {'✓' if j['within_budget'] else '✗'}"
-                        + (f" dom. by {', '.join(f'{a:g}' for a in j['dominated_by'])}" if j["dominated_by"] else "")
-                        for j in (judge(row, level) for level in LEVELS)
-                    ),
+                    *(cell(judge(row, level)) for level in LEVELS),
                 ]
                 for row in rows
             ],
@@ -228,23 +251,15 @@ def _tables(rows: Sequence[Mapping[str, Any]], chosen: float, table: Sequence[Ma
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/validation"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--reuse", action="store_true", help="read OUT/<run>.json, run nothing")
-    parser.add_argument("--smoke", action="store_true", help="tiny settings: seconds, numbers meaningless")
-    parser.add_argument("--json", action="store_true", help="print the rows, the table and the choice as JSON")
-    parser.add_argument("--model", type=Path, default=None, help="a MiniLM folder (default: the packaged one)")
-    args = parser.parse_args(argv)
+    args = command_line(
+        __doc__.splitlines()[0], "runs/validation", "print the rows, the table and the choice as JSON"
+    ).parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     runs = _plan(args.seeds, args.out, args.smoke)
     rows = []
     if args.reuse:
-        missing = [r["name"] for r in runs if not (args.out / f"{r['name']}.json").exists()]
-        if missing:
-            raise SystemExit(f"confidence_validation: --reuse found no results for {missing} in {args.out}")
-        rows = [json.loads((args.out / f"{r['name']}.json").read_text()) for r in runs]
+        rows = reuse(runs, args.out, "confidence_validation")
     else:
         from resilient_tune.demo.data import validation_data
         from resilient_tune.demo.encoder import _packaged_model

@@ -31,7 +31,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -42,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table
-from confidence_validation import BUDGET, SMOKE, _plan, _run, aimed_alpha, judge
+from confidence_validation import BUDGET, SMOKE, _plan, _run, aimed_alpha, cell, command_line, judge, reuse
 
 PROBES = 128
 LEVELS = (0.5, 0.7, 0.95)  # the mean and the two levels measured on the test grid
@@ -119,31 +118,18 @@ def render(rows: Sequence[Mapping[str, Any]], table: Sequence[Mapping[str, Any]]
     per_run = []
     for row in rows:
         for name, levels in judge_sets(row).items():
-            per_run.append([row["name"], name, *(
-                f"{j['alpha']:.2f} {'✓' if j['within_budget'] else '✗'}"
-                + (f" dom. by {', '.join(f'{a:g}' for a in j['dominated_by'])}" if j["dominated_by"] else "")
-                for j in levels.values())])  # fmt: skip
+            per_run.append([row["name"], name, *(cell(j) for j in levels.values())])
     lines += ["", markdown_table(["run", "probes", *("mean" if x == 0.5 else f"{x:g}" for x in LEVELS)], per_run)]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/probe-size"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--reuse", action="store_true", help="read OUT/<run>.json, run nothing")
-    parser.add_argument("--smoke", action="store_true", help="tiny settings: seconds, numbers meaningless")
-    parser.add_argument("--json", action="store_true", help="print the rows and the table as JSON")
-    parser.add_argument("--model", type=Path, default=None, help="a MiniLM folder (default: the packaged one)")
-    args = parser.parse_args(argv)
+    args = command_line(__doc__.splitlines()[0], "runs/probe-size", "print the rows and the table as JSON").parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     runs = _plan(args.seeds, args.out, args.smoke)
     if args.reuse:
-        missing = [r["name"] for r in runs if not (args.out / f"{r['name']}.json").exists()]
-        if missing:
-            raise SystemExit(f"probe_size_validation: --reuse found no results for {missing} in {args.out}")
-        rows = [json.loads((args.out / f"{r['name']}.json").read_text()) for r in runs]
+        rows = reuse(runs, args.out, "probe_size_validation")
     else:
         from resilient_tune.demo.data import _validation_pairs, validation_data
         from resilient_tune.demo.encoder import _packaged_model
